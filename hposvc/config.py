@@ -1,0 +1,237 @@
+"""TrialConfig: the one value object that describes a trial.
+
+It is what the sampler produces, what training consumes, what MLflow logs as params and
+what ``best_config()`` returns. Optimizer hyper-parameters are always explicit numbers:
+the ones that apply to the chosen optimizer are filled from :data:`ONE_SHOT_DEFAULTS`
+when not given, the ones that do not apply are ``None`` (and giving one is an error).
+
+>>> cfg = TrialConfig(optimizer="adam")
+>>> cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.momentum
+(0.001, 0.9, 0.999, 1e-08, None)
+>>> TrialConfig.from_dict(cfg.to_dict()) == cfg
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from hposvc.errors import invalid
+
+__all__ = [
+    "ACTIVATIONS",
+    "INITS",
+    "NORMS",
+    "ONE_SHOT_DEFAULTS",
+    "OPTIMIZERS",
+    "OPTIMIZER_PARAMS",
+    "SCHEDULES",
+    "TrialConfig",
+]
+
+# Every optimizer hposvc offers, with the hyper-parameters it uses and the numbers it gets
+# when a spec fixes only the optimizer ("one-shot defaults"). These are PyTorch's own
+# defaults except where the guide gives another value (Adadelta ρ 0.9, SGD lr 1e-2), and
+# they are stored as numbers so a trial never depends on a framework default changing.
+# ``rho`` is Adadelta's ρ and RMSprop's α (both the decay of the squared-gradient average).
+ONE_SHOT_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 1e-2, "weight_decay": 0.0},
+    "momentum": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0},
+    "nesterov": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0},
+    "adagrad": {"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0},
+    "adadelta": {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0},
+    "rmsprop": {"lr": 1e-3, "rho": 0.99, "eps": 1e-8, "weight_decay": 0.0},
+    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2},
+    "nadam": {"lr": 2e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0},
+}
+OPTIMIZERS: tuple[str, ...] = tuple(ONE_SHOT_DEFAULTS)
+OPTIMIZER_PARAMS: tuple[str, ...] = ("lr", "momentum", "beta1", "beta2", "eps", "rho", "weight_decay")
+
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+INITS = (
+    "zeros",
+    "normal",
+    "uniform",
+    "xavier_uniform",
+    "xavier_normal",
+    "he_uniform",
+    "he_normal",
+    "zero",  # ZerO (Zhao, Schäfer & Anandkumar 2022): deterministic identity/Hadamard
+    "pretrained",
+)
+NORMS = ("none", "batch", "instance", "layer", "group")
+ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "mish", "sigmoid", "tanh", "softsign")
+
+# Fields that only mean something for some values of another field: (field, owner, values,
+# default when it applies). Outside those values the field must be None.
+_CONDITIONAL = (
+    ("init_std", "init", ("normal", "uniform"), 0.01),
+    ("pretrained_path", "init", ("pretrained",), None),
+    ("norm_groups", "norm", ("group",), 4),
+    ("warmup", "schedule", ("warmup_cosine",), 0.1),
+)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Every choice one trial makes, as explicit values.
+
+    Construct with keywords; hyper-parameters that apply to ``optimizer`` and are left
+    ``None`` are filled with its one-shot defaults. Invalid values raise
+    :class:`~hposvc.errors.InvalidInputError` naming the field and what is allowed.
+    """
+
+    optimizer: str = "adam"
+    # Optimizer numbers: None means "not used by this optimizer" once constructed.
+    lr: float | None = None
+    momentum: float | None = None  # heavy-ball / Nesterov μ
+    beta1: float | None = None  # Adam-family first-moment decay
+    beta2: float | None = None  # Adam-family second-moment decay
+    eps: float | None = None  # denominator guard of adaptive methods
+    rho: float | None = None  # Adadelta ρ / RMSprop α
+    weight_decay: float | None = None  # L2 (coupled) or decoupled for AdamW
+    schedule: str = "constant"  # learning-rate schedule over all training steps
+    warmup: float | None = None  # warmup_cosine: fraction of steps spent warming up
+    init: str = "he_normal"  # weight-init scheme of every linear/conv layer
+    init_std: float | None = None  # normal: std; uniform: half-width of U(-a, a)
+    pretrained_path: str | None = None  # init "pretrained": a state_dict file
+    norm: str = "none"  # normalisation after each hidden layer
+    norm_groups: int | None = None  # group norm: number of channel groups
+    activation: str = "relu"
+    batch_size: int = 64
+    epochs: int = 10
+    depth: int = 2  # hidden layers (MLP) or conv blocks (CNN)
+    width: int = 128  # hidden units (MLP) or channels (CNN)
+    seed: int = 0
+    # Task-specific knobs a user factory may read; kept sorted so equality is stable.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.optimizer not in ONE_SHOT_DEFAULTS:
+            raise invalid("optimizer", self.optimizer, OPTIMIZERS)
+        uses = ONE_SHOT_DEFAULTS[self.optimizer]
+        for name in OPTIMIZER_PARAMS:
+            value = getattr(self, name)
+            if name not in uses:
+                if value is not None:
+                    raise invalid(
+                        name,
+                        value,
+                        "None",
+                        hint=f"{self.optimizer!r} does not use {name!r}; it uses {', '.join(uses)}.",
+                    )
+                continue
+            value = uses[name] if value is None else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise invalid(name, value, "a finite number")
+            value = float(value)
+            if name in ("lr", "eps") and value <= 0:
+                raise invalid(name, value, "a number > 0")
+            if name in ("momentum", "beta1", "beta2", "rho") and not 0.0 <= value < 1.0:
+                raise invalid(name, value, "a number in [0, 1)")
+            if name == "weight_decay" and value < 0:
+                raise invalid(name, value, "a number >= 0")
+            set_(name, value)
+        for name, allowed in (
+            ("schedule", SCHEDULES),
+            ("init", INITS),
+            ("norm", NORMS),
+            ("activation", ACTIVATIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise invalid(name, getattr(self, name), allowed)
+        for name, owner, values, default in _CONDITIONAL:
+            applies = getattr(self, owner) in values
+            value = getattr(self, name)
+            if not applies:
+                if value is not None:
+                    raise invalid(name, value, "None", hint=f"It only applies when {owner} is one of {values}.")
+                continue
+            if value is None:
+                if default is None:
+                    raise invalid(name, value, "a path to a state_dict file", hint=f"{owner}={getattr(self, owner)!r} needs it.")
+                value = default
+            set_(name, value)
+        if self.init_std is not None:
+            if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
+                raise invalid("init_std", self.init_std, "a number > 0")
+            set_("init_std", float(self.init_std))
+        if self.warmup is not None:
+            if not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup < 1.0:
+                raise invalid("warmup", self.warmup, "a fraction in [0, 1)")
+            set_("warmup", float(self.warmup))
+        if self.pretrained_path is not None:
+            set_("pretrained_path", str(self.pretrained_path))
+        for name in ("batch_size", "epochs", "depth", "width", "norm_groups"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "depth" else 1):
+                limit = "an integer >= 0" if name == "depth" else "an integer >= 1"
+                raise invalid(name, value, limit)
+        if self.norm_groups is not None and self.width % self.norm_groups:
+            raise invalid(
+                "norm_groups",
+                self.norm_groups,
+                f"a divisor of width={self.width}",
+                hint="Group norm splits the channels into equal groups.",
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise invalid("seed", self.seed, "an integer")
+        set_("extra", dict(sorted(dict(self.extra).items())))
+
+    # -- conversions -----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (JSON-safe); ``from_dict`` inverts it exactly."""
+        out = dataclasses.asdict(self)
+        out["extra"] = dict(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrialConfig":
+        """Build from a dict such as :meth:`to_dict` gives; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise invalid(unknown[0], data[unknown[0]], f"one of the TrialConfig fields ({', '.join(sorted(known))})")
+        return cls(**dict(data))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialConfig":
+        return cls.from_dict(json.loads(text))
+
+    def flat_params(self) -> dict[str, str]:
+        """The fields that are set, as strings: MLflow params and table columns."""
+        out = {k: v for k, v in self.to_dict().items() if k != "extra" and v is not None}
+        out.update({f"extra.{k}": v for k, v in self.extra.items()})
+        return {k: str(v) for k, v in out.items()}
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        """A copy with ``changes``; changing the optimizer resets its numbers to defaults
+        unless they are given too."""
+        data = self.to_dict()
+        if "optimizer" in changes and changes["optimizer"] != self.optimizer:
+            for name in OPTIMIZER_PARAMS:
+                data[name] = None
+        for owner_field in ("init", "norm", "schedule"):
+            if owner_field in changes:
+                for name, owner, _, _ in _CONDITIONAL:
+                    if owner == owner_field and name not in changes:
+                        data[name] = None
+        data.update(changes)
+        return TrialConfig.from_dict(data)
+
+    @property
+    def optimizer_params(self) -> dict[str, float]:
+        """The numbers the optimizer uses, e.g. ``{"lr": 0.001, "beta1": 0.9, ...}``."""
+        return {name: getattr(self, name) for name in ONE_SHOT_DEFAULTS[self.optimizer]}
