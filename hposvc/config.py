@@ -30,6 +30,8 @@ __all__ = [
     "OPTIMIZERS",
     "OPTIMIZER_PARAMS",
     "SCHEDULES",
+    "TASKS",
+    "TASK_MODEL_DEFAULTS",
     "TrialConfig",
 ]
 
@@ -64,6 +66,16 @@ INITS = (
     "zero",  # ZerO (Zhao, Schäfer & Anandkumar 2022): deterministic identity/Hadamard
     "pretrained",
 )
+# Built-in workloads and the network size each uses unless a spec's [model] says otherwise
+# (the CNN's width is its channel count). A name with ":" is a user factory "module:function".
+TASKS = ("digits", "mnist1d", "moons", "spirals", "tabular")
+TASK_MODEL_DEFAULTS: dict[str, dict[str, int]] = {
+    "digits": {"depth": 2, "width": 128},
+    "mnist1d": {"depth": 3, "width": 32},
+    "moons": {"depth": 2, "width": 32},
+    "spirals": {"depth": 3, "width": 64},
+    "tabular": {"depth": 2, "width": 64},
+}
 NORMS = ("none", "batch", "instance", "layer", "group")
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "mish", "sigmoid", "tanh", "softsign")
 
