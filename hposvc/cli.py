@@ -1,0 +1,381 @@
+"""The ``hposvc`` command line: a thin layer that parses, calls the API and formats.
+
+Errors become messages in one place (:class:`_Group`): bad input exits 2, other failures
+exit 1, SIGINT 130 and SIGTERM 143. Data goes to stdout (a table, or JSON with
+``--json``); logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from hposvc.errors import HposvcError, InvalidInputError
+
+# -- error handling and output ---------------------------------------------------------
+
+
+class _Group(click.Group):
+    """Turns hposvc errors into CLI messages and exit codes, once for every command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from hposvc.study import Interrupted
+
+        try:
+            return super().invoke(ctx)
+        except Interrupted as e:
+            click.echo(f"Interrupted: {e}. Re-run the same command to resume.", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted (SIGINT). Re-run the same command to resume.", err=True)
+            ctx.exit(130)
+        except InvalidInputError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(2)
+        except HposvcError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(1)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def emit(data: Any, *, as_json: bool, columns: list[str] | None = None, title: str | None = None) -> None:
+    """Write ``data`` (a DataFrame, list of dicts or dict) to stdout as a table or JSON."""
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        records = [{k: _clean(None if pd.isna(v) else v) if not isinstance(v, (list, dict)) else v for k, v in r.items()} for r in data.to_dict(orient="records")]
+    else:
+        records = data
+    if as_json:
+        click.echo(json.dumps(records, default=_json_default, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, width=max(120, Console().width))
+    if isinstance(records, dict):
+        table = Table(title=title, show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        for k, v in records.items():
+            table.add_row(str(k), _fmt(v))
+        console.print(table)
+        return
+    cols = columns or (list(records[0]) if records else [])
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c)
+    for r in records:
+        table.add_row(*(_fmt(r.get(c)) for c in cols))
+    console.print(table)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return json.dumps(v, default=_json_default)
+    return str(v)
+
+
+# -- shared options --------------------------------------------------------------------
+
+
+def storage_options(fn: Callable) -> Callable:
+    @click.option("--storage", envvar="HPOSVC_STORAGE", help="Study database URL (default: SQLite in the data directory).")
+    @click.option("--data-dir", envvar="HPOSVC_DATA_DIR", type=click.Path(file_okay=False), help="Data directory (default ./hposvc-data).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, storage: str | None, data_dir: str | None, **kwargs: Any) -> Any:
+        from hposvc.storage import resolve_storage_url
+
+        return fn(*args, storage=resolve_storage_url(storage, data_dir=data_dir), data_dir=data_dir, **kwargs)
+
+    return wrapper
+
+
+def tracking_option(fn: Callable) -> Callable:
+    return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: SQLite store in the data directory).")(fn)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log to stderr at INFO level.")
+@click.version_option(package_name="hposvc")
+def main(verbose: bool) -> None:
+    """hposvc: hyperparameter optimisation of neural-network training choices.
+
+    \b
+    Example:
+      hposvc study run studies/quickstart.toml
+      hposvc best quickstart
+    """
+    _setup_logging(verbose)
+
+
+# -- study -----------------------------------------------------------------------------
+
+
+@main.group()
+def study() -> None:
+    """Validate, run and inspect studies."""
+
+
+@study.command("validate")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@json_option
+def study_validate(spec: str, as_json: bool) -> None:
+    """Check a study spec without running it (exit 2 when it is invalid).
+
+    Example: hposvc study validate studies/quickstart.toml
+    """
+    from hposvc.spec import load_spec
+
+    parsed = load_spec(spec)
+    summary = {
+        "name": parsed.name,
+        "task": parsed.task,
+        "metric": parsed.metric,
+        "direction": parsed.direction,
+        "n_trials": parsed.n_trials,
+        "sampler": parsed.sampler,
+        "pruner": parsed.pruner,
+        "spec_hash": parsed.spec_hash,
+        "valid": True,
+    }
+    emit(summary, as_json=as_json, title=f"{spec}: valid")
+
+
+@study.command("run")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--n-trials", type=click.IntRange(min=1), help="Finished trials the study should have (overrides the spec).")
+@click.option("--name", help="Study name (overrides [study] name).")
+@storage_options
+@tracking_option
+@click.option("--device", default="auto", show_default=True, help="Device for in-process trials: auto, cpu, cuda:N.")
+@click.option("--warm-start", is_flag=True, help="Queue the current recommended configurations as the first trials.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, warm_start: bool, quiet: bool, as_json: bool) -> None:
+    """Run a study, or resume it: only the missing trials are run.
+
+    Example: hposvc study run studies/quickstart.toml --n-trials 20
+    """
+    from hposvc.study import run_study
+
+    result = run_study(
+        spec,
+        n_trials=n_trials,
+        name=name,
+        storage=storage,
+        tracking_uri=tracking_uri,
+        data_dir=data_dir,
+        device=device,
+        warm_start=warm_start,
+        progress=not quiet,
+    )
+    out = {k: getattr(result, k) for k in result.__dataclass_fields__}
+    emit(out, as_json=as_json, title=f"study {result.study_name}")
+
+
+@study.command("list")
+@storage_options
+@json_option
+def study_list(storage: str, data_dir: str | None, as_json: bool) -> None:
+    """List the studies in the storage."""
+    from hposvc.results import studies
+
+    emit(studies(storage=storage), as_json=as_json, title=f"studies in {storage}")
+
+
+@study.command("show")
+@click.argument("name")
+@storage_options
+@json_option
+def study_show(name: str, storage: str, data_dir: str | None, as_json: bool) -> None:
+    """Show a study's trials (number, state, value, optimizer, lr, init, norm, ...)."""
+    from hposvc.results import trials
+
+    df = trials(name, storage=storage)
+    cols = ["number", "state", "value", "optimizer", "lr", "init", "norm", "activation", "batch_size", "duration_s", "reason"]
+    emit(df if as_json else df[cols], as_json=as_json, columns=cols, title=f"study {name}")
+
+
+@study.command("export")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default="csv", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Output file (default: stdout for csv/json).")
+@storage_options
+def study_export(name: str, fmt: str, out: str | None, storage: str, data_dir: str | None) -> None:
+    """Export a study's trials as CSV, Parquet or JSON."""
+    from hposvc.results import trials
+
+    df = trials(name, storage=storage)
+    if fmt == "parquet":
+        if not out:
+            raise InvalidInputError("the '--out' option must be a file path for --format parquet. Got nothing instead.")
+        df.to_parquet(out, index=False)
+    elif fmt == "csv":
+        text = df.to_csv(index=False)
+        _write(out, text)
+    else:
+        _write(out, df.to_json(orient="records", indent=2, date_format="iso"))
+    if out:
+        click.echo(f"wrote {len(df)} trials to {out}", err=True)
+
+
+def _write(out: str | None, text: str) -> None:
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    else:
+        click.echo(text, nl=False)
+
+
+@study.command("delete")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@storage_options
+def study_delete(name: str, yes: bool, storage: str, data_dir: str | None) -> None:
+    """Delete a study and its trials from the storage (MLflow runs are kept)."""
+    import optuna
+
+    from hposvc.storage import open_storage
+    from hposvc.study import load_study
+
+    load_study(name, storage=storage)  # clear error when it does not exist
+    if not yes:
+        click.confirm(f"Delete study {name!r} and all its trials from {storage}?", abort=True, err=True)
+    optuna.delete_study(study_name=name, storage=open_storage(storage))
+    click.echo(f"deleted study {name}", err=True)
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+@main.command("best")
+@click.argument("name")
+@storage_options
+@json_option
+def best(name: str, storage: str, data_dir: str | None, as_json: bool) -> None:
+    """The best configuration of a study, with its value."""
+    from hposvc.results import best_config
+
+    b = best_config(name, storage=storage)
+    if as_json:
+        emit(b.to_dict(), as_json=True)
+        return
+    row = {"study": b.study, b.metric: b.value, "trial": b.trial_number, **b.config.flat_params()}
+    emit(row, as_json=False, title=f"best of {name}")
+
+
+# -- worker, sync, ui ------------------------------------------------------------------
+
+
+@main.command("worker")
+@click.argument("name")
+@storage_options
+@tracking_option
+@click.option("--device", default="auto", show_default=True, help="Device this worker trains on.")
+@click.option("--max-trials", type=click.IntRange(min=1), help="Stop after this many trials.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Stop starting trials after this many seconds.")
+@click.option("--worker-id", help="Name recorded on each trial (default host:pid).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@json_option
+def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, max_trials: int | None, timeout: float | None, worker_id: str | None, quiet: bool, as_json: bool) -> None:
+    """Join an existing study and run its trials until it is done.
+
+    Example: hposvc worker digits-quick --storage postgresql+psycopg://hposvc@db/hposvc
+    """
+    from hposvc.devices import apply_slot_threads
+    from hposvc.study import run_worker
+
+    apply_slot_threads()
+    result = run_worker(
+        name,
+        storage=storage,
+        tracking_uri=tracking_uri,
+        data_dir=data_dir,
+        device=device,
+        max_trials=max_trials,
+        timeout=timeout,
+        worker_id=worker_id,
+        progress=not quiet,
+    )
+    emit({k: getattr(result, k) for k in result.__dataclass_fields__}, as_json=as_json, title=f"worker on {name}")
+
+
+@main.command("sync")
+@click.option("--data-dir", envvar="HPOSVC_DATA_DIR", type=click.Path(file_okay=False))
+@tracking_option
+def sync(data_dir: str | None, tracking_uri: str | None) -> None:
+    """Send tracking data kept locally during an MLflow outage to the tracking store."""
+    from hposvc.storage import resolve_tracking_uri
+    from hposvc.tracking import Tracker, sync_outbox
+
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, data_dir=data_dir), study="", data_dir=data_dir)
+    n = sync_outbox(tracker)
+    left = len(list(tracker.outbox.glob("*.json"))) if tracker.outbox.is_dir() else 0
+    click.echo(f"sent {n} trial record(s); {left} left in {tracker.outbox}", err=True)
+    if left:
+        sys.exit(1)
+
+
+@main.command("ui")
+@click.option("--data-dir", envvar="HPOSVC_DATA_DIR", type=click.Path(file_okay=False))
+@tracking_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(data_dir: str | None, tracking_uri: str | None, host: str, port: int) -> None:
+    """Open the MLflow UI on the configured tracking store."""
+    from hposvc.storage import artifact_location, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"The tracking store is a server: open {uri} in a browser.", err=True)
+        return
+    args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        args += ["--default-artifact-root", artifact_location(data_dir)]
+    click.echo(f"MLflow UI on http://{host}:{port} (store {uri})", err=True)
+    os.execv(sys.executable, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,241 @@
+"""Reading finished trials out of Optuna storage into one flat DataFrame.
+
+Only Optuna's public storage API is used, and only the attributes the study service
+promises to write (see the storage attribute contract): study attrs ``hposvc.task`` and
+``hposvc.metric``, the study direction, and trial attrs ``hposvc.config`` and
+``hposvc.reason``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from hposvc.config import TrialConfig
+from hposvc.errors import StorageError, invalid
+
+__all__ = ["CONFIG_FIELDS", "collect_trials", "default_data_dir", "default_storage_url", "open_storage"]
+
+CONFIG_FIELDS: tuple[str, ...] = tuple(TrialConfig.__dataclass_fields__)
+# Columns every frame from collect_trials has, before the TrialConfig fields.
+BASE_COLUMNS = ("study", "task", "number", "state", "value", "metric", "direction", "score", "cost", "reason")
+
+
+def default_data_dir() -> Path:
+    """$HPOSVC_DATA_DIR, else ./hposvc-data.
+
+    TODO(unify): the study service owns the data-dir resolver; call it once it exists.
+    """
+    return Path(os.environ.get("HPOSVC_DATA_DIR") or "hposvc-data")
+
+
+def default_storage_url() -> str:
+    """$HPOSVC_STORAGE, else an SQLite file ``hposvc.db`` in the data directory.
+
+    TODO(unify): replace with the study service's storage resolver when it lands.
+    """
+    url = os.environ.get("HPOSVC_STORAGE")
+    if url:
+        return url
+    data_dir = default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{data_dir.resolve() / 'hposvc.db'}"
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
+    """An Optuna storage object for a URL (or the default), or ``storage`` itself."""
+    if storage is None:
+        storage = default_storage_url()
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    if not isinstance(storage, str) or not storage:
+        raise invalid("storage", storage, "an SQLAlchemy URL or an optuna storage object")
+    try:
+        return optuna.storages.RDBStorage(storage)
+    except Exception as e:  # SQLAlchemy / driver errors, bad URLs, schema mismatch
+        raise StorageError(f"cannot open the study storage {_redact(storage)!r}: {e}") from e
+
+
+def _redact(url: str) -> str:
+    """The URL without a password, for messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def _as_list(name: str, value: str | Iterable[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    items = list(value)
+    if not items or not all(isinstance(v, str) and v for v in items):
+        raise invalid(name, value, "a non-empty list of names")
+    return items
+
+
+def _score_cost(value: float, direction: str) -> tuple[float, float]:
+    """(higher-is-better score, positive cost) for a metric value.
+
+    Maximised metrics are accuracy-like, in [0, 1]: score = value, cost = 1 − value.
+    Minimised metrics are loss-like: score = −value, cost = value.
+    """
+    if direction == "maximize":
+        return value, 1.0 - value
+    return -value, value
+
+
+def _pruned_value(trial: optuna.trial.FrozenTrial) -> float:
+    # The last reported epoch is the measured state of the model when it was stopped.
+    # A trial pruned (or diverged) before its first report has no value: NaN, which
+    # recommend_from_frame scores as the worst value seen on the task.
+    if not trial.intermediate_values:
+        return math.nan
+    value = trial.intermediate_values[max(trial.intermediate_values)]
+    return float(value) if value is not None else math.nan
+
+
+def _config_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    config = trial.user_attrs.get("hposvc.config")
+    if isinstance(config, str):  # tolerate a JSON string as well as a dict
+        try:
+            config = json.loads(config)
+        except ValueError:
+            config = None
+    if isinstance(config, dict) and config.get("optimizer"):
+        return config
+    # Not written by hposvc: fall back to Optuna params named like TrialConfig fields.
+    params = {k: v for k, v in trial.params.items() if k in CONFIG_FIELDS}
+    return params if params.get("optimizer") else None
+
+
+def collect_trials(
+    storage: str | optuna.storages.BaseStorage | None = None,
+    *,
+    studies: str | Sequence[str] | None = None,
+    tasks: str | Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per finished trial of the selected studies (all studies when both are None).
+
+    Columns: study, task, number, state ("COMPLETE" | "PRUNED"), value, metric, direction,
+    score (higher is better), cost (1 − accuracy, or the loss), reason, and every
+    TrialConfig field (optimizer, lr, …, norm, activation, …; ``extra`` as JSON text).
+
+    Which value a trial gets:
+
+    - COMPLETE: its final value.
+    - PRUNED: its last reported intermediate value (the metric at the last epoch it ran).
+      Dropping pruned trials would keep only the configurations that looked good early,
+      which flatters the optimizers that were pruned most; and a user who tunes with the
+      same pruner gets exactly these truncated trials for their budget. The bias is the
+      other way and smaller: a pruned trial might have improved had it run on, so slow
+      starters are judged slightly pessimistically. A trial pruned before its first report
+      (e.g. diverged in epoch 1) has value NaN and is scored as the task's worst value.
+    - FAIL (and RUNNING/WAITING) trials are left out: a crash says nothing about how well
+      an optimizer trains.
+
+    A study's task is its ``hposvc.task`` attr (the study name when absent) and its metric
+    ``hposvc.metric`` (``"value"`` when absent). Trials without an optimizer (no
+    ``hposvc.config`` and no ``optimizer`` param) are skipped; their count is in
+    ``df.attrs["skipped"]``.
+
+    >>> df = collect_trials("sqlite:///hposvc-data/hposvc.db", tasks=["digits"])  # doctest: +SKIP
+    >>> df.groupby("optimizer").score.max()  # doctest: +SKIP
+    """
+    study_names = _as_list("studies", studies)
+    task_names = _as_list("tasks", tasks)
+    store = open_storage(storage)
+    try:
+        return _collect(store, study_names, task_names)
+    finally:
+        if store is not storage and isinstance(store, optuna.storages.RDBStorage):
+            store.engine.dispose()  # we opened it, so close its connections
+
+
+def _collect(
+    store: optuna.storages.BaseStorage, study_names: list[str] | None, task_names: list[str] | None
+) -> pd.DataFrame:
+    try:
+        frozen = store.get_all_studies()
+    except Exception as e:
+        raise StorageError(f"cannot list the studies in the storage: {e}") from e
+    by_name = {s.study_name: s for s in frozen}
+    if study_names is not None:
+        for name in study_names:
+            if name not in by_name:
+                known = sorted(by_name)
+                raise invalid(
+                    "studies",
+                    name,
+                    known[:20] if known else "the name of an existing study (there are none)",
+                    hint="List them with `hposvc study list`.",
+                )
+        selected = [by_name[n] for n in dict.fromkeys(study_names)]
+    else:
+        selected = list(frozen)
+    if task_names is not None:
+        known_tasks = sorted({str(s.user_attrs.get("hposvc.task", s.study_name)) for s in selected})
+        for name in task_names:
+            if name not in known_tasks:
+                raise invalid(
+                    "tasks",
+                    name,
+                    known_tasks[:20] if known_tasks else "a task of an existing study (there are none)",
+                )
+        selected = [s for s in selected if str(s.user_attrs.get("hposvc.task", s.study_name)) in task_names]
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    rows: list[dict[str, Any]] = []
+    skipped = 0
+    for fs in selected:
+        if len(fs.directions) != 1:
+            continue  # multi-objective studies have no single score to rank by
+        direction = "maximize" if fs.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+        task = str(fs.user_attrs.get("hposvc.task", fs.study_name))
+        metric = str(fs.user_attrs.get("hposvc.metric", "value"))
+        try:
+            study = optuna.load_study(study_name=fs.study_name, storage=store)
+            trials = study.get_trials(deepcopy=False, states=states)
+        except Exception as e:
+            raise StorageError(f"cannot read the trials of study {fs.study_name!r}: {e}") from e
+        for t in trials:
+            config = _config_of(t)
+            if config is None:
+                skipped += 1
+                continue
+            complete = t.state == optuna.trial.TrialState.COMPLETE
+            value = float(t.value) if complete and t.value is not None else _pruned_value(t)
+            score, cost = _score_cost(value, direction)
+            row = {
+                "study": fs.study_name,
+                "task": task,
+                "number": t.number,
+                "state": t.state.name,
+                "value": value,
+                "metric": metric,
+                "direction": direction,
+                "score": score,
+                "cost": cost,
+                "reason": t.user_attrs.get("hposvc.reason"),
+            }
+            for name in CONFIG_FIELDS:
+                row[name] = config.get(name)
+            if row["extra"] is not None:
+                row["extra"] = json.dumps(row["extra"], sort_keys=True, default=str)
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=[*BASE_COLUMNS, *CONFIG_FIELDS])
+    for col in ("value", "score", "cost", "lr", "momentum", "beta1", "beta2", "eps", "rho", "weight_decay", "warmup", "init_std"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    df["number"] = df["number"].astype(np.int64)
+    df.attrs["skipped"] = skipped
+    return df

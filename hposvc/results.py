@@ -1,0 +1,190 @@
+"""Reading results straight from the study database, as pandas and TrialConfigs.
+
+>>> import hposvc
+>>> best = hposvc.best_config("digits-quick")        # doctest: +SKIP
+>>> best.config.optimizer, best.value                # doctest: +SKIP
+('adam', 0.975)
+>>> df = hposvc.trials("digits-quick")               # doctest: +SKIP
+>>> df.groupby("optimizer")["value"].max()           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hposvc.config import TrialConfig
+from hposvc.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+    import torch
+
+    from hposvc.tasks import Task
+
+__all__ = ["Best", "Trainable", "best_config", "best_trial", "build_training", "studies", "top_k", "trials"]
+
+# Columns of the trials table, in order; config fields follow.
+TRIAL_COLUMNS = ("number", "state", "value", "duration_s", "reason", "device", "worker")
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best trial of a study: its config, value and where to find it."""
+
+    study: str
+    metric: str
+    value: float
+    trial_number: int
+    config: TrialConfig
+    mlflow_run_id: str | None  # the trial's MLflow run, when it was tracked online
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.study,
+            "metric": self.metric,
+            "value": self.value,
+            "trial_number": self.trial_number,
+            "mlflow_run_id": self.mlflow_run_id,
+            "config": self.config.to_dict(),
+        }
+
+
+def best_trial(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
+    """The best COMPLETE trial, or None when there is none yet (Optuna raises instead)."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
+        return None
+    pick = max if study.direction.name == "MAXIMIZE" else min
+    return pick(done, key=lambda t: t.value)
+
+
+def _load(name: str, storage: str | None) -> "optuna.Study":
+    from hposvc.study import load_study
+
+    return load_study(name, storage=storage)
+
+
+def best_config(name: str, *, storage: str | None = None) -> Best:
+    """The best configuration found by study ``name`` (a :class:`Best`)."""
+    study = _load(name, storage)
+    t = best_trial(study)
+    if t is None:
+        raise InvalidInputError(f"study {name!r} has no completed trial yet; run it first (`hposvc study run SPEC`).")
+    return Best(
+        study=name,
+        metric=study.user_attrs.get("hposvc.metric", "value"),
+        value=float(t.value),
+        trial_number=t.number,
+        config=TrialConfig.from_dict(t.user_attrs["hposvc.config"]),
+        mlflow_run_id=t.user_attrs.get("hposvc.mlflow_run_id"),
+    )
+
+
+def trials(name: str, *, storage: str | None = None, states: tuple[str, ...] | None = None) -> "pd.DataFrame":
+    """One row per trial of study ``name``: number, state, value, duration, reason, device,
+    worker, then every TrialConfig field as its own column (``optimizer``, ``lr``, ...)."""
+    import pandas as pd
+
+    study = _load(name, storage)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if states is not None and t.state.name not in states:
+            continue
+        duration = t.duration.total_seconds() if t.duration is not None else None
+        row: dict[str, Any] = {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "duration_s": duration,
+            "reason": t.user_attrs.get("hposvc.reason"),
+            "device": t.user_attrs.get("hposvc.device"),
+            "worker": t.user_attrs.get("hposvc.worker"),
+        }
+        config = t.user_attrs.get("hposvc.config") or {}
+        row.update({k: v for k, v in config.items() if k != "extra"})
+        rows.append(row)
+    columns = list(TRIAL_COLUMNS) + [f for f in TrialConfig.__dataclass_fields__ if f != "extra"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def top_k(name: str, k: int = 5, *, storage: str | None = None) -> "pd.DataFrame":
+    """The ``k`` best COMPLETE trials of study ``name``, best first."""
+    study = _load(name, storage)
+    df = trials(name, storage=storage, states=("COMPLETE",))
+    ascending = study.direction.name == "MINIMIZE"
+    return df.sort_values("value", ascending=ascending).head(k).reset_index(drop=True)
+
+
+def studies(*, storage: str | None = None) -> "pd.DataFrame":
+    """One row per study: name, task, metric, direction, target and state counts, best value."""
+    import optuna
+    import pandas as pd
+
+    from hposvc.storage import open_storage, resolve_storage_url
+
+    rdb = open_storage(resolve_storage_url(storage))
+    rows = []
+    for s in optuna.get_all_study_summaries(rdb, include_best_trial=False):
+        study = optuna.load_study(study_name=s.study_name, storage=rdb)
+        counts: dict[str, int] = {}
+        for t in study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        best = best_trial(study)
+        rows.append(
+            {
+                "name": s.study_name,
+                "task": s.user_attrs.get("hposvc.task"),
+                "metric": s.user_attrs.get("hposvc.metric"),
+                "direction": s.direction.name.lower(),
+                "n_trials": s.user_attrs.get("hposvc.n_trials"),
+                "complete": counts.get("COMPLETE", 0),
+                "pruned": counts.get("PRUNED", 0),
+                "failed": counts.get("FAIL", 0),
+                "running": counts.get("RUNNING", 0),
+                "waiting": counts.get("WAITING", 0),
+                "best_value": None if best is None else best.value,
+                "created": s.datetime_start,
+            }
+        )
+    columns = ["name", "task", "metric", "direction", "n_trials", "complete", "pruned", "failed", "running", "waiting", "best_value", "created"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """A model, optimizer and scheduler built from a TrialConfig, ready to train."""
+
+    task: "Task"
+    model: "torch.nn.Module"
+    optimizer: "torch.optim.Optimizer"
+    scheduler: Any  # torch LR scheduler stepping once per batch
+    device: "torch.device"
+
+
+def build_training(config: TrialConfig, task: "str | Task", *, seed: int = 0, task_options: dict[str, Any] | None = None, device: str = "auto") -> Trainable:
+    """Turn a TrialConfig into a model + optimizer for a task, to train it yourself.
+
+    >>> best = hposvc.best_config("digits-quick")                      # doctest: +SKIP
+    >>> t = hposvc.build_training(best.config, "digits")               # doctest: +SKIP
+    >>> loss = t.model(t.task.x_train[:8].to(t.device)).sum()           # doctest: +SKIP
+    """
+    import math
+
+    import torch
+
+    from hposvc.devices import resolve_device
+    from hposvc.nn import build_model
+    from hposvc.optim import build_optimizer, build_scheduler
+    from hposvc.tasks import Task, load_task
+
+    loaded = task if isinstance(task, Task) else load_task(task, seed=seed, options=task_options)
+    dev = resolve_device(device)
+    torch.manual_seed(config.seed)
+    model = build_model(loaded, config).to(dev)
+    optimizer = build_optimizer(model.parameters(), config)
+    steps = config.epochs * math.ceil(len(loaded.x_train) / config.batch_size)
+    return Trainable(loaded, model, optimizer, build_scheduler(optimizer, config, steps), dev)

@@ -1,0 +1,210 @@
+"""Where hposvc keeps its data, and the Optuna SQL storage it opens.
+
+Resolution order, the same for the Python API and the CLI:
+
+1. data directory: the ``data_dir`` argument (``--data-dir``), else ``$HPOSVC_DATA_DIR``,
+   else ``./hposvc-data``;
+2. study storage: the ``storage`` argument (``--storage``), else ``$HPOSVC_STORAGE``, else
+   the embedded SQLite file ``<data dir>/hposvc.db``;
+3. tracking: the ``tracking_uri`` argument (``--tracking-uri``), else
+   ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store ``<data dir>/mlflow.db`` with
+   artifacts in ``<data dir>/mlruns``.
+
+PostgreSQL (``postgresql+psycopg://user@host/db``) is the multi-worker, multi-host backend:
+connections are pooled and pre-pinged so a restarted server is reconnected to. The
+embedded SQLite file runs in WAL mode with a long busy timeout so that several local
+worker processes can share it without "database is locked" failures.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+from hposvc.errors import InvalidInputError, StorageError
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "DEFAULT_DATA_DIR",
+    "HEARTBEAT_INTERVAL",
+    "artifact_location",
+    "open_storage",
+    "resolve_data_dir",
+    "resolve_storage_url",
+    "resolve_tracking_uri",
+    "with_retries",
+]
+
+DEFAULT_DATA_DIR = "hposvc-data"
+# Workers record a heartbeat for their running trial this often (seconds); a trial whose
+# heartbeat is older than the grace period is failed and retried by whoever notices.
+HEARTBEAT_INTERVAL = int(os.environ.get("HPOSVC_HEARTBEAT_INTERVAL", "10"))
+GRACE_PERIOD = int(os.environ.get("HPOSVC_GRACE_PERIOD", str(3 * HEARTBEAT_INTERVAL)))
+# A trial killed with its worker is retried this many times with the same parameters.
+MAX_RETRY = 2
+# SQLite waits this long (seconds) for a competing writer before "database is locked".
+SQLITE_BUSY_TIMEOUT = 120
+
+T = TypeVar("T")
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory (not created here)."""
+    return Path(data_dir or os.environ.get("HPOSVC_DATA_DIR") or DEFAULT_DATA_DIR).expanduser().absolute()
+
+
+def resolve_storage_url(storage: str | None = None, *, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The study database URL; see the module docstring for the order."""
+    url = storage or os.environ.get("HPOSVC_STORAGE")
+    if url:
+        _check_url(url, "storage", "--storage / HPOSVC_STORAGE")
+        return url
+    return f"sqlite:///{resolve_data_dir(data_dir) / 'hposvc.db'}"
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None, *, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The MLflow tracking URI; see the module docstring for the order."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{resolve_data_dir(data_dir) / 'mlflow.db'}"
+
+
+def artifact_location(data_dir: str | os.PathLike[str] | None = None) -> str:
+    """Artifact root for experiments hposvc creates in the embedded tracking store."""
+    return (resolve_data_dir(data_dir) / "mlruns").as_uri()
+
+
+def _check_url(url: str, key: str, where: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError as e:
+        raise InvalidInputError(
+            f"the {key!r} parameter must be an SQLAlchemy URL such as 'sqlite:///path/hposvc.db' or "
+            f"'postgresql+psycopg://user@host:5432/db'. Got {url!r} instead (from {where})."
+        ) from e
+
+
+def _sqlite_path(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def _on_sqlite_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 (DB-API objects)
+    # WAL lets readers and one writer work at once; the busy timeout makes a second writer
+    # wait instead of failing. synchronous=NORMAL is durable across process crashes in WAL.
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def engine_kwargs(url: str) -> dict:
+    """SQLAlchemy engine options hposvc uses for ``url`` (Optuna's and its own tables)."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT}}
+    # pre-ping replaces connections a restarted server dropped; recycle bounds their age.
+    return {"pool_pre_ping": True, "pool_recycle": 300, "pool_size": 2, "max_overflow": 4}
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.5) -> T:
+    """Call ``fn``, retrying database connection errors with exponential backoff.
+
+    Used around storage calls that must survive a database restart; after the last attempt
+    the error is raised as :class:`StorageError`.
+    """
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as e:
+            if attempt == attempts - 1 or not _is_connection_error(e):
+                raise StorageError(f"{what} failed: {e.orig if hasattr(e, 'orig') else e}") from e
+            time.sleep(base_delay * 2**attempt * (1 + random.random() / 2))
+    raise AssertionError("unreachable")
+
+
+def _is_connection_error(e: Exception) -> bool:
+    if getattr(e, "connection_invalidated", False):
+        return True
+    text = str(e).lower()
+    return any(
+        s in text
+        for s in ("connection", "server closed", "terminating", "could not connect", "database is locked", "shutting down")
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def open_storage(url: str, *, heartbeat: bool = True) -> "optuna.storages.RDBStorage":
+    """Open (and create if needed) the Optuna RDB storage at ``url``.
+
+    One storage object per URL and process: creating it checks the schema version, which is
+    too slow to repeat per trial. With ``heartbeat`` the storage fails the trials of dead
+    workers after a grace period and re-queues them with the same parameters (at most
+    :data:`MAX_RETRY` times), closing their MLflow runs (see :mod:`hposvc.tracking`).
+    """
+    import optuna
+    from sqlalchemy import event
+
+    path = _sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # WAL must be on before Optuna's first connection creates the tables.
+        import sqlite3
+
+        with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    kwargs = {}
+    if heartbeat:
+        from hposvc.tracking import close_stale_trial_run
+
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+        def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            close_stale_trial_run(study, trial)
+            retry(study, trial)
+
+        kwargs = {
+            "heartbeat_interval": HEARTBEAT_INTERVAL,
+            "grace_period": GRACE_PERIOD,
+            "heartbeat_stale_trial_callback": on_stale,
+        }
+
+    def create() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+
+    try:
+        storage = with_retries(create, what=f"opening the study storage {_redact(url)}")
+    except ImportError as e:
+        raise InvalidInputError(
+            f"the storage URL {_redact(url)!r} needs a database driver that is not installed ({e}). "
+            "For PostgreSQL: pip install 'hposvc[postgres]'."
+        ) from e
+    if path is not None:
+        event.listen(storage.engine, "connect", _on_sqlite_connect)
+        storage.engine.dispose()  # later connections get the pragmas
+    return storage
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (only used in messages)
+        return url

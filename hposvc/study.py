@@ -1,0 +1,474 @@
+"""Running a study: spec → Optuna study in SQL storage → trials → MLflow.
+
+The trial queue is how hposvc keeps ``n_trials`` exact with any number of workers: the
+process that creates (or resumes) a study tops its queue up to ``n_trials`` WAITING trials
+(counting COMPLETE, PRUNED, RUNNING and WAITING ones), and workers only ever claim WAITING
+trials (Optuna's atomic RUNNING transition), so two workers can never both start the
+"last" trial. Trials of dead workers are failed by heartbeat and re-queued with the same
+parameters by the storage (see :mod:`hposvc.storage`), which keeps the count exact too.
+
+Each trial: the sampler fills a :class:`~hposvc.config.TrialConfig` from the spec's space,
+:func:`hposvc.train.train` trains it, each epoch's metric is reported to the trial (so
+pruners work) and buffered for MLflow, and the trial ends COMPLETE (final metric), PRUNED
+(pruner, or diverged — the reason is stored as ``hposvc.reason``) or FAIL (an error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+from hposvc.errors import HposvcError, InvalidInputError
+from hposvc.storage import open_storage, resolve_storage_url, resolve_tracking_uri, with_retries
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hposvc.spec import StudySpec
+    from hposvc.tasks import Task
+
+__all__ = ["Interrupted", "StudyRun", "load_study", "prepare_study", "run_study", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+# States that count toward n_trials: a pruned trial reached a decision as much as a
+# completed one; failed trials are retried instead.
+DONE_STATES = ("COMPLETE", "PRUNED")
+# How often an idle worker looks for re-queued trials while others still run (seconds).
+POLL_SECONDS = 1.0
+
+
+class Interrupted(HposvcError):
+    """SIGINT/SIGTERM arrived; ``exit_code`` is 130 or 143."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """What a finished ``run_study`` call did."""
+
+    study_name: str
+    storage: str  # the study database URL
+    tracking_uri: str
+    n_trials: int  # the study's target of finished trials
+    n_done: int  # COMPLETE + PRUNED trials now in the study
+    ran: int  # trials this call ran
+    best_value: float | None
+    best_trial: int | None
+
+
+# -- study creation ------------------------------------------------------------------
+
+
+def prepare_study(spec: "StudySpec", *, storage: str, warm_start: bool = False) -> "optuna.Study":
+    """Create the study or load it for resuming, and top its trial queue up.
+
+    A study of the same name made from a different spec is refused (its spec hash is stored
+    on the study), since mixing trials of two searches would make its results meaningless.
+    """
+    import optuna
+
+    from hposvc.space import build_pruner, build_sampler
+
+    rdb = open_storage(storage)
+    study = with_retries(
+        lambda: optuna.create_study(
+            storage=rdb,
+            study_name=spec.name,
+            direction=spec.direction,
+            sampler=build_sampler(spec),
+            pruner=build_pruner(spec),
+            load_if_exists=True,
+        ),
+        what=f"creating study {spec.name!r}",
+    )
+    attrs = study.user_attrs
+    stored_hash = attrs.get("hposvc.spec_hash")
+    if stored_hash is None:
+        if study.trials:
+            raise InvalidInputError(
+                f"study {spec.name!r} already exists in {storage} but was not created by hposvc. "
+                "Choose another [study] name, or delete it with `optuna delete-study`."
+            )
+        for key, value in {
+            "hposvc.spec": spec.to_dict(),
+            "hposvc.spec_hash": spec.spec_hash,
+            "hposvc.task": spec.task_key,
+            "hposvc.metric": spec.metric,
+        }.items():
+            study.set_user_attr(key, value)
+    elif stored_hash != spec.spec_hash:
+        raise InvalidInputError(
+            f"study {spec.name!r} in {storage} was created from a different spec "
+            f"(stored hash {stored_hash[:12]}, this spec {spec.spec_hash[:12]}). "
+            f"Give this spec a new [study] name (API: run_study(..., name='new-name'); CLI: --name NEW), "
+            f"or delete the old study first (`hposvc study delete {spec.name}`)."
+        )
+    if attrs.get("hposvc.n_trials") != spec.n_trials:
+        study.set_user_attr("hposvc.n_trials", spec.n_trials)
+    if warm_start:
+        _enqueue_warm_start(study, spec)
+    _top_up_queue(study, spec.n_trials)
+    return study
+
+
+def load_study(name: str, *, storage: str | None = None) -> "optuna.Study":
+    """Load an existing hposvc study by name; a missing one is an error listing the others."""
+    import optuna
+
+    url = resolve_storage_url(storage)
+    rdb = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=rdb)
+    except KeyError as e:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
+        raise InvalidInputError(
+            f"the 'study' parameter must name a study in {url}. Got {name!r} instead. "
+            f"Studies there: {', '.join(names) or '(none)'}."
+        ) from e
+
+
+def _counts(study: "optuna.Study") -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def _top_up_queue(study: "optuna.Study", n_trials: int) -> int:
+    from optuna.trial import TrialState, create_trial
+
+    c = _counts(study)
+    deficit = n_trials - sum(c.get(s, 0) for s in (*DONE_STATES, "RUNNING", "WAITING"))
+    if deficit > 0:
+        # Plain WAITING trials without fixed params: the sampler fills them when claimed.
+        study.add_trials([create_trial(state=TrialState.WAITING) for _ in range(deficit)])
+    return max(deficit, 0)
+
+
+def _enqueue_warm_start(study: "optuna.Study", spec: "StudySpec") -> int:
+    """Queue the current recommended configurations (inside the spec's space) first."""
+    from hposvc.recommend import warm_start_configs
+    from hposvc.space import config_in_space, params_for_config
+
+    if any(t.state.name != "WAITING" for t in study.get_trials(deepcopy=False)) or study.user_attrs.get("hposvc.warm_started"):
+        return 0  # only a fresh study is warm-started
+    configs = [c for c in warm_start_configs(spec, storage=study) if config_in_space(c, spec)]
+    for config in configs[: spec.n_trials]:
+        study.enqueue_trial(params_for_config(config, spec), user_attrs={"hposvc.warm_start": True})
+    study.set_user_attr("hposvc.warm_started", True)
+    return len(configs)
+
+
+# -- running -------------------------------------------------------------------------
+
+
+def run_study(
+    spec: "StudySpec | str | os.PathLike[str] | Mapping[str, Any]",
+    *,
+    n_trials: int | None = None,
+    name: str | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    warm_start: bool = False,
+    progress: bool = False,
+) -> StudyRun:
+    """Run (or resume) the study a spec describes, in this process.
+
+    ``spec`` is a path to a TOML spec, a parsed :class:`~hposvc.spec.StudySpec`, or a dict
+    in the spec's shape. Re-running after an interruption runs only the missing trials.
+
+    >>> import hposvc
+    >>> result = hposvc.run_study("studies/quickstart.toml", n_trials=4)  # doctest: +SKIP
+    >>> result.best_value                                                  # doctest: +SKIP
+    0.97
+    """
+    from hposvc.spec import StudySpec, load_spec, parse_spec
+
+    if isinstance(spec, StudySpec):
+        parsed = spec
+    elif isinstance(spec, Mapping):
+        parsed = parse_spec(spec)
+    else:
+        parsed = load_spec(spec)
+    overrides = {k: v for k, v in {"n_trials": n_trials, "name": name}.items() if v is not None}
+    if overrides:
+        parsed = parsed.with_overrides(**overrides)
+    url = resolve_storage_url(storage, data_dir=data_dir)
+    uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
+    study = prepare_study(parsed, storage=url, warm_start=warm_start)
+    return run_worker(study, spec=parsed, storage=url, tracking_uri=uri, data_dir=data_dir, device=device, progress=progress)
+
+
+def run_worker(
+    study: "optuna.Study | str",
+    *,
+    spec: "StudySpec | None" = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    max_trials: int | None = None,
+    timeout: float | None = None,
+    worker_id: str | None = None,
+    progress: bool = False,
+) -> StudyRun:
+    """Run trials of an existing study until it has its ``n_trials`` finished trials.
+
+    This is what ``hposvc worker NAME`` runs on every device slot and host; ``max_trials``
+    and ``timeout`` bound this worker alone.
+    """
+    from hposvc.spec import parse_spec
+    from hposvc.tasks import load_task
+    from hposvc.tracking import Tracker
+
+    url = resolve_storage_url(storage, data_dir=data_dir)
+    if isinstance(study, str):
+        study = load_study(study, storage=url)
+    if spec is None:
+        stored = study.user_attrs.get("hposvc.spec")
+        if stored is None:
+            raise InvalidInputError(f"study {study.study_name!r} was not created by hposvc (it has no stored spec).")
+        spec = parse_spec(stored, source=f"study {study.study_name!r}")
+    n_trials = int(study.user_attrs.get("hposvc.n_trials", spec.n_trials))
+    uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    tracker = Tracker(uri, study=study.study_name, data_dir=data_dir, tags={"hposvc.spec_hash": spec.spec_hash, "hposvc.task": spec.task_key})
+    tracker.start_study(spec=spec.to_dict())
+    task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
+
+    started = time.monotonic()
+    ran = 0
+    bar = _Progress(study, n_trials, enabled=progress)
+    with _signals_raise(), bar:
+        while max_trials is None or ran < max_trials:
+            if timeout is not None and time.monotonic() - started >= timeout:
+                break
+            trial = _claim_trial(study)
+            if trial is None:
+                _fail_stale(study)
+                c = _counts(study)
+                if c.get("WAITING", 0) == 0 and (c.get("RUNNING", 0) == 0 or sum(c.get(s, 0) for s in DONE_STATES) >= n_trials):
+                    break
+                time.sleep(POLL_SECONDS)
+                continue
+            run_trial(study, trial, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id)
+            ran += 1
+            bar.update()
+            if tracker.outbox.is_dir():
+                tracker.sync()
+    c = _counts(study)
+    n_done = sum(c.get(s, 0) for s in DONE_STATES)
+    if n_done >= n_trials and c.get("RUNNING", 0) == 0:
+        tracker.sync()
+        tracker.finish_study(study)
+    from hposvc.results import best_trial
+
+    best = best_trial(study)
+    return StudyRun(
+        study_name=study.study_name,
+        storage=url,
+        tracking_uri=uri,
+        n_trials=n_trials,
+        n_done=n_done,
+        ran=ran,
+        best_value=None if best is None else best.value,
+        best_trial=None if best is None else best.number,
+    )
+
+
+def _claim_trial(study: "optuna.Study") -> "optuna.Trial | None":
+    """Atomically move one WAITING trial to RUNNING and return it, or None.
+
+    ``Study.ask`` would create a new trial when the queue is empty, which lets parallel
+    workers overshoot ``n_trials``; this is its queue half alone.
+    """
+    import optuna
+
+    trial_id = with_retries(study._pop_waiting_trial_id, what="claiming a trial")  # noqa: SLF001
+    if trial_id is None:
+        return None
+    return optuna.Trial(study, trial_id)
+
+
+def _fail_stale(study: "optuna.Study") -> None:
+    from optuna.storages import fail_stale_trials
+
+    with_retries(lambda: fail_stale_trials(study), what="failing stale trials")
+
+
+@contextmanager
+def _heartbeat(study: "optuna.Study", trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat from a thread while it trains."""
+    from hposvc.storage import HEARTBEAT_INTERVAL
+
+    storage = study._storage  # noqa: SLF001 (the public heartbeat API lives on the storage)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as e:  # noqa: BLE001 (a missed beat is retried next interval)
+                log.warning("heartbeat for trial %s failed: %s", trial_id, e)
+
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name=f"hposvc-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run_trial(
+    study: "optuna.Study",
+    trial: "optuna.Trial",
+    *,
+    spec: "StudySpec",
+    task: "Task",
+    tracker: Any,
+    device: str = "auto",
+    worker_id: str = "",
+) -> str:
+    """Train one claimed trial and tell Optuna and MLflow how it ended; returns the state."""
+    import optuna
+
+    from hposvc.devices import free_device_memory, is_out_of_memory, resolve_device
+    from hposvc.space import suggest_config
+    from hposvc.train import train
+
+    dev = resolve_device(device)
+    config = suggest_config(trial, spec)
+    attrs = {
+        "hposvc.config": config.to_dict(),
+        "hposvc.device": str(dev),
+        "hposvc.host": socket.gethostname(),
+        "hposvc.worker": worker_id,
+    }
+    run = tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": worker_id})
+    if run.run_id:
+        attrs["hposvc.mlflow_run_id"] = run.run_id
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+    def on_epoch(m: Any) -> bool:
+        value = getattr(m, spec.metric)
+        trial.report(value, m.epoch)
+        run.log_epoch({"train_loss": m.train_loss, "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr}, step=m.epoch)
+        return trial.should_prune()
+
+    state, reason, final = "FAIL", None, {}
+    try:
+        with _heartbeat(study, trial._trial_id):  # noqa: SLF001
+            result = train(config, task, device=dev, on_epoch=on_epoch)
+        final = result.final
+        if result.status == "completed":
+            state = "COMPLETE"
+            study.tell(trial, final[spec.metric])
+        else:
+            state = "PRUNED"
+            reason = result.reason or ("pruned by " + type(study.pruner).__name__)
+            trial.set_user_attr("hposvc.reason", reason)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    except (KeyboardInterrupt, Interrupted) as e:
+        reason = "interrupted: " + (str(e) or "SIGINT")
+        _tell_fail(study, trial, reason)
+        run.end("FAIL", reason=reason)
+        raise
+    except Exception as e:  # noqa: BLE001 (one trial's error must not stop the worker)
+        if is_out_of_memory(e):
+            free_device_memory(dev)  # the worker goes on with the next trial
+            reason = f"out of memory on {dev}: {e}"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        log.error("trial %s failed: %s", trial.number, reason)
+        _tell_fail(study, trial, reason)
+    run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in final.items()})
+    return state
+
+
+def _tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> None:
+    import optuna
+
+    try:
+        trial.set_user_attr("hposvc.reason", reason[:2000])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    except Exception as e:  # noqa: BLE001 (the trial may already be failed as stale)
+        log.warning("could not mark trial %s failed: %s", trial.number, e)
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Interrupted` (SIGINT already raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Progress:
+    """A rich progress bar on stderr: trials done of n_trials, best value, elapsed."""
+
+    def __init__(self, study: "optuna.Study", n_trials: int, *, enabled: bool) -> None:
+        self.study, self.n_trials, self.enabled = study, n_trials, enabled
+        self._progress = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("best {task.fields[best]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.study.study_name, total=self.n_trials, best="-")
+            self.update()
+        return self
+
+    def update(self) -> None:
+        if self._progress is None:
+            return
+        from hposvc.results import best_trial
+
+        c = _counts(self.study)
+        best = best_trial(self.study)
+        self._progress.update(
+            self._task,
+            completed=sum(c.get(s, 0) for s in DONE_STATES),
+            best="-" if best is None else f"{best.value:.4g}",
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,409 @@
+"""MLflow tracking, written by hposvc through an explicit ``MlflowClient``.
+
+Layout: one experiment per study (``hposvc/<study>``), one parent run for the study (tag
+``hposvc.role=study``) and one nested run per trial (tag ``hposvc.role=trial``) with the
+TrialConfig as params and as ``config.json``, per-epoch metrics with steps, and a status
+that tells the truth: COMPLETE → FINISHED, PRUNED → KILLED, FAIL → FAILED.
+
+Outages: every write of a trial goes through a :class:`TrialRun`. When the tracking store
+cannot be reached, the trial keeps running and what it would have written is kept in a
+JSON record under ``<data dir>/outbox/``; :meth:`Tracker.sync` (called after each trial
+and by ``hposvc sync``) replays the records once the store is back, so MLflow loses
+nothing. A replay first looks for the trial's run, so a trial never gets two runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from hposvc.storage import artifact_location, resolve_data_dir
+
+if TYPE_CHECKING:
+    import optuna
+    from mlflow import MlflowClient
+
+    from hposvc.config import TrialConfig
+
+__all__ = ["Tracker", "TrialRun", "close_stale_trial_run", "experiment_name", "sync_outbox"]
+
+log = logging.getLogger(__name__)
+
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+# Buffered epoch metrics are sent at most this often (seconds) while a trial runs, so the
+# MLflow UI shows live curves for long trials without one call per value for short ones.
+FLUSH_SECONDS = 10.0
+# After a failed call the tracker stays offline this long (seconds) before trying again,
+# so an outage costs one timeout, not one per trial.
+OFFLINE_BACKOFF = 20.0
+# Trackers by study name, so the storage's stale-trial callback can close MLflow runs.
+_TRACKERS: dict[str, "Tracker"] = {}
+
+
+def experiment_name(study_name: str) -> str:
+    return f"hposvc/{study_name}"
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+@dataclass
+class _Record:
+    """Everything one trial writes to MLflow; the unit of buffering and replay."""
+
+    study: str
+    trial_number: int
+    parent_run_id: str | None
+    run_name: str
+    run_id: str | None = None
+    start_time: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: list[tuple[str, float, int, int]] = field(default_factory=list)  # key, value, ts, step
+    artifacts: dict[str, str] = field(default_factory=dict)  # path -> text
+    status: str | None = None  # terminal MLflow status once the trial ended
+    end_time: int | None = None
+    sent: dict[str, int] = field(default_factory=lambda: {"params": 0, "metrics": 0, "tags": 0, "artifacts": 0})
+
+
+class Tracker:
+    """Writes one study to MLflow.
+
+    >>> tracker = Tracker("sqlite:///hposvc-data/mlflow.db", study="digits-quick")  # doctest: +SKIP
+    >>> run = tracker.start_trial(0, config, tags={"hposvc.device": "cpu"})        # doctest: +SKIP
+    """
+
+    def __init__(self, tracking_uri: str, *, study: str, data_dir: str | os.PathLike[str] | None = None, tags: Mapping[str, str] | None = None) -> None:
+        self.uri = tracking_uri
+        self.study = study
+        self.data_dir = resolve_data_dir(data_dir)
+        self.outbox = self.data_dir / "outbox"
+        self.study_tags = dict(tags or {})
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+        self._parent_run_id: str | None = None
+        self._offline_until = 0.0
+        if _is_http(tracking_uri):
+            # MLflow's default HTTP retry policy waits minutes; a trial should not.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        _TRACKERS[study] = self
+
+    # -- connection ------------------------------------------------------------------
+
+    @property
+    def client(self) -> "MlflowClient":
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    @property
+    def online(self) -> bool:
+        return time.monotonic() >= self._offline_until
+
+    def _went_offline(self, e: Exception) -> None:
+        log.warning("MLflow at %s unreachable (%s); keeping tracking data in %s", self.uri, _short(e), self.outbox)
+        self._offline_until = time.monotonic() + OFFLINE_BACKOFF
+
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            name = experiment_name(self.study)
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                location = None if _is_http(self.uri) else artifact_location(self.data_dir)
+                try:
+                    self._experiment_id = self.client.create_experiment(name, artifact_location=location, tags=self.study_tags)
+                except Exception:  # noqa: BLE001 (another worker created it first)
+                    exp = self.client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
+                    self._experiment_id = exp.experiment_id
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def parent_run_id(self) -> str:
+        """The study's parent run, created on first use and reused on resume."""
+        if self._parent_run_id is None:
+            runs = self.client.search_runs(
+                [self.experiment_id()], filter_string="tags.`hposvc.role` = 'study'", max_results=1
+            )
+            if runs:
+                self._parent_run_id = runs[0].info.run_id
+                if runs[0].info.status != "RUNNING":
+                    self.client.update_run(self._parent_run_id, status="RUNNING")
+            else:
+                tags = {"hposvc.role": "study", "hposvc.study": self.study, **self.study_tags}
+                run = self.client.create_run(self.experiment_id(), tags=tags, run_name=self.study)
+                self._parent_run_id = run.info.run_id
+        return self._parent_run_id
+
+    def start_study(self, *, spec: Mapping[str, Any]) -> str | None:
+        """Open the parent run and attach the spec; None when the store is unreachable."""
+        try:
+            run_id = self.parent_run_id()
+            self.client.log_dict(run_id, dict(spec), "spec.json")
+            return run_id
+        except Exception as e:  # noqa: BLE001 (tracking must not stop the study)
+            self._went_offline(e)
+            return None
+
+    # -- trials ----------------------------------------------------------------------
+
+    def start_trial(self, trial_number: int, config: "TrialConfig", *, tags: Mapping[str, str] | None = None) -> "TrialRun":
+        record = _Record(
+            study=self.study,
+            trial_number=trial_number,
+            parent_run_id=self._parent_run_id,
+            run_name=f"trial-{trial_number}",
+            start_time=_now_ms(),
+            tags={
+                "hposvc.role": "trial",
+                "hposvc.study": self.study,
+                "hposvc.trial_number": str(trial_number),
+                "hposvc.state": "RUNNING",
+                "hposvc.host": socket.gethostname(),
+                **{k: v for k, v in self.study_tags.items() if k.startswith("hposvc.")},
+                **dict(tags or {}),
+            },
+            params=config.flat_params(),
+            artifacts={"config.json": config.to_json()},
+        )
+        run = TrialRun(self, record)
+        run.open()
+        return run
+
+    def sync(self) -> int:
+        """Replay outbox records of this study; returns how many were sent."""
+        return sync_outbox(self, study=self.study)
+
+    def finish_study(self, study: "optuna.Study", *, plots: bool = True) -> None:
+        """End the parent run with the best value, best config and plots."""
+        if not self.online:
+            return
+        try:
+            run_id = self.parent_run_id()
+            from hposvc.results import best_trial
+
+            best = best_trial(study)
+            metrics, counts = [], {}
+            for t in study.get_trials(deepcopy=False):
+                counts[t.state.name] = counts.get(t.state.name, 0) + 1
+            from mlflow.entities import Metric
+
+            now = _now_ms()
+            for state, n in counts.items():
+                metrics.append(Metric(f"n_{state.lower()}", float(n), now, 0))
+            if best is not None:
+                metrics.append(Metric("best_value", float(best.value), now, 0))
+                self.client.log_dict(run_id, best.user_attrs.get("hposvc.config", {}), "best_config.json")
+                self.client.set_tag(run_id, "hposvc.best_trial", str(best.number))
+            self.client.log_batch(run_id, metrics=metrics)
+            if plots and best is not None:
+                _log_study_plots(self.client, run_id, study)
+            self.client.set_terminated(run_id, "FINISHED")
+        except Exception as e:  # noqa: BLE001
+            self._went_offline(e)
+
+
+class TrialRun:
+    """The MLflow run of one trial; buffers metrics and falls back to the outbox."""
+
+    def __init__(self, tracker: Tracker, record: _Record) -> None:
+        self.tracker = tracker
+        self.record = record
+        self._last_flush = time.monotonic()
+
+    @property
+    def run_id(self) -> str | None:
+        return self.record.run_id
+
+    def open(self) -> None:
+        if not self.tracker.online:
+            return
+        try:
+            self.record.parent_run_id = self.record.parent_run_id or self.tracker.parent_run_id()
+            _send(self.tracker.client, self.tracker.experiment_id(), self.record)
+        except Exception as e:  # noqa: BLE001
+            self.tracker._went_offline(e)
+
+    def log_epoch(self, metrics: Mapping[str, float | None], *, step: int) -> None:
+        now = _now_ms()
+        self.record.metrics.extend((k, float(v), now, step) for k, v in metrics.items() if v is not None)
+        if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if self.record.run_id is None or not self.tracker.online:
+            return
+        try:
+            _send(self.tracker.client, self.tracker.experiment_id(), self.record)
+        except Exception as e:  # noqa: BLE001
+            self.tracker._went_offline(e)
+
+    def end(self, state: str, *, reason: str | None = None, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> None:
+        """Close the run with the trial's final ``state`` (an Optuna state name)."""
+        now = _now_ms()
+        self.record.tags["hposvc.state"] = state
+        if reason:
+            self.record.tags["hposvc.reason"] = reason[:4000]
+        self.record.tags.update(tags or {})
+        self.record.metrics.extend((k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None)
+        self.record.status = RUN_STATUS.get(state, "FAILED")
+        self.record.end_time = now
+        sent = False
+        if self.tracker.online:
+            try:
+                _send(self.tracker.client, self.tracker.experiment_id(), self.record)
+                sent = True
+            except Exception as e:  # noqa: BLE001
+                self.tracker._went_offline(e)
+        if not sent:
+            _write_outbox(self.tracker.outbox, self.record)
+
+
+def _send(client: "MlflowClient", experiment_id: str, record: _Record) -> None:
+    """Send what ``record`` holds that MLflow has not got yet (idempotent per part)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    if record.run_id is None:
+        existing = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`hposvc.role` = 'trial' and tags.`hposvc.trial_number` = '{record.trial_number}'",
+            max_results=1,
+        )
+        if existing:
+            record.run_id = existing[0].info.run_id
+        else:
+            tags = dict(record.tags)
+            if record.parent_run_id:
+                tags["mlflow.parentRunId"] = record.parent_run_id
+            run = client.create_run(experiment_id, start_time=record.start_time, tags=tags, run_name=record.run_name)
+            record.run_id = run.info.run_id
+            record.sent["tags"] = len(record.tags)
+    sent = record.sent
+    params = list(record.params.items())[sent["params"]:]
+    metrics = record.metrics[sent["metrics"]:]
+    tag_items = list(record.tags.items())
+    # Tags can change (state), so resend all once the run ends; before that only new ones.
+    tags = tag_items if record.status else tag_items[sent["tags"]:]
+    # MLflow caps one batch at 1000 metrics / 100 params; chunk to stay within it.
+    for i in range(0, max(len(metrics), 1), 1000):
+        chunk = metrics[i : i + 1000]
+        batch_params = params if i == 0 else []
+        batch_tags = tags if i == 0 else []
+        if chunk or batch_params or batch_tags:
+            for j in range(0, max(len(batch_params), 1), 100):
+                client.log_batch(
+                    record.run_id,
+                    metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk] if j == 0 else [],
+                    params=[Param(k, v) for k, v in batch_params[j : j + 100]],
+                    tags=[RunTag(k, v) for k, v in batch_tags] if j == 0 else [],
+                )
+    sent["params"] += len(params)
+    sent["metrics"] += len(metrics)
+    sent["tags"] = len(tag_items)
+    artifacts = list(record.artifacts.items())[sent["artifacts"]:]
+    for path, text in artifacts:
+        client.log_text(record.run_id, text, path)
+        sent["artifacts"] += 1
+    if record.status:
+        client.set_terminated(record.run_id, record.status, end_time=record.end_time)
+
+
+def _write_outbox(outbox: Path, record: _Record) -> Path:
+    outbox.mkdir(parents=True, exist_ok=True)
+    path = outbox / f"{_safe(record.study)}-trial{record.trial_number}-{uuid.uuid4().hex[:8]}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record.__dict__))
+    os.replace(tmp, path)  # a reader never sees half a record
+    return path
+
+
+def sync_outbox(tracker: Tracker, *, study: str | None = None) -> int:
+    """Send outbox records (of ``study``, or all) to the tracker's store; keep failures."""
+    if not tracker.outbox.is_dir():
+        return 0
+    sent = 0
+    for path in sorted(tracker.outbox.glob("*.json")):
+        data = json.loads(path.read_text())
+        if study is not None and data["study"] != study:
+            continue
+        record = _Record(**data)
+        target = tracker if record.study == tracker.study else Tracker(tracker.uri, study=record.study, data_dir=tracker.data_dir)
+        try:
+            record.parent_run_id = record.parent_run_id or target.parent_run_id()
+            _send(target.client, target.experiment_id(), record)
+        except Exception as e:  # noqa: BLE001
+            target._went_offline(e)
+            path.write_text(json.dumps(record.__dict__))  # keep what was sent so far
+            break
+        path.unlink()
+        sent += 1
+    return sent
+
+
+def close_stale_trial_run(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
+    """Storage callback: a trial whose worker died ends FAILED in MLflow too."""
+    run_id = trial.user_attrs.get("hposvc.mlflow_run_id")
+    tracker = _TRACKERS.get(study.study_name)
+    if not run_id or tracker is None:
+        return
+    reason = "worker died: no heartbeat within the grace period; the trial is retried"
+    try:
+        from mlflow.entities import RunTag
+
+        tracker.client.log_batch(run_id, tags=[RunTag("hposvc.state", "FAIL"), RunTag("hposvc.reason", reason)])
+        tracker.client.set_terminated(run_id, "FAILED")
+    except Exception as e:  # noqa: BLE001
+        tracker._went_offline(e)
+
+
+def _log_study_plots(client: "MlflowClient", run_id: str, study: "optuna.Study") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+
+    plots = {
+        "plots/optimization_history.png": ovm.plot_optimization_history,
+        "plots/slice.png": ovm.plot_slice,
+        "plots/param_importances.png": ovm.plot_param_importances,
+    }
+    for path, plot in plots.items():
+        try:
+            ax = plot(study)
+        except Exception as e:  # noqa: BLE001 (e.g. importance needs ≥ 2 completed trials)
+            log.info("skipped %s: %s", path, _short(e))
+            continue
+        fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
+        client.log_figure(run_id, fig, path)
+        plt.close(fig)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _short(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]

@@ -1,0 +1,413 @@
+"""hposvc.nn: init statistics, ZerO, norm axes, pretrained loading, every model variant."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from hposvc.config import ACTIVATIONS, NORMS, TrialConfig
+from hposvc.errors import InvalidInputError
+from hposvc.nn import (
+    CNN1d,
+    build_model,
+    count_parameters,
+    init_weights,
+    make_activation,
+    make_norm,
+    zero_init_matrix,
+)
+
+# Relative tolerance on a sampled variance. The layers below hold 1e6 (linear) and 2e5
+# (conv) weights, so the standard error of the variance is 0.14% / 0.32%: 5% is > 15 σ
+# away from noise yet far tighter than the factor 4 between, e.g., He and Xavier here.
+VAR_RTOL = 0.05
+
+
+@dataclass(frozen=True)
+class _Task:
+    """Stand-in with the fields of hposvc.tasks.Task (being written in parallel); the
+    models read only family, input_shape and n_outputs."""
+
+    name: str
+    kind: str
+    family: str
+    input_shape: tuple[int, ...]
+    n_outputs: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    default_depth: int
+    default_width: int
+
+
+def make_task(family: str, input_shape: tuple[int, ...], n_outputs: int = 3, n: int = 6) -> _Task:
+    x = torch.randn(n, *input_shape)
+    y = torch.randint(0, n_outputs, (n,))
+    return _Task(
+        name=f"tiny-{family}",
+        kind="multiclass",
+        family=family,
+        input_shape=input_shape,
+        n_outputs=n_outputs,
+        x_train=x,
+        y_train=y,
+        x_val=x,
+        y_val=y,
+        x_test=x,
+        y_test=y,
+        default_depth=2,
+        default_width=8,
+    )
+
+
+def cfg(**kw) -> TrialConfig:
+    return TrialConfig(**kw)
+
+
+# -- init statistics -------------------------------------------------------------------
+
+# fan_in 500, fan_out 2000 for both layers below (conv: 100 channels × kernel 5 in,
+# 400 channels × kernel 5 out), so one table of expected variances serves both.
+FAN_IN, FAN_OUT = 500, 2000
+STD = 0.05
+EXPECTED_VAR = {
+    "normal": STD**2,
+    "uniform": STD**2 / 3,  # U(-a, a) has variance a² / 3
+    "xavier_uniform": 2 / (FAN_IN + FAN_OUT),
+    "xavier_normal": 2 / (FAN_IN + FAN_OUT),
+    "he_uniform": 2 / FAN_IN,
+    "he_normal": 2 / FAN_IN,
+}
+
+
+def _wide_layer(family: str, init: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    extra = {"init_std": STD} if init in ("normal", "uniform") else {}
+    if family == "mlp":
+        model = build_model(make_task("mlp", (FAN_IN,)), cfg(init=init, depth=1, width=FAN_OUT, **extra))
+        return model.hidden[0].linear.weight.detach()
+    model = build_model(make_task("cnn1d", (100, 8)), cfg(init=init, depth=1, width=400, **extra))
+    weight = model.hidden[0].conv.weight.detach()
+    assert weight.shape == (400, 100, 5)
+    return weight
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn1d"])
+@pytest.mark.parametrize("init", sorted(EXPECTED_VAR))
+def test_init_variance_matches_the_scheme(init: str, family: str) -> None:
+    w = _wide_layer(family, init)
+    expected = EXPECTED_VAR[init]
+    var = w.var().item()
+    assert abs(var / expected - 1) < VAR_RTOL, f"{init} on {family}: var {var:.3e}, expected {expected:.3e}"
+    assert abs(w.mean().item()) < 0.01 * math.sqrt(expected)
+    # Uniform schemes fill [-a, a] up to its edge; normal ones have tails beyond it.
+    bound = math.sqrt(3 * expected)
+    largest = w.abs().max().item()
+    if "uniform" in init:
+        assert 0.99 * bound < largest <= bound * (1 + 1e-6)
+    else:
+        assert largest > 1.5 * bound
+
+
+def test_zeros_init_is_all_zero() -> None:
+    model = build_model(make_task("cnn1d", (2, 16)), cfg(init="zeros", depth=2, width=8, norm="batch"))
+    for name, p in model.named_parameters():
+        if ".norm." in name:
+            continue
+        assert torch.count_nonzero(p) == 0, name
+
+
+@pytest.mark.parametrize("init", ["zeros", "normal", "uniform", "xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zero"])
+@pytest.mark.parametrize(("family", "shape", "norm"), [("mlp", (5,), "batch"), ("cnn1d", (2, 16), "instance"), ("cnn1d", (2, 16), "group")])
+def test_biases_start_at_zero_and_norms_at_one(init: str, family: str, shape: tuple[int, ...], norm: str) -> None:
+    extra = {"init_std": 0.1} if init in ("normal", "uniform") else {}
+    config = cfg(init=init, depth=2, width=8, norm=norm, **extra)
+    model = build_model(make_task(family, shape), config)
+    with torch.no_grad():  # dirty every parameter so re-initialising has something to undo
+        for p in model.parameters():
+            p.fill_(0.5)
+    init_weights(model, config)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        elif ".norm." in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert not torch.equal(p, torch.full_like(p, 0.5)), f"{name} was not initialised"
+
+
+# -- ZerO ------------------------------------------------------------------------------
+
+
+def _hadamard_entry(i: int, j: int) -> int:
+    # Sylvester Hadamard: H[i, j] = (-1)^popcount(i & j), computed independently of nn.py.
+    return -1 if bin(i & j).count("1") % 2 else 1
+
+
+def expected_zero(fan_out: int, fan_in: int) -> tuple[torch.Tensor, float]:
+    if fan_out <= fan_in:
+        return torch.eye(fan_out, fan_in), 1.0
+    m = math.ceil(math.log2(fan_out))
+    c = torch.tensor(2 ** (-(m - 1) / 2), dtype=torch.float32).item()  # as stored in float32
+    h = torch.tensor([[_hadamard_entry(i, j) for j in range(fan_in)] for i in range(fan_out)], dtype=torch.float32)
+    return c * h, c
+
+
+def test_zero_matrix_small_cases_by_hand() -> None:
+    c = 2**-0.5  # out = 4 → m = 2 → c = 2^(-1/2)
+    assert torch.allclose(zero_init_matrix(4, 2), c * torch.tensor([[1.0, 1], [1, -1], [1, 1], [1, -1]]))
+    assert torch.allclose(zero_init_matrix(3, 2), c * torch.tensor([[1.0, 1], [1, -1], [1, 1]]))
+    assert torch.equal(zero_init_matrix(2, 2), torch.eye(2))
+    assert torch.equal(zero_init_matrix(2, 3), torch.tensor([[1.0, 0, 0], [0, 1, 0]]))
+    assert torch.equal(zero_init_matrix(2, 1), torch.tensor([[1.0], [1.0]]))  # m = 1, c = 1
+
+
+def _zero_models() -> list[nn.Module]:
+    # mlp: 5 → 12 (fan_out > fan_in), 12 → 12 (square), 12 → 3 (fan_out < fan_in)
+    # cnn: 2 → 8 channels (Hadamard), 8 → 8 (identity), head 8·4 → 3 (partial identity)
+    return [
+        build_model(make_task("mlp", (5,)), cfg(init="zero", depth=2, width=12)),
+        build_model(make_task("cnn1d", (2, 16)), cfg(init="zero", depth=2, width=8, norm="group", norm_groups=2)),
+    ]
+
+
+def test_zero_is_deterministic_regardless_of_seed() -> None:
+    torch.manual_seed(0)
+    first = [m.state_dict() for m in _zero_models()]
+    torch.manual_seed(12345)
+    second = [m.state_dict() for m in _zero_models()]
+    for a, b in zip(first, second):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_zero_layers_are_identity_or_scaled_hadamard() -> None:
+    mlp, cnn = _zero_models()
+    seen = set()
+    for model in (mlp, cnn):
+        for name, module in model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv1d)):
+                continue
+            w = module.weight.detach()
+            fan_out, fan_in = w.shape[:2]
+            expected, c = expected_zero(fan_out, fan_in)
+            values = set(torch.unique(w).tolist())
+            assert values <= {0.0, c, -c}, f"{name}: {values}"
+            if w.dim() == 3:  # conv: the matrix at the kernel centre, zeros on other taps
+                centre = w.shape[2] // 2
+                assert torch.allclose(w[:, :, centre], expected), name
+                assert torch.count_nonzero(w[:, :, :centre]) == 0 and torch.count_nonzero(w[:, :, centre + 1 :]) == 0
+            else:
+                assert torch.allclose(w, expected), name
+            seen.add(("conv" if w.dim() == 3 else "linear", (fan_out > fan_in) - (fan_out < fan_in)))
+    # Every case is covered: wider, square and narrower, for linear and conv layers.
+    assert seen == {("linear", 1), ("linear", 0), ("linear", -1), ("conv", 1), ("conv", 0)}
+    assert torch.equal(mlp.hidden[1].linear.weight, torch.eye(12))
+
+
+def test_zero_square_mlp_passes_nonnegative_input_through() -> None:
+    model = build_model(make_task("mlp", (6,), n_outputs=6), cfg(init="zero", depth=3, width=6))
+    x = torch.rand(4, 6)
+    assert torch.equal(model(x), x)  # identity layers, zero biases, ReLU of x ≥ 0 is x
+
+
+# -- norms -----------------------------------------------------------------------------
+
+
+def _manual_norm(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5)
+
+
+def _grouped(x: torch.Tensor, groups: int, dims: tuple[int, ...]) -> torch.Tensor:
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, c // groups, *x.shape[2:])
+    return _manual_norm(xg, dims).reshape(x.shape)
+
+
+# (family, kind) → the manual normalisation it must equal: which axes share statistics.
+NORM_CASES = {
+    ("mlp", "batch"): lambda x: _manual_norm(x, (0,)),  # per feature, across samples
+    ("mlp", "layer"): lambda x: _manual_norm(x, (1,)),  # per sample, across features
+    ("mlp", "group"): lambda x: _grouped(x, 3, (2,)),  # per sample, per group of features
+    ("cnn1d", "batch"): lambda x: _manual_norm(x, (0, 2)),  # per channel, over N and L
+    ("cnn1d", "instance"): lambda x: _manual_norm(x, (2,)),  # per sample and channel, over L
+    ("cnn1d", "layer"): lambda x: _manual_norm(x, (1, 2)),  # per sample, over C and L
+    ("cnn1d", "group"): lambda x: _grouped(x, 3, (2, 3)),  # per sample and group, over C/G and L
+}
+
+
+@pytest.mark.parametrize(("family", "kind"), sorted(NORM_CASES))
+def test_norm_normalises_over_the_right_axes(family: str, kind: str) -> None:
+    torch.manual_seed(0)
+    shape = (8, 12) if family == "mlp" else (8, 12, 10)
+    # A different scale and offset along every axis, so averaging over a wrong axis shows.
+    x = torch.randn(shape)
+    for axis, size in enumerate(shape):
+        view = [1] * len(shape)
+        view[axis] = size
+        x = x * (0.5 + 2 * torch.rand(view)) + 3 * torch.randn(view)
+    norm = make_norm(kind, 12, family=family, groups=3)
+    norm.train()
+    assert torch.allclose(norm(x), NORM_CASES[(family, kind)](x), atol=1e-4)
+
+
+def test_norm_none_is_identity() -> None:
+    for family in ("mlp", "cnn1d"):
+        assert isinstance(make_norm("none", 4, family=family), nn.Identity)
+
+
+def test_instance_norm_on_mlp_explains_what_works() -> None:
+    with pytest.raises(InvalidInputError) as err:
+        make_norm("instance", 8, family="mlp")
+    message = str(err.value)
+    assert "the 'norm' parameter must be" in message and "Got 'instance' instead." in message
+    for words in ("spatial axis", "one value per channel per sample", "'layer'", "'group'", "'batch'", "mnist1d"):
+        assert words in message, words
+    with pytest.raises(InvalidInputError, match="spatial axis"):
+        build_model(make_task("mlp", (5,)), cfg(norm="instance", depth=1, width=8))
+
+
+def test_group_norm_needs_a_dividing_group_count() -> None:
+    with pytest.raises(InvalidInputError, match=r"'norm_groups' parameter must be a divisor of the width \(10\). Got 3"):
+        make_norm("group", 10, family="cnn1d", groups=3)
+
+
+# -- pretrained ------------------------------------------------------------------------
+
+
+def test_pretrained_round_trips_a_state_dict(tmp_path) -> None:
+    task = make_task("cnn1d", (2, 16))
+    torch.manual_seed(1)
+    source = build_model(task, cfg(init="he_normal", depth=2, width=8, norm="batch"))
+    source(torch.randn(4, 2, 16))  # move the running statistics off their initial values
+    path = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), path)
+
+    torch.manual_seed(2)
+    loaded = build_model(task, cfg(init="pretrained", pretrained_path=str(path), depth=2, width=8, norm="batch"))
+    want, got = source.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    x = torch.randn(3, 2, 16)
+    assert torch.equal(source.eval()(x), loaded.eval()(x))
+
+
+def test_pretrained_missing_file_names_the_path(tmp_path) -> None:
+    path = tmp_path / "nowhere" / "weights.pt"
+    with pytest.raises(InvalidInputError, match="'pretrained_path' parameter") as err:
+        build_model(make_task("mlp", (4,)), cfg(init="pretrained", pretrained_path=str(path), depth=1, width=8))
+    assert str(path) in str(err.value) and "No such file" in str(err.value)
+
+
+def test_pretrained_wrong_shape_names_layer_and_both_shapes(tmp_path) -> None:
+    task = make_task("mlp", (4,))
+    path = tmp_path / "narrow.pt"
+    torch.save(build_model(task, cfg(depth=1, width=16)).state_dict(), path)
+    with pytest.raises(InvalidInputError) as err:
+        build_model(task, cfg(init="pretrained", pretrained_path=str(path), depth=1, width=32))
+    message = str(err.value)
+    for part in (str(path), "'hidden.0.linear.weight'", "(16, 4) in the file", "(32, 4) in the model"):
+        assert part in message, part
+
+
+def test_pretrained_key_mismatch_lists_the_keys(tmp_path) -> None:
+    task = make_task("mlp", (4,))
+    path = tmp_path / "batchnorm.pt"
+    torch.save(build_model(task, cfg(depth=1, width=8, norm="batch")).state_dict(), path)
+    with pytest.raises(InvalidInputError) as err:
+        build_model(task, cfg(init="pretrained", pretrained_path=str(path), depth=1, width=8, norm="layer"))
+    message = str(err.value)
+    assert "unexpected keys: hidden.0.norm.running_mean, hidden.0.norm.running_var" in message
+    assert "missing keys" not in message  # LayerNorm's weight/bias exist in both
+
+
+def test_pretrained_file_that_is_not_a_state_dict(tmp_path) -> None:
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(InvalidInputError, match="torch.load could not read it"):
+        build_model(make_task("mlp", (4,)), cfg(init="pretrained", pretrained_path=str(path), depth=1, width=8))
+
+
+# -- every variant builds and trains a step -------------------------------------------
+
+VARIANTS = [
+    (activation, norm, family)
+    for activation, norm, family in itertools.product(ACTIVATIONS, NORMS, ("mlp", "cnn1d"))
+    if not (family == "mlp" and norm == "instance")
+]
+
+
+@pytest.mark.parametrize(("activation", "norm", "family"), VARIANTS)
+def test_every_activation_norm_family_runs_forward_and_backward(activation: str, norm: str, family: str) -> None:
+    torch.manual_seed(0)
+    shape = (5,) if family == "mlp" else (2, 12)
+    task = make_task(family, shape, n_outputs=3)
+    config = cfg(activation=activation, norm=norm, norm_groups=2 if norm == "group" else None, depth=2, width=8)
+    model = build_model(task, config)
+    out = model(task.x_train)
+    assert out.shape == (task.x_train.shape[0], 3)
+    nn.functional.cross_entropy(out, task.y_train).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert any(torch.count_nonzero(p.grad) for p in model.parameters())
+    expected_norm = nn.Identity if norm == "none" else type(make_norm(norm, 8, family=family, groups=2))
+    assert type(model.hidden[0].norm) is expected_norm
+
+
+def test_activations_are_the_named_modules() -> None:
+    assert make_activation("leaky_relu").negative_slope == 0.01
+    assert isinstance(make_activation("prelu"), nn.PReLU)
+    x = torch.linspace(-3, 3, 7)
+    assert torch.allclose(make_activation("softsign")(x), x / (1 + x.abs()))
+    assert torch.allclose(make_activation("mish")(x), x * torch.tanh(nn.functional.softplus(x)))
+    with pytest.raises(InvalidInputError, match="'activation' parameter must be one of"):
+        make_activation("swish")
+
+
+# -- structure -------------------------------------------------------------------------
+
+
+def test_model_names_and_parameter_count() -> None:
+    mlp = build_model(make_task("mlp", (4,), n_outputs=3), cfg(depth=2, width=8, norm="layer"))
+    names = [name for name, _ in mlp.named_parameters()]
+    assert names[:4] == ["hidden.0.linear.weight", "hidden.0.linear.bias", "hidden.0.norm.weight", "hidden.0.norm.bias"]
+    assert names[-2:] == ["head.weight", "head.bias"]
+    # (4·8 + 8) + 2·8 norm, (8·8 + 8) + 2·8 norm, head 8·3 + 3
+    assert count_parameters(mlp) == 40 + 16 + 72 + 16 + 27
+    assert count_parameters(build_model(make_task("mlp", (4,)), cfg(depth=0, width=8))) == 4 * 3 + 3
+
+
+def test_cnn_downsamples_while_long_enough() -> None:
+    # mnist1d's shape: 40 → 20 → 10 → 5 → 5 (a 5-long input is not halved again)
+    model = build_model(make_task("cnn1d", (1, 40), n_outputs=10), cfg(depth=4, width=8))
+    assert isinstance(model, CNN1d)
+    assert [block.conv.stride[0] for block in model.hidden] == [2, 2, 2, 1]
+    assert model.head.in_features == 8 * 5
+    assert model(torch.randn(2, 1, 40)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("family", "shape", "norm", "activation"), [("mlp", (6,), "batch", "prelu"), ("cnn1d", (2, 12), "instance", "gelu")])
+def test_models_batch_with_torch_func(family: str, shape: tuple[int, ...], norm: str, activation: str) -> None:
+    # Population training stacks several models' parameters and vmaps one functional call.
+    torch.manual_seed(0)
+    task = make_task(family, shape)
+    models = [build_model(task, cfg(depth=2, width=8, norm=norm, activation=activation)) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(5, *shape)
+    out = vmap(lambda p, b: functional_call(skeleton, (p, b), (x,)))(params, buffers)
+    assert torch.allclose(out, torch.stack([m(x) for m in models]), atol=1e-5)
