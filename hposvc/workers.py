@@ -1,0 +1,124 @@
+"""Local parallel runs: one ``hposvc worker`` process per device slot.
+
+``hposvc study run SPEC --workers auto`` prepares the study (creating it and topping up
+its trial queue), plans the slots (:func:`hposvc.devices.plan_slots`), and starts one
+worker process per slot with the slot's environment (``CUDA_VISIBLE_DEVICES`` and thread
+counts are set before the worker imports torch). It shows one progress bar read from the
+study database and waits. Scaling out is the same worker command on other hosts.
+
+Stopping: SIGINT/SIGTERM are forwarded to every worker, which fails its trial in flight
+(closing its MLflow run) and exits; with ``drain`` the workers instead finish the trial
+they are running and then stop (SIGUSR1). The coordinator exits 130/143 either way, and
+running the same command again resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Mapping
+
+from hposvc.storage import resolve_storage_url, resolve_tracking_uri
+from hposvc.study import DONE_STATES, Interrupted, StudyRun, _counts, prepare_study
+
+if TYPE_CHECKING:
+    from hposvc.devices import Slot
+    from hposvc.spec import StudySpec
+
+__all__ = ["run_parallel", "worker_command"]
+
+# How often the coordinator refreshes the progress bar from the database (seconds).
+REFRESH_SECONDS = 1.0
+# After forwarding a stop signal, how long workers get before they are killed (seconds).
+STOP_GRACE_SECONDS = 60.0
+
+
+def worker_command(study: str, *, storage: str, tracking_uri: str, data_dir: str | None, slot: "Slot") -> list[str]:
+    """The command line that runs one slot's worker (what a user runs on another host)."""
+    cmd = [sys.executable, "-m", "hposvc.cli", "worker", study, "--storage", storage, "--tracking-uri", tracking_uri,
+           "--device", slot.device, "--worker-id", f"{os.uname().nodename}:slot{slot.index}", "--quiet"]
+    if data_dir:
+        cmd += ["--data-dir", str(data_dir)]
+    return cmd
+
+
+def run_parallel(
+    spec: "StudySpec",
+    *,
+    workers: int | str | None = "auto",
+    devices: str | None = "auto",
+    trials_per_device: int = 1,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    data_dir: str | None = None,
+    warm_start: bool = False,
+    drain: bool = False,
+    progress: bool = False,
+) -> StudyRun:
+    """Run a study with one worker process per slot and wait for it to finish."""
+    from hposvc.devices import plan_slots, slot_env
+    from hposvc.results import best_trial
+    from hposvc.study import _Progress
+
+    url = resolve_storage_url(storage, data_dir=data_dir)
+    uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
+    slots = plan_slots(devices, trials_per_device=trials_per_device, workers=workers)
+    study = prepare_study(spec, storage=url, warm_start=warm_start)
+    before = sum(_counts(study).get(s, 0) for s in DONE_STATES)
+
+    procs: list[subprocess.Popen[bytes]] = []
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stop_signal:
+            stop_signal.append(signum)
+            forward = signal.SIGUSR1 if drain else signum
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(forward)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for slot in slots:
+            env: Mapping[str, str] = {**os.environ, **slot_env(slot)}
+            # Own process group: a terminal's Ctrl-C reaches the coordinator only, which
+            # forwards it once, so a worker never sees the signal twice.
+            procs.append(subprocess.Popen(worker_command(study.study_name, storage=url, tracking_uri=uri, data_dir=data_dir, slot=slot), env=dict(env), start_new_session=True))
+        with _Progress(study, spec.n_trials, enabled=progress) as bar:
+            deadline = None
+            while any(p.poll() is None for p in procs):
+                time.sleep(REFRESH_SECONDS)
+                bar.update()
+                if stop_signal and deadline is None:
+                    deadline = time.monotonic() + STOP_GRACE_SECONDS
+                if deadline is not None and time.monotonic() > deadline:
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+            bar.update()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop_signal:
+        raise Interrupted(stop_signal[0])
+    failed = [p.returncode for p in procs if p.returncode != 0]
+    c = _counts(study)
+    n_done = sum(c.get(s, 0) for s in DONE_STATES)
+    if failed and n_done < spec.n_trials:
+        from hposvc.errors import HposvcError
+
+        raise HposvcError(f"{len(failed)} worker(s) exited with codes {failed}; the study has {n_done} of {spec.n_trials} trials. Re-run to resume.")
+    best = best_trial(study)
+    return StudyRun(
+        study_name=study.study_name,
+        storage=url,
+        tracking_uri=uri,
+        n_trials=spec.n_trials,
+        n_done=n_done,
+        ran=n_done - before,
+        best_value=None if best is None else best.value,
+        best_trial=None if best is None else best.number,
+    )
