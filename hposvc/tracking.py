@@ -385,9 +385,13 @@ def _log_study_plots(client: "MlflowClient", run_id: str, study: "optuna.Study")
         "plots/slice.png": ovm.plot_slice,
         "plots/param_importances.png": ovm.plot_param_importances,
     }
+    import warnings
+
     for path, plot in plots.items():
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" and few-trial warnings
+                ax = plot(study)
         except Exception as e:  # noqa: BLE001 (e.g. importance needs ≥ 2 completed trials)
             log.info("skipped %s: %s", path, _short(e))
             continue

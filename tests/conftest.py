@@ -10,7 +10,7 @@ Environment variables read:
     HPOSVC_TEST_PG_DATA        the cluster's data directory
 Set for the whole session (and inherited by every subprocess a test starts):
     OMP_NUM_THREADS=MKL_NUM_THREADS=1, MPLBACKEND=Agg, MLFLOW_DISABLE_TELEMETRY=true, and
-    short MLflow HTTP retries/timeouts so an MLflow outage shows within about a second.
+    short MLflow HTTP retries/timeouts so an MLflow outage shows within a few seconds.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ os.environ["MPLBACKEND"] = "Agg"
 # 2) MLflow over HTTP: fail fast when the server is down (defaults retry 7 times with
 #    exponential backoff, i.e. minutes), and never phone home from a machine with no network.
 os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "2"
-os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0.2"
-os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.1"
+os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"  # an int for MLflow; sleeps 0 s, then 2 s
+os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
 os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"

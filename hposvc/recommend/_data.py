@@ -238,4 +238,5 @@ def _collect(
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["number"] = df["number"].astype(np.int64)
     df.attrs["skipped"] = skipped
+    df.attrs["studies"] = [fs.study_name for fs in selected]
     return df

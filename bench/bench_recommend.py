@@ -1,0 +1,129 @@
+"""Benchmark: recommend() over 50 studies × 200 trials with 1,000 bootstrap resamples.
+
+Generates synthetic finished studies into an SQLite file with plain Optuna (the trial
+attrs follow the study service's storage contract), then times loading the trials and
+computing the recommendation separately. Target: < 10 s in total.
+
+    OMP_NUM_THREADS=1 python bench/bench_recommend.py [--studies 50] [--trials 200] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from hposvc.config import ONE_SHOT_DEFAULTS, OPTIMIZERS, TrialConfig
+from hposvc.recommend import collect_trials, recommend, recommend_from_frame
+
+# How much each optimizer adds to a task's base accuracy, on average (synthetic truth).
+EFFECT = {"sgd": -0.06, "momentum": -0.01, "nesterov": 0.0, "adagrad": -0.04, "adadelta": -0.05,
+          "rmsprop": -0.005, "adam": 0.01, "adamw": 0.012, "nadam": 0.008}  # fmt: skip
+NORMS = ("none", "batch", "layer")
+ACTIVATIONS = ("relu", "gelu", "tanh")
+EPOCHS = 5
+
+
+def _trial(rng: np.random.Generator, base: float) -> optuna.trial.FrozenTrial:
+    opt = str(rng.choice(OPTIMIZERS))
+    numbers = {}
+    for p, default in ONE_SHOT_DEFAULTS[opt].items():
+        if p == "lr":
+            numbers[p] = float(default * 10 ** rng.uniform(-1.5, 1.0))
+        elif p == "weight_decay":
+            numbers[p] = float(rng.choice([0.0, 1e-4, 1e-2]))
+        elif p == "eps":
+            numbers[p] = default
+        else:
+            numbers[p] = float(min(0.999, default + rng.normal(0, 0.01)))
+    config = TrialConfig(
+        optimizer=opt,
+        **numbers,
+        schedule=str(rng.choice(["constant", "cosine"])),
+        norm=str(rng.choice(NORMS)),
+        activation=str(rng.choice(ACTIVATIONS)),
+        epochs=EPOCHS,
+    )
+    # Accuracy peaks at the optimizer's default lr and falls off in log distance from it.
+    miss = abs(math.log10(config.lr / ONE_SHOT_DEFAULTS[opt]["lr"]))
+    final = float(np.clip(base + EFFECT[opt] - 0.05 * miss**2 + rng.normal(0, 0.02), 0.05, 0.999))
+    curve = {e: float(final - 0.1 * (EPOCHS - e) / EPOCHS) for e in range(1, EPOCHS + 1)}
+    pruned = rng.random() < 0.2
+    state = optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE
+    if pruned:
+        curve = {e: v for e, v in curve.items() if e <= 2}
+    return optuna.trial.create_trial(
+        state=state,
+        value=None if pruned else final,
+        user_attrs={
+            "hposvc.config": config.to_dict(),
+            "hposvc.reason": "pruned at epoch 2" if pruned else None,
+            "hposvc.device": "cpu",
+        },
+        intermediate_values=curve,
+    )
+
+
+def generate(url: str, *, n_studies: int, n_trials: int, seed: int = 0) -> None:
+    """n_studies studies over n_studies // 2 tasks (two studies per task pool together)."""
+    rng = np.random.default_rng(seed)
+    storage = optuna.storages.RDBStorage(url)
+    n_tasks = max(1, n_studies // 2)
+    bases = rng.uniform(0.7, 0.92, size=n_tasks)
+    for s in range(n_studies):
+        task = s % n_tasks
+        study = optuna.create_study(study_name=f"bench-{s:03d}", storage=storage, direction="maximize")
+        study.set_user_attr("hposvc.task", f"task{task:02d}[epochs={EPOCHS}]")
+        study.set_user_attr("hposvc.metric", "val_accuracy")
+        study.set_user_attr("hposvc.n_trials", n_trials)
+        study.add_trials([_trial(rng, bases[task]) for _ in range(n_trials)])
+    storage.engine.dispose()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--studies", type=int, default=50)
+    ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--budget", type=int, default=10)
+    ap.add_argument("--keep", type=Path, default=None, help="write the database here instead of a temp dir")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{folder / 'bench.db'}"
+        t0 = time.perf_counter()
+        generate(url, n_studies=args.studies, n_trials=args.trials)
+        gen_s = time.perf_counter() - t0
+        print(f"generated {args.studies} studies x {args.trials} trials in {gen_s:.1f} s")
+
+        # The end-to-end call the user makes (store=False: time the computation itself).
+        t0 = time.perf_counter()
+        rec = recommend(storage=url, budget=args.budget, n_bootstrap=args.bootstrap, store=False)
+        total = time.perf_counter() - t0
+        print(f"recommend(): total {total:.2f} s = load {rec.timings['load_s']:.2f} s + compute {rec.timings['compute_s']:.2f} s")
+
+        # The same two stages separately, and the context split on top.
+        t0 = time.perf_counter()
+        df = collect_trials(url)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        recommend_from_frame(df, budget=args.budget, n_bootstrap=args.bootstrap)
+        compute_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        recommend_from_frame(df, budget=args.budget, n_bootstrap=args.bootstrap, by="norm")
+        by_s = time.perf_counter() - t0
+        print(f"collect_trials: {load_s:.2f} s for {len(df)} trials; recommend_from_frame: {compute_s:.2f} s; with by='norm': {by_s:.2f} s")
+        print(rec.summary)
+        status = "OK" if total < 10 else "OVER TARGET"
+        print(f"target < 10 s: {status} ({total:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

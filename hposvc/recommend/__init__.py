@@ -1,0 +1,142 @@
+"""Default-optimizer recommendations derived from finished studies.
+
+Which optimizer should a user reach for by default, with which numbers, how sure is
+that, and how does the answer change with the tuning budget, the norm type and the
+activation? :func:`recommend` reads finished trials from Optuna storage, computes
+budget curves, normalised scores, performance profiles, ranks with a Friedman test and
+bootstrap uncertainty, stores the result in an ``hposvc_recommendations`` table beside
+Optuna's and logs it to MLflow.
+
+>>> rec = recommend(storage="sqlite:///hposvc-data/hposvc.db", budget=10)  # doctest: +SKIP
+>>> rec.best, rec.config.lr                                                 # doctest: +SKIP
+('adam', 0.0012)
+>>> print(rec.summary)                                                      # doctest: +SKIP
+Use adam by default (lr=0.0012, beta1=0.9, ...): at a budget of 10 trials ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import optuna
+
+from hposvc.recommend._core import (
+    ACTIVATION_FAMILIES,
+    BY_CHOICES,
+    DEFAULT_BUDGET,
+    Recommendation,
+    check_args,
+    recommend_from_frame,
+    with_updates,
+)
+from hposvc.recommend._data import collect_trials, default_storage_url, open_storage
+from hposvc.recommend._stats import (
+    R_MAX,
+    average_ranks,
+    expected_max,
+    expected_max_curve,
+    expected_max_weights,
+    friedman,
+    normalise,
+    performance_profile,
+    profile_area,
+)
+from hposvc.recommend._store import (
+    SCHEMA_VERSION,
+    load_recommendation,
+    recommendation_history,
+    save_recommendation,
+    set_mlflow_run_id,
+)
+from hposvc.recommend._tracking import EXPERIMENT, default_tracking_uri, log_recommendation, write_plots
+
+__all__ = [
+    "ACTIVATION_FAMILIES",
+    "BY_CHOICES",
+    "DEFAULT_BUDGET",
+    "EXPERIMENT",
+    "R_MAX",
+    "SCHEMA_VERSION",
+    "Recommendation",
+    "average_ranks",
+    "collect_trials",
+    "expected_max",
+    "expected_max_curve",
+    "expected_max_weights",
+    "friedman",
+    "load_recommendation",
+    "log_recommendation",
+    "normalise",
+    "performance_profile",
+    "profile_area",
+    "recommend",
+    "recommend_from_frame",
+    "recommendation_history",
+    "save_recommendation",
+    "write_plots",
+]
+
+
+def recommend(
+    *,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    studies: str | Sequence[str] | None = None,
+    tasks: str | Sequence[str] | None = None,
+    budget: int | None = None,
+    by: str | None = None,
+    reference: str | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    min_trials: int = 3,
+    store: bool = True,
+    tracking_uri: str | None = None,
+) -> Recommendation:
+    """Recommend a default optimizer from the finished trials of the selected studies.
+
+    Args:
+        storage: SQLAlchemy URL or optuna storage; default $HPOSVC_STORAGE, else
+            ``<data dir>/hposvc.db``.
+        studies / tasks: restrict to these study names / task keys (all when None).
+        budget: number of random trials the user will tune with (n = 1 is "untuned");
+            default :data:`DEFAULT_BUDGET`, lowered to the typical trials per optimizer.
+        by: "norm" or "activation": also rank within each norm type / activation family.
+        reference: score optimizers relative to this one instead of worst/best.
+        n_bootstrap: bootstrap resamples for CIs and P(best) (0 skips them).
+        seed: seed of the bootstrap.
+        min_trials: fewer finished trials than this on a task is "insufficient data".
+        store: save the result in the ``hposvc_recommendations`` table of ``storage``
+            and log it as an MLflow run.
+        tracking_uri: MLflow tracking URI; default $MLFLOW_TRACKING_URI, else
+            ``<data dir>/mlflow.db`` with artifacts in ``<data dir>/mlruns``.
+
+    >>> rec = recommend(storage="sqlite:///study.db", budget=5, store=False)  # doctest: +SKIP
+    >>> rec.table[["optimizer", "score", "ci_low", "ci_high", "p_best"]]      # doctest: +SKIP
+    """
+    check_args(budget=budget, by=by, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials)
+    target = storage if storage is not None else default_storage_url()
+    opened = open_storage(target)
+    try:
+        t0 = time.perf_counter()
+        df = collect_trials(opened, studies=studies, tasks=tasks)
+        load_s = time.perf_counter() - t0
+        rec = recommend_from_frame(
+            df, budget=budget, by=by, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials
+        )
+        rec = with_updates(rec, studies=list(df.attrs.get("studies", rec.studies)), timings={"load_s": load_s, **rec.timings})
+        if store:
+            # SQL is the record of truth, so it is written first; the MLflow run is a view
+            # of it and gets the row id as a tag, the row the run id afterwards.
+            t1 = time.perf_counter()
+            rec = with_updates(rec, id=save_recommendation(opened, rec))
+            t2 = time.perf_counter()
+            rec = with_updates(rec, mlflow_run_id=log_recommendation(rec, tracking_uri))
+            t3 = time.perf_counter()
+            set_mlflow_run_id(opened, rec.id, rec.mlflow_run_id)
+            rec = with_updates(
+                rec, timings={**rec.timings, "store_s": t2 - t1 + time.perf_counter() - t3, "track_s": t3 - t2}
+            )
+        return rec
+    finally:
+        if opened is not storage and isinstance(opened, optuna.storages.RDBStorage):
+            opened.engine.dispose()

@@ -1,0 +1,963 @@
+"""Study specs: the TOML file a user writes, parsed and validated at the boundary.
+
+A spec names the workload, the metric, the sampler and pruner, and the search space over
+:class:`~hposvc.config.TrialConfig` fields. Every problem is found here, before anything is
+written anywhere, and raised as one :class:`~hposvc.errors.SpecError` that names the file,
+the key path, the bad value and what is allowed. Parsing is pure: it reads the spec and
+nothing else (no storage, no data files, no torch/optuna/mlflow import).
+
+The format (every key; ``[study] name`` and ``task`` are required)::
+
+    [study]
+    name = "digits-quick"        # letters, digits, '.', '_', '-'
+    task = "digits"              # digits | mnist1d | moons | spirals | tabular | "module:function"
+    metric = "val_accuracy"      # or "val_loss"; direction follows (maximize / minimize)
+    n_trials = 12                # finished trials the study should end with (default 20)
+    sampler = "tpe"              # tpe | random | cmaes | gp | grid | nsga2 | qmc (default tpe)
+    pruner = "median"            # none | median | successive_halving | hyperband (default median)
+    seed = 0                     # seeds the sampler and, unless [train] seed says otherwise, every trial
+    population = 8               # train K trials at once as one population, or "auto"; absent: one at a time
+    description = "free text"
+
+    [task]                       # options for the workload (tabular: path, target, kind)
+    [train]                      # fixed training settings: epochs, batch_size, schedule, warmup, seed
+    [model]                      # depth, width (channels: the CNN's name for width), pretrained_path
+    [space]                      # any TrialConfig field, fixed / list / range
+    optimizer_defaults = "auto"  # what unmentioned optimizer numbers do: auto | search | fixed
+    [space.optimizers.adam]      # per-optimizer lr/momentum/beta1/beta2/eps/rho/weight_decay
+
+A dimension is a scalar (fixed), a list (one of these values) or a table
+``{low, high, log = false, step}`` (a range, both ends included; integer fields take
+integer ranges). Paths in ``[task] path`` and ``[model] pretrained_path`` are relative to
+the spec file.
+
+Optimizer numbers the spec does not mention (see :data:`DEFAULT_RANGES`):
+
+* ``optimizer_defaults = "fixed"``: they are the one-shot defaults
+  (:data:`~hposvc.config.ONE_SHOT_DEFAULTS`), so ``optimizer = "adam"`` alone means Adam
+  exactly as PyTorch ships it.
+* ``"search"``: lr, momentum, beta1, beta2 and rho are searched over
+  :data:`DEFAULT_RANGES` for each optimizer that uses them; eps and weight_decay stay at
+  their one-shot defaults (tuning them is a separate question, and ranges for them mostly
+  add noise to small budgets).
+* ``"auto"`` (the default): "search" when the spec searches the optimizer itself (a list of
+  two or more) — comparing optimizers fairly needs each one's own numbers tuned (Choi et
+  al. 2019) — and "fixed" otherwise, or when the sampler is ``grid`` (it cannot enumerate
+  continuous ranges).
+
+>>> spec = parse_spec({"study": {"name": "demo", "task": "digits"},
+...                    "space": {"optimizer": ["sgd", "adam"], "lr": {"low": 1e-4, "high": 0.5, "log": True}}})
+>>> spec.direction, spec.dims["lr"].kind, spec.task_key
+('maximize', 'range', 'digits[depth=2,width=128,epochs=10]')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hposvc.config import (
+    ACTIVATIONS,
+    INITS,
+    NORMS,
+    ONE_SHOT_DEFAULTS,
+    OPTIMIZER_PARAMS,
+    OPTIMIZERS,
+    SCHEDULES,
+    TASK_MODEL_DEFAULTS,
+    TASKS,
+    TrialConfig,
+)
+from hposvc.errors import SpecError, invalid
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "CONDITIONAL",
+    "DEFAULT_LR_FACTOR",
+    "DEFAULT_RANGES",
+    "Dim",
+    "default_lr_dim",
+    "METRICS",
+    "PRUNERS",
+    "SAMPLERS",
+    "StudySpec",
+    "load_spec",
+    "parse_spec",
+]
+
+METRICS = ("val_accuracy", "val_loss")
+DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid", "nsga2", "qmc")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+OPTIMIZER_DEFAULTS = ("auto", "search", "fixed")
+TABULAR_KINDS = ("multiclass", "binary", "regression")
+
+# Which network family each built-in task trains; a user factory's is unknown until loaded.
+TASK_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d"}
+# Instance norm normalises each channel over its length: an MLP's features have no length.
+NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group"), "cnn1d": NORMS}
+# [task] options each built-in takes; a user factory gets whatever the spec gives.
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "digits": (),
+    "mnist1d": (),
+    "moons": (),
+    "spirals": (),
+    "tabular": ("path", "target", "kind"),
+}
+
+# The ranges unmentioned optimizer numbers get when they are searched (optimizer_defaults).
+# lr: log range DEFAULT_LR_FACTOR times either side of each optimizer's one-shot default
+# (sgd 1e-2 -> [0.000333, 0.3], adam 1e-3 -> [3.33e-5, 0.03], adadelta 1.0 -> [0.0333, 30]).
+# beta2 is a list because what matters is 1 - beta2 on a log scale (0.05 ... 1e-4), which a
+# linear range over [0.9, 0.9999] would almost never reach.
+DEFAULT_LR_FACTOR = 30.0
+DEFAULT_RANGES: dict[str, "Dim"] = {}  # filled below, once Dim exists
+
+
+class _Missing:
+    """The value of a required key that is not there; reads as "nothing" in messages."""
+
+    def __repr__(self) -> str:
+        return "nothing"
+
+
+MISSING: Any = _Missing()
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One search dimension of a spec: a fixed value, a choice or a range.
+
+    >>> Dim.range(1e-4, 0.5, log=True).contains(0.01)
+    True
+    >>> Dim.choice(["relu", "tanh"]).values()
+    ('relu', 'tanh')
+    """
+
+    kind: str  # "fixed" | "choice" | "range"
+    value: Any = None  # fixed: the value every trial gets
+    choices: tuple = ()  # choice: the values, in the spec's order
+    low: float | int | None = None  # range: lower end, included
+    high: float | int | None = None  # range: upper end, included
+    log: bool = False  # range: sample uniformly in log space
+    step: float | int | None = None  # range: spacing of allowed values (None: continuous; 1 for integers)
+    integer: bool = False  # range: an integer field (suggest_int rather than suggest_float)
+
+    @classmethod
+    def fixed(cls, value: Any) -> "Dim":
+        return cls(kind="fixed", value=value)
+
+    @classmethod
+    def choice(cls, values: Iterable[Any]) -> "Dim":
+        return cls(kind="choice", choices=tuple(values))
+
+    @classmethod
+    def range(
+        cls,
+        low: float | int,
+        high: float | int,
+        *,
+        log: bool = False,
+        step: float | int | None = None,
+        integer: bool = False,
+    ) -> "Dim":
+        return cls(kind="range", low=low, high=high, log=log, step=step, integer=integer)
+
+    @property
+    def searched(self) -> bool:
+        """True when trials choose a value (a choice or a range), False when fixed."""
+        return self.kind != "fixed"
+
+    def values(self) -> tuple | None:
+        """Every value the dimension allows, or None for a continuous range."""
+        if self.kind == "fixed":
+            return (self.value,)
+        if self.kind == "choice":
+            return self.choices
+        if self.integer:
+            return tuple(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step is None:
+            return None
+        n = int(round((self.high - self.low) / self.step))
+        # Rounded so the grid holds 0.1, not 0.30000000000000004, and stays on Optuna's grid.
+        return tuple(float(f"{self.low + k * self.step:.12g}") for k in range(n + 1))
+
+    def contains(self, value: Any) -> bool:
+        """Whether a trial could get ``value`` from this dimension."""
+        if self.kind in ("fixed", "choice"):
+            return any(_same(value, v) for v in self.values())
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        tol = 1e-12 * max(abs(self.low), abs(self.high))
+        if not self.low - tol <= value <= self.high + tol:
+            return False
+        if self.step is not None:
+            k = (value - self.low) / self.step
+            return abs(k - round(k)) < 1e-8
+        return True
+
+    def to_json(self) -> Any:
+        """The spec-file form: a scalar, a list or a ``{low, high, log?, step?}`` table."""
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "choice":
+            return list(self.choices)
+        out: dict[str, Any] = {"low": self.low, "high": self.high}
+        if self.log:
+            out["log"] = True
+        if self.step is not None:
+            out["step"] = self.step
+        return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, bool) or isinstance(b, bool):
+            return False
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+            return False
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    return type(a) is type(b) and a == b
+
+
+DEFAULT_RANGES.update(
+    {
+        "momentum": Dim.range(0.5, 0.99),
+        "beta1": Dim.range(0.8, 0.99),
+        "beta2": Dim.choice((0.95, 0.99, 0.999, 0.9999)),
+        "rho": Dim.range(0.8, 0.99),
+    }
+)
+
+
+def default_lr_dim(optimizer: str) -> Dim:
+    """The lr range an optimizer gets when its lr is searched by default."""
+    lr = ONE_SHOT_DEFAULTS[optimizer]["lr"]
+    # Three significant digits: the ends read as 0.000333 and 0.3, not 0.30000000000000004.
+    return Dim.range(float(f"{lr / DEFAULT_LR_FACTOR:.3g}"), float(f"{lr * DEFAULT_LR_FACTOR:.3g}"), log=True)
+
+
+# -- the keys each table takes -----------------------------------------------------------
+
+_STUDY_KEYS = ("name", "task", "metric", "n_trials", "sampler", "pruner", "seed", "population", "description")
+_TRAIN_KEYS = ("epochs", "batch_size", "schedule", "warmup", "seed")
+_MODEL_KEYS = ("depth", "width", "channels", "pretrained_path")
+# Every TrialConfig field but ``extra`` (user factories read that; specs pass [task] options).
+_FIELDS = tuple(f.name for f in dataclasses.fields(TrialConfig) if f.name != "extra")
+_SPACE_KEYS = _FIELDS + ("optimizers", "optimizer_defaults")
+_TOP_KEYS = ("study", "task", "train", "model", "space")
+
+# How each field's values are checked: (python type, allowed values or a test, phrase).
+_ENUMS: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "init": INITS,
+    "norm": NORMS,
+    "activation": ACTIVATIONS,
+}
+_unit = (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_FLOATS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda v: v > 0, "a number > 0"),
+    "eps": (lambda v: v > 0, "a number > 0"),
+    "momentum": _unit,
+    "beta1": _unit,
+    "beta2": _unit,
+    "rho": _unit,
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "warmup": (lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
+    "init_std": (lambda v: v > 0, "a number > 0"),
+}
+_INTS: dict[str, tuple[Callable[[int], bool], str]] = {
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "width": (lambda v: v >= 1, "an integer >= 1"),
+    "norm_groups": (lambda v: v >= 1, "an integer >= 1"),
+    "depth": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+}
+_STRINGS = ("pretrained_path",)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_DIM_HINT = "A dimension is a value (fixed), a list (one of these) or a table {low, high, log, step} (a range)."
+
+# Fields that only apply for some values of another (mirrors TrialConfig's rule).
+CONDITIONAL = {
+    "init_std": ("init", ("normal", "uniform")),
+    "pretrained_path": ("init", ("pretrained",)),
+    "norm_groups": ("norm", ("group",)),
+    "warmup": ("schedule", ("warmup_cosine",)),
+}
+# The fields a task key names: the workload's size and budget, not the choices being compared.
+_KEY_FIELDS = ("depth", "width", "epochs")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study spec. Build it with :func:`load_spec` or :func:`parse_spec`.
+
+    >>> spec = parse_spec({"study": {"name": "s", "task": "moons", "metric": "val_loss"}})
+    >>> spec.direction, spec.sampler, spec.n_trials
+    ('minimize', 'tpe', 20)
+    >>> parse_spec(spec.to_dict()) == spec
+    True
+    """
+
+    name: str  # study name in storage and MLflow ("hposvc/<name>")
+    task: str  # a built-in task name or "module:function"
+    task_options: Mapping[str, Any]  # the [task] table, passed to load_task
+    metric: str  # "val_accuracy" | "val_loss"
+    direction: str  # "maximize" | "minimize", from the metric
+    n_trials: int  # finished trials the study should end with
+    sampler: str  # one of SAMPLERS
+    pruner: str  # one of PRUNERS
+    seed: int  # sampler seed, and every trial's seed unless the spec sets one
+    population: int | str | None  # K trials trained together, "auto", or None (one at a time)
+    dims: Mapping[str, Dim]  # every TrialConfig field the spec sets, from [train], [model], [space]
+    optimizer_overrides: Mapping[str, Mapping[str, Dim]]  # [space.optimizers.NAME]
+    optimizer_defaults: str = "auto"  # what unmentioned optimizer numbers do (module docstring)
+    description: str = ""  # free text from [study] description
+    source: str = field(default="<dict>", compare=False)  # file the spec came from, for messages
+
+    # -- derived views ------------------------------------------------------------------
+
+    @property
+    def family(self) -> str | None:
+        """"mlp" or "cnn1d" for built-in tasks; None for a user factory (known once loaded)."""
+        return TASK_FAMILY.get(self.task)
+
+    @property
+    def optimizers(self) -> tuple[str, ...]:
+        """The optimizers a trial can get (TrialConfig's default when the spec names none)."""
+        dim = self.dims.get("optimizer")
+        return tuple(dim.values()) if dim is not None else (TrialConfig.optimizer,)
+
+    @property
+    def searches_optimizer_defaults(self) -> bool:
+        """Whether unmentioned optimizer numbers are searched over DEFAULT_RANGES."""
+        if self.optimizer_defaults != "auto":
+            return self.optimizer_defaults == "search"
+        return len(self.optimizers) > 1 and self.sampler != "grid"
+
+    def optimizer_space(self, optimizer: str) -> dict[str, tuple[str, Dim]]:
+        """The numbers of ``optimizer`` that the spec sets or searches.
+
+        Maps each hyper-parameter to ``(Optuna param name, Dim)``; the ones left out take
+        their one-shot default. Only lr may be shared across optimizers (named "lr");
+        every other searched number is conditional, named "<optimizer>.<param>".
+
+        >>> spec = parse_spec({"study": {"name": "s", "task": "digits"},
+        ...                    "space": {"optimizer": ["sgd", "adam"], "lr": 0.01}})
+        >>> sorted(spec.optimizer_space("adam"))
+        ['beta1', 'beta2', 'lr']
+        """
+        out: dict[str, tuple[str, Dim]] = {}
+        overrides = self.optimizer_overrides.get(optimizer, {})
+        for param in ONE_SHOT_DEFAULTS[optimizer]:
+            if param in overrides:
+                out[param] = (f"{optimizer}.{param}", overrides[param])
+            elif param in self.dims:
+                out[param] = ("lr" if param == "lr" else f"{optimizer}.{param}", self.dims[param])
+            elif self.searches_optimizer_defaults and param == "lr":
+                out[param] = (f"{optimizer}.lr", default_lr_dim(optimizer))
+            elif self.searches_optimizer_defaults and param in DEFAULT_RANGES:
+                out[param] = (f"{optimizer}.{param}", DEFAULT_RANGES[param])
+        return out
+
+    def search_space(self) -> dict[str, Dim]:
+        """Every Optuna parameter a trial of this spec may suggest, by name.
+
+        >>> spec = parse_spec({"study": {"name": "s", "task": "digits"},
+        ...                    "space": {"optimizer": "sgd", "lr": [0.1, 0.01]}})
+        >>> list(spec.search_space())
+        ['lr']
+        """
+        out = {name: dim for name, dim in self.dims.items() if dim.searched and name not in OPTIMIZER_PARAMS}
+        for optimizer in self.optimizers:
+            for name, dim in self.optimizer_space(optimizer).values():
+                if dim.searched:
+                    out[name] = dim
+        return out
+
+    def implicit_values(self, task_defaults: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """Values hposvc sets for fields the spec leaves out: the task's depth/width and the seed.
+
+        ``task_defaults`` gives depth/width for a user factory (its Task.default_depth /
+        default_width); built-ins use :data:`~hposvc.config.TASK_MODEL_DEFAULTS`.
+        """
+        out: dict[str, Any] = {}
+        sizes = dict(task_defaults or TASK_MODEL_DEFAULTS.get(self.task, {}))
+        for name in ("depth", "width"):
+            if name not in self.dims and name in sizes:
+                out[name] = sizes[name]
+        if "seed" not in self.dims:
+            # Common random numbers: every trial sees the same init stream and data order, so
+            # configs are compared fairly and a retried trial reproduces the failed one.
+            out["seed"] = self.seed
+        return out
+
+    @property
+    def task_key(self) -> str:
+        """The workload plus its fixed size and budget, e.g. "digits[depth=2,width=128,epochs=10]".
+
+        Studies with the same key trained the same network for the same epochs, so their
+        trials can be pooled (recommend). Searched fields, optimizer numbers and the seed
+        are not part of it.
+        """
+        label = self.task
+        options = dict(self.task_options)
+        if self.task == "tabular" and "path" in options:
+            label = f"tabular:{Path(str(options.pop('path'))).name}"
+        parts = [f"{k}={_key_value(v)}" for k, v in sorted(options.items())]
+        implicit = self.implicit_values()
+        implicit.setdefault("epochs", TrialConfig.epochs)
+        for name in _KEY_FIELDS:
+            dim = self.dims.get(name)
+            if dim is not None and dim.kind == "fixed":
+                parts.append(f"{name}={dim.value}")
+            elif dim is None and name in implicit:
+                parts.append(f"{name}={implicit[name]}")
+        return f"{label}[{','.join(parts)}]" if parts else label
+
+    # -- conversions ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical, JSON-safe form: what is stored on the study.
+
+        It is itself a spec (every dimension under "space"); ``parse_spec`` of it gives an
+        equal spec with the same hash.
+        """
+        study: dict[str, Any] = {
+            "name": self.name,
+            "task": self.task,
+            "metric": self.metric,
+            "n_trials": self.n_trials,
+            "sampler": self.sampler,
+            "pruner": self.pruner,
+            "seed": self.seed,
+        }
+        if self.population is not None:
+            study["population"] = self.population
+        if self.description:
+            study["description"] = self.description
+        space: dict[str, Any] = {name: self.dims[name].to_json() for name in _FIELDS if name in self.dims}
+        space["optimizer_defaults"] = self.optimizer_defaults
+        if self.optimizer_overrides:
+            space["optimizers"] = {
+                opt: {p: dim.to_json() for p, dim in params.items()}
+                for opt, params in sorted(self.optimizer_overrides.items())
+            }
+        return {"study": study, "task": _json_safe(dict(self.task_options)), "space": space}
+
+    @property
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON, without n_trials, population and description.
+
+        Those change how long a study runs, how trials are batched and how it is described,
+        not what it searches, so ``--n-trials`` overrides and resumes keep the same hash.
+        """
+        data = self.to_dict()
+        for key in ("n_trials", "population", "description"):
+            data["study"].pop(key, None)
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def with_overrides(self, **changes: Any) -> "StudySpec":
+        """A copy with [study] settings changed (n_trials, name, seed, sampler, pruner,
+        population), validated like the file; ``None`` leaves a setting as it is, except
+        population=None, which means one trial at a time.
+
+        >>> parse_spec({"study": {"name": "s", "task": "digits"}}).with_overrides(n_trials=3).n_trials
+        3
+        """
+        allowed = ("n_trials", "name", "seed", "sampler", "pruner", "population")
+        data = self.to_dict()
+        for key, value in changes.items():
+            if key not in allowed:
+                raise invalid("override", key, allowed, source=self.source, cls=SpecError)
+            if key == "population" and value is None:
+                data["study"].pop("population", None)
+            elif value is not None:
+                data["study"][key] = value
+        return _Parser(self.source, base_dir=None).spec(data)
+
+
+def _key_value(value: Any) -> str:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else str(value)
+
+
+def _plain(value: Any) -> bool:
+    """Whether a [task] option survives JSON (TOML dates and times do not)."""
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, (str, int, bool))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate a TOML spec file.
+
+    Relative paths inside it ([task] path, [model] pretrained_path) are resolved against
+    the file's folder. Errors name ``path`` as given.
+
+    >>> load_spec("studies/quickstart.toml").name   # doctest: +SKIP
+    'quickstart'
+    """
+    source = str(path)
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise invalid("spec", source, "an existing TOML file", cls=SpecError) from None
+    except IsADirectoryError:
+        raise invalid("spec", source, "a TOML file, not a folder", cls=SpecError) from None
+    except UnicodeDecodeError as e:
+        raise invalid("spec", source, "a UTF-8 text file", source=source, hint=str(e), cls=SpecError) from None
+    except OSError as e:
+        raise invalid("spec", source, "a readable TOML file", hint=str(e), cls=SpecError) from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _toml_error(source, text, e) from None
+    return _Parser(source, base_dir=p.resolve().parent).spec(data)
+
+
+def _toml_error(source: str, text: str, e: Exception) -> SpecError:
+    message = str(e)
+    found = re.search(r"line (\d+), column (\d+)", message)
+    if found is None:
+        return invalid("file", "unparseable text", "valid TOML", source=source, hint=f"tomllib says: {message}.", cls=SpecError)
+    line, col = int(found.group(1)), int(found.group(2))
+    lines = text.splitlines()
+    snippet = lines[line - 1].strip() if 0 < line <= len(lines) else ""
+    return invalid(
+        f"line {line}",
+        snippet,
+        "valid TOML",
+        source=f"{source}:{line}:{col}",
+        hint=f"tomllib says: {message}.",
+        cls=SpecError,
+    )
+
+
+def parse_spec(data: Mapping[str, Any], *, source: str = "<dict>") -> StudySpec:
+    """Validate a spec given as a mapping (a parsed TOML file or :meth:`StudySpec.to_dict`).
+
+    Relative paths are kept as they are (:func:`load_spec` resolves them).
+
+    >>> parse_spec({"study": {"name": "s", "task": "nope"}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hposvc.errors.SpecError: <dict>: the 'study.task' parameter must be ...
+    """
+    return _Parser(source, base_dir=None).spec(data)
+
+
+class _Parser:
+    """One pass over a spec; every error carries ``source``."""
+
+    def __init__(self, source: str, *, base_dir: Path | None) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def error(self, key: str, value: Any, allowed: Any, hint: str | None = None) -> SpecError:
+        return invalid(key, value, allowed, source=self.source, hint=hint, cls=SpecError)  # type: ignore[return-value]
+
+    # -- tables and keys --------------------------------------------------------------------
+
+    def table(self, key: str, value: Any) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            raise self.error(key, value, f"a table ([{key}])")
+        return value
+
+    def check_keys(self, key: str, table: Mapping[str, Any], allowed: Iterable[str]) -> None:
+        allowed = tuple(allowed)
+        for name in table:
+            if name in allowed:
+                continue
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            where = f"'{key}.{name}'" if key else f"'{name}'"
+            hint = f"Unknown key {where}" + (f"; did you mean {close[0]!r}?" if close else ".")
+            phrase = "a table with keys among " + ", ".join(repr(a) for a in allowed)
+            raise self.error(key or "spec", name, phrase, hint)
+
+    # -- the whole spec -----------------------------------------------------------------------
+
+    def spec(self, data: Any) -> StudySpec:
+        data = self.table("spec", data)
+        self.check_keys("", data, _TOP_KEYS)
+        study = self.table("study", data.get("study", {}))
+        self.check_keys("study", study, _STUDY_KEYS)
+
+        name = study.get("name", MISSING)
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise self.error(
+                "study.name",
+                name,
+                "a name of letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)",
+                "Every spec needs [study] name and task." if name is MISSING else None,
+            )
+        task = self.task(study.get("task", MISSING))
+        options = self.task_options(task, data.get("task", {}))
+        metric = self.metric(task, options, study.get("metric", MISSING))
+        n_trials = self.integer("study.n_trials", study.get("n_trials", 20), minimum=1)
+        sampler = self.enum("study.sampler", study.get("sampler", "tpe"), SAMPLERS)
+        pruner = self.enum("study.pruner", study.get("pruner", "median"), PRUNERS)
+        seed = self.integer("study.seed", study.get("seed", 0), minimum=0)
+        population = study.get("population")
+        if population is not None and population != "auto":
+            if isinstance(population, str):
+                raise self.error("study.population", population, "an integer >= 1 or 'auto'")
+            population = self.integer("study.population", population, minimum=1, phrase="an integer >= 1 or 'auto'")
+        description = study.get("description", "")
+        if not isinstance(description, str):
+            raise self.error("study.description", description, "a string")
+
+        dims, overrides, optimizer_defaults = self.space(task, data, sampler)
+        return StudySpec(
+            name=name,
+            task=task,
+            task_options=options,
+            metric=metric,
+            direction=DIRECTIONS[metric],
+            n_trials=n_trials,
+            sampler=sampler,
+            pruner=pruner,
+            seed=seed,
+            population=population,
+            dims=dims,
+            optimizer_overrides=overrides,
+            optimizer_defaults=optimizer_defaults,
+            description=description,
+            source=self.source,
+        )
+
+    # -- [study] values -------------------------------------------------------------------------
+
+    def enum(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
+            raise self.error(key, value, allowed, f"Did you mean {close[0]!r}?" if close else None)
+        return value
+
+    def integer(self, key: str, value: Any, *, minimum: int, phrase: str | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, value, phrase or f"an integer >= {minimum}")
+        return value
+
+    def task(self, task: Any) -> str:
+        if isinstance(task, str) and (task in TASKS or _FACTORY_RE.fullmatch(task)):
+            return task
+        close = difflib.get_close_matches(task, TASKS, n=1) if isinstance(task, str) else []
+        hint = f"Did you mean {close[0]!r}?" if close else "A user factory is named 'package.module:function'."
+        if task is MISSING:
+            hint = "Every spec needs [study] name and task."
+        elif isinstance(task, str) and task.startswith("tabular:"):
+            hint = "For a CSV/Parquet file use task = 'tabular' with [task] path and target."
+        raise self.error("study.task", task, [*TASKS, "module:function"], hint)
+
+    def task_options(self, task: str, raw: Any) -> dict[str, Any]:
+        options = dict(self.table("task", raw))
+        if task in TASK_OPTIONS:
+            self.check_keys("task", options, TASK_OPTIONS[task])
+        for key, value in options.items():
+            if not _plain(value):
+                raise self.error(f"task.{key}", value, "a string, number, boolean, list or table", "It is stored as JSON.")
+        if task != "tabular":
+            return dict(sorted(options.items()))
+        for key in ("path", "target"):
+            value = options.get(key, MISSING)
+            if not isinstance(value, str) or not value:
+                what = "a path to a CSV or Parquet file" if key == "path" else "the name of the target column"
+                raise self.error(f"task.{key}", value, what, "task = 'tabular' needs [task] path and target.")
+        if "kind" in options:
+            options["kind"] = self.enum("task.kind", options["kind"], TABULAR_KINDS)
+        options["path"] = self.path(options["path"])
+        return dict(sorted(options.items()))
+
+    def path(self, value: str) -> str:
+        if self.base_dir is None or Path(value).is_absolute():
+            return value
+        return str(self.base_dir / value)
+
+    def metric(self, task: str, options: Mapping[str, Any], metric: Any) -> str:
+        regression = task == "tabular" and options.get("kind") == "regression"
+        if metric is MISSING:
+            # Accuracy where the task is known to classify; loss works for every kind.
+            classifies = task in TASK_FAMILY and (task != "tabular" or options.get("kind") in ("multiclass", "binary"))
+            return "val_accuracy" if classifies else "val_loss"
+        metric = self.enum("study.metric", metric, METRICS)
+        if metric == "val_accuracy" and regression:
+            raise self.error(
+                "study.metric", metric, ("val_loss",), "[task] kind = 'regression' has no accuracy; use val_loss."
+            )
+        return metric
+
+    # -- dimensions -----------------------------------------------------------------------------
+
+    def scalar(self, key: str, name: str, value: Any, *, in_dim: bool = True) -> Any:
+        """One value of field ``name``, normalised (ints to floats for float fields)."""
+        hint = _DIM_HINT if in_dim else None
+        if name in _ENUMS:
+            allowed = _ENUMS[name]
+            if not isinstance(value, str):
+                raise self.error(key, value, allowed, hint)
+            if value not in allowed:
+                close = difflib.get_close_matches(value, allowed, n=1)
+                raise self.error(key, value, allowed, f"Did you mean {close[0]!r}?" if close else None)
+            return value
+        if name in _FLOATS:
+            check, phrase = _FLOATS[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.error(key, value, phrase, hint)
+            if not math.isfinite(value) or not check(value):
+                raise self.error(key, value, phrase)
+            return float(value)
+        if name in _INTS:
+            check, phrase = _INTS[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.error(key, value, phrase, hint)
+            if not check(value):
+                raise self.error(key, value, phrase)
+            return value
+        if not isinstance(value, str) or not value:
+            raise self.error(key, value, "a path to a state_dict file")
+        return self.path(value)
+
+    def dim(self, key: str, name: str, raw: Any, *, fixed_only: bool = False) -> Dim:
+        if isinstance(raw, Mapping):
+            if fixed_only:
+                raise self.error(key, raw, "a single value", "[train] holds fixed settings; search it in [space].")
+            return self.range(key, name, raw)
+        if isinstance(raw, list):
+            if fixed_only:
+                raise self.error(key, raw, "a single value", "[train] holds fixed settings; search it in [space].")
+            if not raw:
+                raise self.error(key, raw, "a non-empty list", "An empty list leaves nothing to choose.")
+            values: list[Any] = []
+            for item in raw:
+                if isinstance(item, (list, Mapping)):
+                    raise self.error(key, item, "a list of single values")
+                value = self.scalar(key, name, item, in_dim=False)
+                if any(_same(value, v) for v in values):
+                    raise self.error(key, raw, "a list without duplicates", f"{item!r} appears twice.")
+                values.append(value)
+            return Dim.choice(values)
+        return Dim.fixed(self.scalar(key, name, raw))
+
+    def range(self, key: str, name: str, raw: Mapping[str, Any]) -> Dim:
+        if name not in _FLOATS and name not in _INTS:
+            allowed = _ENUMS.get(name)
+            raise self.error(
+                key, dict(raw), f"a value or a list{' of ' + ', '.join(map(repr, allowed)) if allowed else ''}",
+                f"{name!r} is not numeric, so it has no range.",
+            )
+        self.check_keys(key, raw, ("low", "high", "log", "step"))
+        integer = name in _INTS
+        kind = "an integer" if integer else "a number"
+        for end in ("low", "high"):
+            if end not in raw:
+                raise self.error(f"{key}.{end}", MISSING, kind, "A range needs both low and high.")
+        low = self.scalar(f"{key}.low", name, raw["low"], in_dim=False)
+        high = self.scalar(f"{key}.high", name, raw["high"], in_dim=False)
+        log = raw.get("log", False)
+        if not isinstance(log, bool):
+            raise self.error(f"{key}.log", log, "true or false")
+        step = raw.get("step")
+        if low == high:
+            raise self.error(f"{key}.high", high, f"a number > low ({low})", "This is an empty range; to fix the value write it as a scalar.")
+        if low > high:
+            raise self.error(f"{key}.high", high, f"a number > low ({low})", "low must be below high.")
+        if log and low <= 0:
+            raise self.error(f"{key}.low", low, "a number > 0", "A log range cannot include 0.")
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
+                raise self.error(f"{key}.step", step, f"{kind} > 0")
+            if integer and not isinstance(step, int):
+                raise self.error(f"{key}.step", step, "an integer > 0", f"{name!r} takes whole numbers.")
+            if log:
+                raise self.error(f"{key}.step", step, "absent when log = true", "Optuna cannot space a log range by a step.")
+            n = (high - low) / step
+            if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+                raise self.error(
+                    f"{key}.step", step, f"a step that divides high - low ({high - low:g})",
+                    "Both ends of a range are included, so high must be low plus a whole number of steps.",
+                )
+            step = step if integer else float(step)
+        return Dim.range(low, high, log=log, step=step, integer=integer)
+
+    # -- [train], [model], [space] --------------------------------------------------------------
+
+    def space(self, task: str, data: Mapping[str, Any], sampler: str) -> tuple[dict[str, Dim], dict[str, dict[str, Dim]], str]:
+        dims: dict[str, Dim] = {}
+        where: dict[str, str] = {}
+
+        def put(table: str, key: str, name: str, raw: Any, **kw: Any) -> None:
+            if name in dims:
+                raise self.error(
+                    f"{table}.{key}", raw, f"set in one place only (it is already set as {where[name]})",
+                )
+            dims[name] = self.dim(f"{table}.{key}", name, raw, **kw)
+            where[name] = f"{table}.{key}"
+
+        train = self.table("train", data.get("train", {}))
+        self.check_keys("train", train, _TRAIN_KEYS)
+        for key, raw in train.items():
+            put("train", key, key, raw, fixed_only=True)
+
+        model = self.table("model", data.get("model", {}))
+        self.check_keys("model", model, _MODEL_KEYS)
+        family = TASK_FAMILY.get(task)
+        for key, raw in model.items():
+            if key == "channels" and family == "mlp":
+                raise self.error(
+                    "model.channels", raw, "absent for an MLP task",
+                    f"channels is the CNN's name for width; {task!r} trains an MLP, so write width.",
+                )
+            put("model", key, "width" if key == "channels" else key, raw)
+
+        space = self.table("space", data.get("space", {}))
+        self.check_keys("space", space, _SPACE_KEYS)
+        for key, raw in space.items():
+            if key not in ("optimizers", "optimizer_defaults"):
+                put("space", key, key, raw)
+        optimizer_defaults = self.enum(
+            "space.optimizer_defaults", space.get("optimizer_defaults", "auto"), OPTIMIZER_DEFAULTS
+        )
+
+        optimizers = dims["optimizer"].values() if "optimizer" in dims else (TrialConfig.optimizer,)
+        for name in OPTIMIZER_PARAMS:
+            if name in dims and not any(name in ONE_SHOT_DEFAULTS[o] for o in optimizers):
+                users = [o for o in OPTIMIZERS if name in ONE_SHOT_DEFAULTS[o]]
+                raise self.error(
+                    where[name], dims[name].to_json(), f"absent: none of this spec's optimizers ({', '.join(optimizers)}) uses it",
+                    f"{name!r} applies to {', '.join(users)}.",
+                )
+        overrides = self.overrides(space.get("optimizers", {}), optimizers)
+        self.check_conditions(task, dims, where)
+        if sampler == "grid":
+            self.check_grid(dims, where, overrides, optimizer_defaults)
+        ordered = {name: dims[name] for name in _FIELDS if name in dims}
+        return ordered, overrides, optimizer_defaults
+
+    def overrides(self, raw: Any, optimizers: tuple[str, ...]) -> dict[str, dict[str, Dim]]:
+        table = self.table("space.optimizers", raw)
+        out: dict[str, dict[str, Dim]] = {}
+        for opt in sorted(table):
+            params = table[opt]
+            key = f"space.optimizers.{opt}"
+            if opt not in OPTIMIZERS:
+                close = difflib.get_close_matches(str(opt), OPTIMIZERS, n=1)
+                raise self.error("space.optimizers", opt, OPTIMIZERS, f"Did you mean {close[0]!r}?" if close else None)
+            if opt not in optimizers:
+                raise self.error(
+                    "space.optimizers", opt, f"one of this spec's optimizers ({', '.join(optimizers)})",
+                    f"[{key}] would never be used; add {opt!r} to space.optimizer or remove the table.",
+                )
+            params = self.table(key, params)
+            self.check_keys(key, params, ONE_SHOT_DEFAULTS[opt])
+            out[opt] = {p: self.dim(f"{key}.{p}", p, params[p]) for p in OPTIMIZER_PARAMS if p in params}
+        return out
+
+    def check_conditions(self, task: str, dims: dict[str, Dim], where: dict[str, str]) -> None:
+        def values(name: str) -> tuple:
+            dim = dims.get(name)
+            return dim.values() if dim is not None else (getattr(TrialConfig, name),)
+
+        for name, (owner, active) in CONDITIONAL.items():
+            if name in dims and not set(values(owner)) & set(active):
+                raise self.error(
+                    where[name], dims[name].to_json(), "absent",
+                    f"It only applies when {owner} is one of {', '.join(active)}, and this spec's {owner} "
+                    f"is {', '.join(map(str, values(owner)))}.",
+                )
+        if "pretrained" in values("init") and "pretrained_path" not in dims:
+            raise self.error(
+                "model.pretrained_path", MISSING, "a path to a state_dict file",
+                "init 'pretrained' loads its weights from [model] pretrained_path.",
+            )
+        family = TASK_FAMILY.get(task)
+        if family is not None:
+            allowed = NORMS_BY_FAMILY[family]
+            for norm in values("norm"):
+                if norm not in allowed:
+                    raise self.error(
+                        where.get("norm", "space.norm"), norm, allowed,
+                        f"{task!r} trains an MLP, whose features have no length to normalise over; "
+                        f"{norm!r} norm needs the CNN task 'mnist1d'.",
+                    )
+        if "group" in values("norm"):
+            self.check_groups(task, dims, where)
+
+    def check_groups(self, task: str, dims: dict[str, Dim], where: dict[str, str]) -> None:
+        groups = dims["norm_groups"].values() if "norm_groups" in dims else (4,)  # TrialConfig's default
+        width = dims.get("width")
+        key = where.get("width", "model.width")
+        if width is None:
+            size = TASK_MODEL_DEFAULTS.get(task, {}).get("width")
+            if size is None:
+                return  # a user factory's width is known only once loaded
+            width = Dim.fixed(size)
+        for g in groups:
+            if width.kind == "range":
+                ok = width.low % g == 0 and (width.step or 1) % g == 0
+                bad: Any = width.to_json()
+            else:
+                odd = [w for w in width.values() if w % g]
+                ok, bad = not odd, (odd[0] if odd else None)
+            if not ok:
+                raise self.error(
+                    key, bad, f"a multiple of norm_groups={g}",
+                    "Group norm splits the width into equal groups"
+                    + ("; give the range a low and step that are multiples of it." if width.kind == "range" else "."),
+                )
+
+    def check_grid(
+        self,
+        dims: dict[str, Dim],
+        where: dict[str, str],
+        overrides: dict[str, dict[str, Dim]],
+        optimizer_defaults: str,
+    ) -> None:
+        hint = (
+            "The grid sampler tries every combination, so each searched dimension needs a finite "
+            "set of values: give a list, or a range with a step."
+        )
+        found = [(where[n], d) for n, d in dims.items()]
+        found += [(f"space.optimizers.{o}.{p}", d) for o, ps in overrides.items() for p, d in ps.items()]
+        for key, dim in found:
+            if dim.values() is None:
+                raise self.error(key, dim.to_json(), "a list, or a range with a step, for sampler 'grid'", hint)
+        if optimizer_defaults == "search":
+            raise self.error(
+                "space.optimizer_defaults", "search", ("fixed", "auto"),
+                "The default ranges of optimizer numbers are continuous, which the grid sampler cannot enumerate.",
+            )
