@@ -313,7 +313,7 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=MEDIAN_STARTUP_TRIALS,
-            n_warmup_steps=max(1, math.ceil(MEDIAN_WARMUP_FRACTION * low)),
+            n_warmup_steps=max(1, math.ceil(MEDIAN_WARMUP_FRACTION * low - 1e-9)),  # 0.3 * 10 is 3, not 4
         )
     if spec.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=REDUCTION_FACTOR)

@@ -103,19 +103,22 @@ DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid", "nsga2", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 OPTIMIZER_DEFAULTS = ("auto", "search", "fixed")
-TABULAR_KINDS = ("multiclass", "binary", "regression")
+TABULAR_KINDS = ("classification", "binary", "regression")  # hposvc.tasks' tabular ``kind``
 
 # Which network family each built-in task trains; a user factory's is unknown until loaded.
 TASK_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d"}
 # Instance norm normalises each channel over its length: an MLP's features have no length.
 NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group"), "cnn1d": NORMS}
-# [task] options each built-in takes; a user factory gets whatever the spec gives.
-TASK_OPTIONS: dict[str, tuple[str, ...]] = {
-    "digits": (),
-    "mnist1d": (),
-    "moons": (),
-    "spirals": (),
-    "tabular": ("path", "target", "kind"),
+# [task] options each built-in takes (hposvc.tasks), with the check each value must pass;
+# a user factory gets whatever the spec gives.
+_count = lambda least: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least, f"an integer >= {least}")  # noqa: E731
+_noise = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, "a number >= 0")
+TASK_OPTIONS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "digits": {},
+    "mnist1d": {"num_samples": _count(50)},
+    "moons": {"n_samples": _count(20), "noise": _noise},
+    "spirals": {"n_samples": _count(20), "arms": _count(2), "noise": _noise},
+    "tabular": {},  # path, target, kind: checked on their own below
 }
 
 # The ranges unmentioned optimizer numbers get when they are searched (optimizer_defaults).
@@ -478,8 +481,8 @@ class StudySpec:
 
     def with_overrides(self, **changes: Any) -> "StudySpec":
         """A copy with [study] settings changed (n_trials, name, seed, sampler, pruner,
-        population), validated like the file; ``None`` leaves a setting as it is, except
-        population=None, which means one trial at a time.
+        population), validated like the file; ``None`` leaves a setting as it is (so CLI
+        options that were not given can be passed straight through).
 
         >>> parse_spec({"study": {"name": "s", "task": "digits"}}).with_overrides(n_trials=3).n_trials
         3
@@ -489,11 +492,18 @@ class StudySpec:
         for key, value in changes.items():
             if key not in allowed:
                 raise invalid("override", key, allowed, source=self.source, cls=SpecError)
-            if key == "population" and value is None:
-                data["study"].pop("population", None)
-            elif value is not None:
+            if value is not None:
                 data["study"][key] = value
         return _Parser(self.source, base_dir=None).spec(data)
+
+
+def _close(value: Any, allowed: Iterable[str]) -> str | None:
+    """The allowed word closest to a misspelt one, if any is close (difflib)."""
+    if not isinstance(value, str):
+        return None
+    # 0.65 rather than difflib's 0.6: 'bayes' should not suggest 'cmaes'.
+    found = difflib.get_close_matches(value, list(allowed), n=1, cutoff=0.65)
+    return found[0] if found else None
 
 
 def _key_value(value: Any) -> str:
@@ -598,16 +608,20 @@ class _Parser:
             raise self.error(key, value, f"a table ([{key}])")
         return value
 
-    def check_keys(self, key: str, table: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    def check_keys(self, key: str, table: Mapping[str, Any], allowed: Iterable[str], *, hint: str | None = None) -> None:
         allowed = tuple(allowed)
         for name in table:
             if name in allowed:
                 continue
-            close = difflib.get_close_matches(str(name), allowed, n=1)
+            close = _close(name, allowed)
             where = f"'{key}.{name}'" if key else f"'{name}'"
-            hint = f"Unknown key {where}" + (f"; did you mean {close[0]!r}?" if close else ".")
-            phrase = "a table with keys among " + ", ".join(repr(a) for a in allowed)
-            raise self.error(key or "spec", name, phrase, hint)
+            text = f"Unknown key {where}" + (f"; did you mean {close!r}?" if close else ".")
+            if key in ("train", "model") and name in _SPACE_KEYS:
+                text += f" {name!r} belongs in [space]."
+            if hint:
+                text += f" ({hint}.)"
+            phrase = "a table with keys among " + ", ".join(repr(a) for a in allowed) if allowed else "an empty table"
+            raise self.error(key or "spec", name, phrase, text)
 
     # -- the whole spec -----------------------------------------------------------------------
 
@@ -664,8 +678,8 @@ class _Parser:
 
     def enum(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
         if not isinstance(value, str) or value not in allowed:
-            close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
-            raise self.error(key, value, allowed, f"Did you mean {close[0]!r}?" if close else None)
+            close = _close(value, allowed)
+            raise self.error(key, value, allowed, f"Did you mean {close!r}?" if close else None)
         return value
 
     def integer(self, key: str, value: Any, *, minimum: int, phrase: str | None = None) -> int:
@@ -676,8 +690,8 @@ class _Parser:
     def task(self, task: Any) -> str:
         if isinstance(task, str) and (task in TASKS or _FACTORY_RE.fullmatch(task)):
             return task
-        close = difflib.get_close_matches(task, TASKS, n=1) if isinstance(task, str) else []
-        hint = f"Did you mean {close[0]!r}?" if close else "A user factory is named 'package.module:function'."
+        close = _close(task, TASKS)
+        hint = f"Did you mean {close!r}?" if close else "A user factory is named 'package.module:function'."
         if task is MISSING:
             hint = "Every spec needs [study] name and task."
         elif isinstance(task, str) and task.startswith("tabular:"):
@@ -686,11 +700,16 @@ class _Parser:
 
     def task_options(self, task: str, raw: Any) -> dict[str, Any]:
         options = dict(self.table("task", raw))
-        if task in TASK_OPTIONS:
-            self.check_keys("task", options, TASK_OPTIONS[task])
+        if task == "tabular":
+            self.check_keys("task", options, ("path", "target", "kind"), hint="'tabular' reads a file")
+        elif task in TASK_OPTIONS:
+            self.check_keys("task", options, TASK_OPTIONS[task], hint=f"{task!r} takes no options")
         for key, value in options.items():
             if not _plain(value):
                 raise self.error(f"task.{key}", value, "a string, number, boolean, list or table", "It is stored as JSON.")
+            check = TASK_OPTIONS.get(task, {}).get(key)
+            if check is not None and not check[0](value):
+                raise self.error(f"task.{key}", value, check[1])
         if task != "tabular":
             return dict(sorted(options.items()))
         for key in ("path", "target"):
@@ -712,7 +731,7 @@ class _Parser:
         regression = task == "tabular" and options.get("kind") == "regression"
         if metric is MISSING:
             # Accuracy where the task is known to classify; loss works for every kind.
-            classifies = task in TASK_FAMILY and (task != "tabular" or options.get("kind") in ("multiclass", "binary"))
+            classifies = task in TASK_FAMILY and (task != "tabular" or options.get("kind") in ("classification", "binary"))
             return "val_accuracy" if classifies else "val_loss"
         metric = self.enum("study.metric", metric, METRICS)
         if metric == "val_accuracy" and regression:
@@ -731,8 +750,8 @@ class _Parser:
             if not isinstance(value, str):
                 raise self.error(key, value, allowed, hint)
             if value not in allowed:
-                close = difflib.get_close_matches(value, allowed, n=1)
-                raise self.error(key, value, allowed, f"Did you mean {close[0]!r}?" if close else None)
+                close = _close(value, allowed)
+                raise self.error(key, value, allowed, f"Did you mean {close!r}?" if close else None)
             return value
         if name in _FLOATS:
             check, phrase = _FLOATS[name]
@@ -875,8 +894,8 @@ class _Parser:
             params = table[opt]
             key = f"space.optimizers.{opt}"
             if opt not in OPTIMIZERS:
-                close = difflib.get_close_matches(str(opt), OPTIMIZERS, n=1)
-                raise self.error("space.optimizers", opt, OPTIMIZERS, f"Did you mean {close[0]!r}?" if close else None)
+                close = _close(opt, OPTIMIZERS)
+                raise self.error("space.optimizers", opt, OPTIMIZERS, f"Did you mean {close!r}?" if close else None)
             if opt not in optimizers:
                 raise self.error(
                     "space.optimizers", opt, f"one of this spec's optimizers ({', '.join(optimizers)})",

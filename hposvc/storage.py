@@ -127,19 +127,23 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
     Used around storage calls that must survive a database restart; after the last attempt
     the error is raised as :class:`StorageError`.
     """
+    from optuna.exceptions import StorageInternalError
     from sqlalchemy.exc import DBAPIError, OperationalError
 
     for attempt in range(attempts):
         try:
             return fn()
-        except (OperationalError, DBAPIError) as e:
+        except (OperationalError, DBAPIError, StorageInternalError) as e:
             if attempt == attempts - 1 or not _is_connection_error(e):
                 raise StorageError(f"{what} failed: {e.orig if hasattr(e, 'orig') else e}") from e
             time.sleep(base_delay * 2**attempt * (1 + random.random() / 2))
     raise AssertionError("unreachable")
 
 
-def _is_connection_error(e: Exception) -> bool:
+def _is_connection_error(e: BaseException) -> bool:
+    # Optuna wraps SQLAlchemy's errors in StorageInternalError; the cause tells.
+    if e.__cause__ is not None and _is_connection_error(e.__cause__):
+        return True
     if getattr(e, "connection_invalidated", False):
         return True
     text = str(e).lower()

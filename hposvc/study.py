@@ -355,52 +355,57 @@ def run_trial(
     from hposvc.train import train
 
     dev = resolve_device(device)
-    config = suggest_config(trial, spec)
-    attrs = {
-        "hposvc.config": config.to_dict(),
-        "hposvc.device": str(dev),
-        "hposvc.host": socket.gethostname(),
-        "hposvc.worker": worker_id,
-    }
-    run = tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": worker_id})
-    if run.run_id:
-        attrs["hposvc.mlflow_run_id"] = run.run_id
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
+    state, reason, final, run = "FAIL", None, {}, None
+    # The heartbeat starts before anything else touches the trial: a trial without one
+    # could never be recognised as stale if this worker died right now.
+    with _heartbeat(study, trial._trial_id):  # noqa: SLF001
+        try:
+            config = suggest_config(trial, spec)
+            run = tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": worker_id})
+            attrs = {
+                "hposvc.config": config.to_dict(),
+                "hposvc.device": str(dev),
+                "hposvc.host": socket.gethostname(),
+                "hposvc.worker": worker_id,
+                "hposvc.mlflow_run_id": run.run_id,
+            }
+            for key, value in attrs.items():
+                if value is not None:
+                    with_retries(lambda: trial.set_user_attr(key, value), what="storing trial attributes")
 
-    def on_epoch(m: Any) -> bool:
-        value = getattr(m, spec.metric)
-        trial.report(value, m.epoch)
-        run.log_epoch({"train_loss": m.train_loss, "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr}, step=m.epoch)
-        return trial.should_prune()
+            def on_epoch(m: Any) -> bool:
+                value = getattr(m, spec.metric)
+                with_retries(lambda: trial.report(value, m.epoch), what="reporting an epoch")
+                run.log_epoch({"train_loss": m.train_loss, "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr}, step=m.epoch)
+                return with_retries(trial.should_prune, what="asking the pruner")
 
-    state, reason, final = "FAIL", None, {}
-    try:
-        with _heartbeat(study, trial._trial_id):  # noqa: SLF001
             result = train(config, task, device=dev, on_epoch=on_epoch)
-        final = result.final
-        if result.status == "completed":
-            state = "COMPLETE"
-            study.tell(trial, final[spec.metric])
-        else:
-            state = "PRUNED"
-            reason = result.reason or ("pruned by " + type(study.pruner).__name__)
-            trial.set_user_attr("hposvc.reason", reason)
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    except (KeyboardInterrupt, Interrupted) as e:
-        reason = "interrupted: " + (str(e) or "SIGINT")
-        _tell_fail(study, trial, reason)
-        run.end("FAIL", reason=reason)
-        raise
-    except Exception as e:  # noqa: BLE001 (one trial's error must not stop the worker)
-        if is_out_of_memory(e):
-            free_device_memory(dev)  # the worker goes on with the next trial
-            reason = f"out of memory on {dev}: {e}"
-        else:
-            reason = f"{type(e).__name__}: {e}"
-        log.error("trial %s failed: %s", trial.number, reason)
-        _tell_fail(study, trial, reason)
-    run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in final.items()})
+            final = result.final
+            if result.status == "completed":
+                state = "COMPLETE"
+                with_retries(lambda: study.tell(trial, final[spec.metric]), what="storing the trial's result")
+            else:
+                state = "PRUNED"
+                reason = result.reason or f"pruned by {type(study.pruner).__name__}"
+                with_retries(lambda: trial.set_user_attr("hposvc.reason", reason), what="storing the prune reason")
+                with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.PRUNED), what="storing the trial's result")
+        except (KeyboardInterrupt, Interrupted) as e:
+            reason = "interrupted: " + (str(e) or "SIGINT")
+            _tell_fail(study, trial, reason)
+            if run is not None:
+                run.end("FAIL", reason=reason)
+            raise
+        except Exception as e:  # noqa: BLE001 (one trial's error must not stop the worker)
+            state = "FAIL"
+            if is_out_of_memory(e):
+                free_device_memory(dev)  # the worker goes on with the next trial
+                reason = f"out of memory on {dev}: {e}"
+            else:
+                reason = f"{type(e).__name__}: {e}"
+            log.error("trial %s failed: %s", trial.number, reason)
+            _tell_fail(study, trial, reason)
+    if run is not None:
+        run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in final.items()})
     return state
 
 
@@ -408,8 +413,8 @@ def _tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> Non
     import optuna
 
     try:
-        trial.set_user_attr("hposvc.reason", reason[:2000])
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        with_retries(lambda: trial.set_user_attr("hposvc.reason", reason[:2000]), what="storing the failure reason")
+        with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL), what="failing the trial")
     except Exception as e:  # noqa: BLE001 (the trial may already be failed as stale)
         log.warning("could not mark trial %s failed: %s", trial.number, e)
 

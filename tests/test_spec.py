@@ -119,8 +119,12 @@ BAD_SPECS = [
     pytest.param('[study]\nname = "s"\ntask = "tabular"\n[task]\ntarget = "y"\n', "task.path", "nothing", "CSV or Parquet", id="tabular-no-path"),
     pytest.param('[study]\nname = "s"\ntask = "tabular"\n[task]\npath = "d.csv"\n', "task.target", "nothing", "target column", id="tabular-no-target"),
     pytest.param('[study]\nname = "s"\ntask = "tabular"\n[task]\npath = "d.csv"\ntarget = "y"\nkind = "ordinal"\n',
-                 "task.kind", "'ordinal'", "'regression'", id="tabular-kind"),
-    pytest.param('[study]\nname = "s"\ntask = "digits"\n[task]\nnoise = 0.1\n', "task", "'noise'", "a table with keys among", id="builtin-task-option"),
+                 "task.kind", "'ordinal'", "'classification', 'binary', 'regression'", id="tabular-kind"),
+    pytest.param('[study]\nname = "s"\ntask = "digits"\n[task]\nnoise = 0.1\n', "task", "'noise'", "an empty table", id="digits-takes-no-options"),
+    pytest.param('[study]\nname = "s"\ntask = "moons"\n[task]\nnoize = 0.1\n', "task", "'noize'", "'n_samples', 'noise'", id="unknown-task-option"),
+    pytest.param('[study]\nname = "s"\ntask = "spirals"\n[task]\narms = 1\n', "task.arms", "1", "an integer >= 2", id="bad-task-option"),
+    pytest.param('[study]\nname = "s"\ntask = "tabular"\n[task]\npath = "d.csv"\ntarget = "y"\nsep = ";"\n',
+                 "task", "'sep'", "'path', 'target', 'kind'", id="unknown-tabular-option"),
     pytest.param(HEAD + "[space]\nlr = {low = 0.1, high = 0.1}\n", "space.lr.high", "0.1", "empty range", id="empty-range"),
     pytest.param(HEAD + "[space]\nlr = {low = 0.1, high = 0.01}\n", "space.lr.high", "0.01", "a number > low (0.1)", id="reversed-range"),
     pytest.param(HEAD + "[space]\nlr = {high = 0.01}\n", "space.lr.low", "nothing", "low and high", id="range-no-low"),
@@ -319,8 +323,8 @@ def test_with_overrides_validates() -> None:
     changed = spec.with_overrides(n_trials=3, name="other", seed=5, sampler="random", pruner="none", population=2)
     assert (changed.n_trials, changed.name, changed.seed, changed.sampler, changed.pruner, changed.population) == (
         3, "other", 5, "random", "none", 2)
-    assert changed.with_overrides(population=None).population is None
-    assert spec.with_overrides(n_trials=None).n_trials == 12  # None: leave as it is
+    assert changed.with_overrides(population=None, n_trials=None).population == 2  # None: leave as it is
+    assert changed.with_overrides(population="auto").population == "auto"
     with pytest.raises(SpecError, match=r"^issue.toml: the 'study.n_trials' parameter must be an integer >= 1. Got 0"):
         spec.with_overrides(n_trials=0)
     with pytest.raises(SpecError, match="'study.sampler'.*Got 'bogus'"):

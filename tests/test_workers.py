@@ -1,0 +1,200 @@
+"""Many workers: PostgreSQL + a real MLflow server, killed workers, outages, clean stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from mlflow import MlflowClient
+
+from hposvc.spec import load_spec
+from hposvc.study import prepare_study
+from hposvc.tracking import experiment_name
+
+SPEC = """\
+[study]
+name = "workers"
+task = "digits"
+n_trials = {n_trials}
+sampler = "random"
+pruner = "none"
+seed = 3
+
+[train]
+epochs = {epochs}
+
+[model]
+depth = 1
+width = 32
+
+[space]
+optimizer = ["adam", "momentum"]
+lr = {{ low = 1e-3, high = 1e-1, log = true }}
+"""
+
+# Fast failure detection for tests: heartbeat every second, stale after three.
+FAST_HEARTBEAT = {"HPOSVC_HEARTBEAT_INTERVAL": "1", "HPOSVC_GRACE_PERIOD": "3"}
+
+
+def _spec(tmp_path: Path, *, n_trials: int, epochs: int) -> Path:
+    path = tmp_path / "workers.toml"
+    path.write_text(SPEC.format(n_trials=n_trials, epochs=epochs))
+    return path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, **FAST_HEARTBEAT, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hposvc.cli", *args]
+
+
+def _states(storage: str, name: str = "workers") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def _wait_for(pred: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:  # noqa: BLE001 (storage not ready yet)
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _n_done(storage: str) -> int:
+    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in _states(storage))
+
+
+def _trial_runs(uri: str, name: str = "workers") -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment_name(name))
+    return client.search_runs([exp.experiment_id], filter_string="tags.`hposvc.role` = 'trial'", max_results=1000)
+
+
+def test_two_workers_on_postgres_and_mlflow_server(tmp_path: Path, postgres_url: str, mlflow_server) -> None:
+    spec = _spec(tmp_path, n_trials=6, epochs=4)
+    p = subprocess.run(
+        _cli("study", "run", str(spec), "--workers", "2", "--storage", postgres_url, "--tracking-uri", mlflow_server.uri, "--quiet", "--json"),
+        capture_output=True, text=True, timeout=400, env=_env(),
+    )
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["n_done"] == 6
+    trials = _states(postgres_url)
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(done) == 6 and len(trials) == 6
+    workers = {t.user_attrs["hposvc.worker"] for t in done}
+    assert len(workers) == 2, workers
+    assert all(t.user_attrs["hposvc.host"] and t.user_attrs["hposvc.device"] == "cpu" for t in done)
+    runs = _trial_runs(mlflow_server.uri)
+    assert sorted(int(r.data.tags["hposvc.trial_number"]) for r in runs) == sorted(t.number for t in done)
+    assert {r.data.tags["hposvc.worker"] for r in runs} == workers
+
+
+def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, postgres_url: str) -> None:
+    spec = load_spec(_spec(tmp_path, n_trials=4, epochs=30))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepare_study(spec, storage=postgres_url)
+    args = ("--storage", postgres_url, "--tracking-uri", tracking, "--quiet")
+    victim = subprocess.Popen(_cli("worker", "workers", *args, "--worker-id", "victim"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def victim_running() -> bool:
+        return any(t.state.name == "RUNNING" and t.user_attrs.get("hposvc.worker") == "victim" and t.intermediate_values for t in _states(postgres_url))
+
+    _wait_for(victim_running, timeout=120, what="the victim worker to be in the middle of a trial")
+    killed = next(t for t in _states(postgres_url) if t.state.name == "RUNNING" and t.user_attrs.get("hposvc.worker") == "victim")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+
+    survivor = subprocess.run(_cli("worker", "workers", *args, "--worker-id", "survivor"), env=_env(), capture_output=True, text=True, timeout=400)
+    assert survivor.returncode == 0, survivor.stderr
+    trials = _states(postgres_url)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 4
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    failed = next(t for t in trials if t.number == killed.number)
+    assert failed.state.name == "FAIL"
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+    assert retry[0].params == killed.params
+    runs = {int(r.data.tags["hposvc.trial_number"]): r for r in _trial_runs(tracking)}
+    assert runs[killed.number].info.status == "FAILED"
+    assert "no heartbeat" in runs[killed.number].data.tags["hposvc.reason"]
+    assert all(r.info.status != "RUNNING" for r in runs.values())
+
+
+def test_mlflow_outage_loses_nothing(tmp_path: Path, mlflow_server) -> None:
+    spec = _spec(tmp_path, n_trials=8, epochs=10)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = subprocess.Popen(
+        _cli("study", "run", str(spec), "--storage", storage, "--tracking-uri", mlflow_server.uri, "--quiet"),
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    _wait_for(lambda: _n_done(storage) >= 2, timeout=180, what="two trials")
+    mlflow_server.stop()
+    _wait_for(lambda: _n_done(storage) >= 5, timeout=180, what="trials during the outage")
+    mlflow_server.start()
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err.decode()
+    done = [t for t in _states(storage) if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(done) == 8
+    # Whatever the end of the run could not send, `hposvc sync` sends.
+    sync = subprocess.run(_cli("sync", "--tracking-uri", mlflow_server.uri), env=_env(), capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0, sync.stderr
+    runs = {int(r.data.tags["hposvc.trial_number"]): r for r in _trial_runs(mlflow_server.uri)}
+    assert sorted(runs) == sorted(t.number for t in done)
+    client = MlflowClient(mlflow_server.uri)
+    for t in done:
+        r = runs[t.number]
+        assert r.info.status in ("FINISHED", "KILLED")
+        history = client.get_metric_history(r.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == sorted(t.intermediate_values)
+
+
+def test_postgres_restart_during_study(tmp_path: Path, postgres_url: str, pg_server) -> None:
+    spec = _spec(tmp_path, n_trials=6, epochs=10)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        _cli("study", "run", str(spec), "--workers", "2", "--storage", postgres_url, "--tracking-uri", tracking, "--quiet"),
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    _wait_for(lambda: _n_done(postgres_url) >= 1, timeout=180, what="a first trial")
+    pg_server.restart()
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err.decode()
+    trials = _states(postgres_url)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 6
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+
+
+def test_sigterm_stops_cleanly_and_rerun_completes(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, n_trials=6, epochs=40)
+    data = tmp_path / "data"
+    storage = f"sqlite:///{data / 'hposvc.db'}"
+    cmd = _cli("study", "run", str(spec), "--workers", "2", "--data-dir", str(data), "--quiet")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(lambda: any(t.state.name == "RUNNING" and t.intermediate_values for t in _states(storage)), timeout=180, what="a trial in flight")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()
+    trials = _states(storage)
+    assert not [t for t in trials if t.state.name == "RUNNING"]
+    interrupted = [t for t in trials if t.state.name == "FAIL"]
+    assert interrupted and all(t.user_attrs["hposvc.reason"].startswith("interrupted") for t in interrupted)
+    runs = _trial_runs(f"sqlite:///{data / 'mlflow.db'}")
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _n_done(storage) == 6
