@@ -396,5 +396,50 @@ def ui(data_dir: str | None, tracking_uri: str | None, host: str, port: int) -> 
     os.execv(sys.executable, args)
 
 
+# -- report --
+
+
+@main.command("report")
+@click.argument("studies", nargs=-1)
+@click.option("--guide", is_flag=True, help="Report every study of the optimisation guide (studies/guide/).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for index.html, report.json and the PNG figures.")
+@click.option("--run", "run_first", is_flag=True, help="With --guide: run (or resume) the guide studies first.")
+@click.option("--scale", type=click.Choice(["ci", "full"]), help="With --run: the small CI budget (default) or the full one (studies/guide/full/).")
+@click.option("--no-mlflow", is_flag=True, help="Do not log the report to the studies' MLflow parent runs.")
+@storage_options
+@tracking_option
+@json_option
+def report(studies: tuple[str, ...], guide: bool, out_dir: str, run_first: bool, scale: str | None, no_mlflow: bool, storage: str, data_dir: str | None, tracking_uri: str | None, as_json: bool) -> None:
+    """Write an HTML report of studies: each guide claim, its figures and its verdict,
+    computed from the stored trials; also logged to each study's MLflow parent run.
+
+    \b
+    Examples:
+      hposvc report --guide --out report/
+      hposvc report --guide --run --scale full --data-dir guide-full --out report-full/
+      hposvc report quickstart --out quickstart-report/
+    """
+    from hposvc.report import GUIDE_STUDIES, build_report, run_guide
+
+    if guide == bool(studies):
+        raise InvalidInputError("the 'STUDIES' argument and the '--guide' option conflict: give study names, or --guide for every guide study, not both and not neither.")
+    if (run_first or scale) and not guide:
+        raise InvalidInputError("the '--run' and '--scale' options need --guide (they run the guide's studies).")
+    if scale and not run_first:
+        raise InvalidInputError("the '--scale' option needs --run (it picks which guide specs to run).")
+    if run_first:
+        run_guide(scale=scale or "ci", storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, progress=not as_json)
+    result = build_report(list(studies) or list(GUIDE_STUDIES), storage=storage, out_dir=out_dir, tracking_uri=tracking_uri, data_dir=data_dir, log_to_mlflow=not no_mlflow)
+    if as_json:
+        emit(result.to_dict(), as_json=True)
+        return
+    rows = [
+        {"claim": s.claim.number if s.claim else "-", "title": s.claim.title if s.claim else "", "studies": ", ".join(s.studies), "verdict": s.verdict or "(no claim)"}
+        for s in result.sections
+    ]
+    emit(rows, as_json=False, columns=["claim", "title", "studies", "verdict"], title=f"report: {result.index}")
+    click.echo(f"wrote {result.index}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

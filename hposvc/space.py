@@ -29,7 +29,7 @@ import optuna
 
 from hposvc.config import ONE_SHOT_DEFAULTS, OPTIMIZER_PARAMS, TrialConfig
 from hposvc.errors import InvalidInputError, SpecError, invalid
-from hposvc.spec import CONDITIONAL, Dim, StudySpec
+from hposvc.spec import CONDITIONAL, PRUNERS, SAMPLERS, Dim, StudySpec
 
 __all__ = [
     "build_pruner",
@@ -76,7 +76,9 @@ def suggest_config(
     """
     values = spec.implicit_values(task_defaults)
     # 1) the optimizer, then only the numbers it uses (conditional parameters)
-    optimizer = _suggest(trial, "optimizer", spec.dims["optimizer"]) if "optimizer" in spec.dims else TrialConfig.optimizer
+    optimizer = TrialConfig.optimizer
+    if "optimizer" in spec.dims:
+        optimizer = _suggest(trial, "optimizer", spec.dims["optimizer"])
     values["optimizer"] = optimizer
     for param, (name, dim) in spec.optimizer_space(optimizer).items():
         values[param] = _suggest(trial, name, dim)
@@ -147,7 +149,8 @@ def params_for_config(
     """
     reason = _mismatch(config, spec, task_defaults)
     if reason is not None:
-        raise invalid("config", config.to_dict(), f"a config inside the search space of study {spec.name!r}", hint=reason)
+        allowed = f"a config inside the search space of study {spec.name!r}"
+        raise invalid("config", config.to_dict(), allowed, hint=reason)
     params: dict[str, Any] = {}
     if "optimizer" in spec.dims and spec.dims["optimizer"].searched:
         params["optimizer"] = _param_value(spec.dims["optimizer"], config.optimizer)
@@ -187,8 +190,8 @@ def _mismatch(config: TrialConfig, spec: StudySpec, task_defaults: Mapping[str, 
             if not dim.contains(value):
                 return f"{param}={value!r} is outside {name} = {dim.to_json()!r}."
             values[param] = value
-        elif not math.isclose(value, ONE_SHOT_DEFAULTS[config.optimizer][param], rel_tol=1e-12):
-            return f"{param}={value!r}, but the spec leaves it at the one-shot default {ONE_SHOT_DEFAULTS[config.optimizer][param]!r}."
+        elif not math.isclose(value, default := ONE_SHOT_DEFAULTS[config.optimizer][param], rel_tol=1e-12):
+            return f"{param}={value!r}, but the spec leaves it at the one-shot default {default!r}."
     for name, dim in spec.dims.items():
         if name == "optimizer" or name in OPTIMIZER_PARAMS or not _applies(name, config.to_dict()):
             continue
@@ -242,7 +245,8 @@ def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     * random, nsga2, qmc (scrambled Sobol), gp: Optuna's with the seed.
     * cmaes: CMA-ES over the numeric parameters (categorical ones are sampled at random);
       needs the ``cmaes`` package.
-    * grid: every combination of :func:`grid_search_space`, shuffled by the seed.
+    * grid: every combination of :func:`grid_search_space`, shuffled by the seed. Runners
+      should stop when ``sampler.is_exhausted(study)``: past that, Optuna re-runs grid points.
 
     >>> from hposvc.spec import parse_spec
     >>> type(build_sampler(parse_spec({"study": {"name": "s", "task": "digits"}}))).__name__
@@ -271,7 +275,7 @@ def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
         if s == "gp":
             return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
         if s == "grid":
-            return optuna.samplers.GridSampler(grid_search_space(spec), seed=seed)
+            return _GridSampler(grid_search_space(spec), seed=seed)
         if s == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed)
         if s == "qmc":
@@ -279,7 +283,24 @@ def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
                 seed=seed, qmc_type="sobol", scramble=True, warn_independent_sampling=False,
                 warn_asynchronous_seeding=False,
             )
-    raise invalid("study.sampler", s, ("tpe", "random", "cmaes", "gp", "grid", "nsga2", "qmc"), source=spec.source, cls=SpecError)
+    raise invalid("study.sampler", s, SAMPLERS, source=spec.source, cls=SpecError)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler, usable from ask/tell runners.
+
+    Once the grid is exhausted, GridSampler.after_trial calls ``study.stop()``, which
+    raises RuntimeError outside ``study.optimize`` — that is, inside ``study.tell`` of an
+    ask/tell runner (the trial itself is stored all the same). Runners stop on
+    ``is_exhausted(study)`` instead; inside ``optimize`` the study still stops.
+    """
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: Any, values: Any) -> None:
+        try:
+            super().after_trial(study, trial, state, values)
+        except RuntimeError as e:
+            if "Study.stop" not in str(e):
+                raise
 
 
 def epoch_bounds(spec: StudySpec) -> tuple[int, int]:
@@ -321,4 +342,4 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(
             min_resource=min_resource, max_resource=high, reduction_factor=REDUCTION_FACTOR
         )
-    raise invalid("study.pruner", spec.pruner, ("none", "median", "successive_halving", "hyperband"), source=spec.source, cls=SpecError)
+    raise invalid("study.pruner", spec.pruner, PRUNERS, source=spec.source, cls=SpecError)

@@ -109,10 +109,19 @@ TABULAR_KINDS = ("classification", "binary", "regression")  # hposvc.tasks' tabu
 TASK_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d"}
 # Instance norm normalises each channel over its length: an MLP's features have no length.
 NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group"), "cnn1d": NORMS}
-# [task] options each built-in takes (hposvc.tasks), with the check each value must pass;
-# a user factory gets whatever the spec gives.
-_count = lambda least: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least, f"an integer >= {least}")  # noqa: E731
-_noise = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, "a number >= 0")
+
+
+def _count(least: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least), f"an integer >= {least}"
+
+
+def _is_noise(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+_noise = (_is_noise, "a number >= 0")
+# [task] options each built-in takes (as hposvc.tasks does), with the check each value must
+# pass; a user factory gets whatever the spec gives.
 TASK_OPTIONS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "digits": {},
     "mnist1d": {"num_samples": _count(50)},
@@ -265,7 +274,8 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(TrialConfig) if f.name != "ex
 _SPACE_KEYS = _FIELDS + ("optimizers", "optimizer_defaults")
 _TOP_KEYS = ("study", "task", "train", "model", "space")
 
-# How each field's values are checked: (python type, allowed values or a test, phrase).
+# How each field's values are checked: enums by their allowed values, numbers by a test and
+# the phrase that describes it; pretrained_path (the one string field) is any non-empty path.
 _ENUMS: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "schedule": SCHEDULES,
@@ -293,7 +303,6 @@ _INTS: dict[str, tuple[Callable[[int], bool], str]] = {
     "depth": (lambda v: v >= 0, "an integer >= 0"),
     "seed": (lambda v: v >= 0, "an integer >= 0"),
 }
-_STRINGS = ("pretrained_path",)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _DIM_HINT = "A dimension is a value (fixed), a list (one of these) or a table {low, high, log, step} (a range)."
@@ -564,7 +573,8 @@ def _toml_error(source: str, text: str, e: Exception) -> SpecError:
     message = str(e)
     found = re.search(r"line (\d+), column (\d+)", message)
     if found is None:
-        return invalid("file", "unparseable text", "valid TOML", source=source, hint=f"tomllib says: {message}.", cls=SpecError)
+        hint = f"tomllib says: {message}."
+        return invalid("file", "unparseable text", "valid TOML", source=source, hint=hint, cls=SpecError)
     line, col = int(found.group(1)), int(found.group(2))
     lines = text.splitlines()
     snippet = lines[line - 1].strip() if 0 < line <= len(lines) else ""
@@ -608,7 +618,9 @@ class _Parser:
             raise self.error(key, value, f"a table ([{key}])")
         return value
 
-    def check_keys(self, key: str, table: Mapping[str, Any], allowed: Iterable[str], *, hint: str | None = None) -> None:
+    def check_keys(
+        self, key: str, table: Mapping[str, Any], allowed: Iterable[str], *, hint: str | None = None
+    ) -> None:
         allowed = tuple(allowed)
         for name in table:
             if name in allowed:
@@ -706,7 +718,8 @@ class _Parser:
             self.check_keys("task", options, TASK_OPTIONS[task], hint=f"{task!r} takes no options")
         for key, value in options.items():
             if not _plain(value):
-                raise self.error(f"task.{key}", value, "a string, number, boolean, list or table", "It is stored as JSON.")
+                phrase = "a string, number, boolean, list or table"
+                raise self.error(f"task.{key}", value, phrase, "It is stored as JSON.")
             check = TASK_OPTIONS.get(task, {}).get(key)
             if check is not None and not check[0](value):
                 raise self.error(f"task.{key}", value, check[1])
@@ -731,7 +744,8 @@ class _Parser:
         regression = task == "tabular" and options.get("kind") == "regression"
         if metric is MISSING:
             # Accuracy where the task is known to classify; loss works for every kind.
-            classifies = task in TASK_FAMILY and (task != "tabular" or options.get("kind") in ("classification", "binary"))
+            kind = options.get("kind")
+            classifies = task in TASK_FAMILY and (task != "tabular" or kind in ("classification", "binary"))
             return "val_accuracy" if classifies else "val_loss"
         metric = self.enum("study.metric", metric, METRICS)
         if metric == "val_accuracy" and regression:
@@ -812,7 +826,8 @@ class _Parser:
             raise self.error(f"{key}.log", log, "true or false")
         step = raw.get("step")
         if low == high:
-            raise self.error(f"{key}.high", high, f"a number > low ({low})", "This is an empty range; to fix the value write it as a scalar.")
+            hint = "This is an empty range; to fix the value write it as a scalar."
+            raise self.error(f"{key}.high", high, f"a number > low ({low})", hint)
         if low > high:
             raise self.error(f"{key}.high", high, f"a number > low ({low})", "low must be below high.")
         if log and low <= 0:
@@ -823,7 +838,8 @@ class _Parser:
             if integer and not isinstance(step, int):
                 raise self.error(f"{key}.step", step, "an integer > 0", f"{name!r} takes whole numbers.")
             if log:
-                raise self.error(f"{key}.step", step, "absent when log = true", "Optuna cannot space a log range by a step.")
+                hint = "Optuna cannot space a log range by a step."
+                raise self.error(f"{key}.step", step, "absent when log = true", hint)
             n = (high - low) / step
             if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
                 raise self.error(
@@ -835,7 +851,9 @@ class _Parser:
 
     # -- [train], [model], [space] --------------------------------------------------------------
 
-    def space(self, task: str, data: Mapping[str, Any], sampler: str) -> tuple[dict[str, Dim], dict[str, dict[str, Dim]], str]:
+    def space(
+        self, task: str, data: Mapping[str, Any], sampler: str
+    ) -> tuple[dict[str, Dim], dict[str, dict[str, Dim]], str]:
         dims: dict[str, Dim] = {}
         where: dict[str, str] = {}
 
@@ -876,10 +894,8 @@ class _Parser:
         for name in OPTIMIZER_PARAMS:
             if name in dims and not any(name in ONE_SHOT_DEFAULTS[o] for o in optimizers):
                 users = [o for o in OPTIMIZERS if name in ONE_SHOT_DEFAULTS[o]]
-                raise self.error(
-                    where[name], dims[name].to_json(), f"absent: none of this spec's optimizers ({', '.join(optimizers)}) uses it",
-                    f"{name!r} applies to {', '.join(users)}.",
-                )
+                phrase = f"absent: none of this spec's optimizers ({', '.join(optimizers)}) uses it"
+                raise self.error(where[name], dims[name].to_json(), phrase, f"{name!r} applies to {', '.join(users)}.")
         overrides = self.overrides(space.get("optimizers", {}), optimizers)
         self.check_conditions(task, dims, where)
         if sampler == "grid":

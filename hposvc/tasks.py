@@ -122,12 +122,24 @@ class Task:
             y = y.to(y_dtype)
             if tuple(x.shape[1:]) != self.input_shape:
                 raise invalid(
-                    f"x_{split}", f"shape {tuple(x.shape)}", f"(N, {', '.join(map(str, self.input_shape))})", source=source
+                    f"x_{split}",
+                    f"shape {tuple(x.shape)}",
+                    f"(N, {', '.join(map(str, self.input_shape))})",
+                    source=source,
                 )
             if y.ndim != 1 or len(y) != len(x):
-                raise invalid(f"y_{split}", f"shape {tuple(y.shape)}", f"({len(x)},), one target per sample", source=source)
+                raise invalid(
+                    f"y_{split}", f"shape {tuple(y.shape)}", f"({len(x)},), one target per sample", source=source
+                )
             if len(x) == 0:
                 raise invalid(f"x_{split}", "an empty split", "at least one sample", source=source)
+            # Out-of-range labels would fail deep inside the loss (on CUDA as a device assert).
+            if self.kind == "multiclass" and not (0 <= int(y.min()) and int(y.max()) < self.n_outputs):
+                bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
+                allowed = f"class indices in 0..{self.n_outputs - 1}"
+                raise invalid(f"y_{split}", f"a label {bad}", allowed, source=source)
+            if self.kind == "binary" and not bool(((y == 0) | (y == 1)).all()):
+                raise invalid(f"y_{split}", "labels other than 0 and 1", "0/1 labels", source=source)
             object.__setattr__(self, f"x_{split}", x)
             object.__setattr__(self, f"y_{split}", y)
 
@@ -165,6 +177,10 @@ def load_task(name: str, *, seed: int = 0, options: Mapping[str, Any] | None = N
             key += (("\0mtime", os.stat(options["path"]).st_mtime_ns),)
         except OSError:
             pass
+    try:
+        hash(key)
+    except TypeError:  # an option value that cannot be a cache key: build afresh
+        return _build(name, seed, options)
     return _load_cached(name, seed, _Options(options, key))
 
 
@@ -194,7 +210,10 @@ class _Options:
 
 @functools.lru_cache(maxsize=32)
 def _load_cached(name: str, seed: int, opts: _Options) -> Task:
-    options = opts.options
+    return _build(name, seed, opts.options)
+
+
+def _build(name: str, seed: int, options: dict[str, Any]) -> Task:
     if isinstance(name, str) and ":" in name:
         return _from_factory(name, seed, options)
     if name not in TASKS:
@@ -202,8 +221,8 @@ def _load_cached(name: str, seed: int, opts: _Options) -> Task:
     allowed = _OPTIONS[name]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        what = ", ".join(repr(k) for k in allowed) if allowed else "none"
-        raise invalid(f"options.{unknown[0]}", options[unknown[0]], f"not set (options of {name!r}: {what})", source=f"task {name!r}")
+        hint = None if allowed else f"{name!r} takes no options."
+        raise invalid("options", unknown[0], list(allowed) or "empty", source=f"task {name!r}", hint=hint)
     options = {**allowed, **options}
     builder = {"digits": _digits, "mnist1d": _mnist1d, "moons": _moons, "spirals": _spirals, "tabular": _tabular}
     return builder[name](seed, **options)
@@ -356,14 +375,17 @@ def _tabular(seed: int, *, path: Any, target: Any, kind: Any) -> Task:
     try:
         frame = pd.read_csv(file) if suffix == ".csv" else pd.read_parquet(file)
     except (ValueError, OSError, ImportError) as e:
-        raise invalid("path", str(path), f"a readable {suffix[1:]} file", source=source, hint=f"pandas said: {e}") from e
+        allowed = f"a readable {suffix[1:]} file"
+        raise invalid("path", str(path), allowed, source=source, hint=f"pandas said: {e}") from e
     if target not in frame.columns:
-        raise invalid("target", target, [str(c) for c in frame.columns], source=source, hint=f"Those are the columns of {file.name}.")
+        columns = [str(c) for c in frame.columns]
+        raise invalid("target", target, columns, source=source, hint=f"Those are the columns of {file.name}.")
     if len(frame.columns) < 2:
         raise invalid("path", str(path), "a table with feature columns besides the target", source=source)
     target_col = frame[target]
     if target_col.isna().any():
-        raise invalid("target", target, "a column without missing values", source=source, hint=f"{int(target_col.isna().sum())} rows have none.")
+        hint = f"{int(target_col.isna().sum())} rows have none."
+        raise invalid("target", target, "a column without missing values", source=source, hint=hint)
     name = f"tabular:{file.name}"
 
     # 1) what is being predicted
@@ -376,20 +398,23 @@ def _tabular(seed: int, *, path: Any, target: Any, kind: Any) -> Task:
             kind = "binary"
     if kind == "regression":
         if not numeric:
-            raise invalid("kind", kind, "'classification' or 'binary'", source=source, hint=f"Column {target!r} is not numeric.")
+            hint = f"Column {target!r} is not numeric."
+            raise invalid("kind", kind, "'classification' or 'binary'", source=source, hint=hint)
         y = target_col.to_numpy(dtype=np.float64)
         classes: list[Any] = []
     else:
         classes = sorted(target_col.unique().tolist(), key=lambda v: (str(type(v)), v))
         if kind == "binary" and len(classes) != 2:
-            raise invalid("kind", kind, "'classification' or 'regression'", source=source, hint=f"Column {target!r} has {len(classes)} distinct values, not 2.")
+            hint = f"Column {target!r} has {len(classes)} distinct values, not 2."
+            raise invalid("kind", kind, "'classification' or 'regression'", source=source, hint=hint)
         if len(classes) < 2:
             raise invalid("target", target, "a column with at least two classes", source=source)
         y = target_col.map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)
 
     # 2) features: one-hot categoricals, the rest as numbers
     features = frame.drop(columns=[target])
-    categorical = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c]) or pd.api.types.is_bool_dtype(features[c])]
+    types = pd.api.types
+    categorical = [c for c in features if not types.is_numeric_dtype(features[c]) or types.is_bool_dtype(features[c])]
     # A missing category becomes an all-zero one-hot row, itself a distinct value.
     features = pd.get_dummies(features, columns=categorical, dtype=np.float64)
     x = features.to_numpy(dtype=np.float64)
@@ -417,14 +442,19 @@ def _from_factory(name: str, seed: int, options: dict[str, Any]) -> Task:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise invalid("task", name, "an importable 'module:function'", hint=f"Importing {module_name!r} failed: {e}") from e
+        hint = f"Importing {module_name!r} failed: {e}"
+        raise invalid("task", name, "an importable 'module:function'", hint=hint) from e
     fn = getattr(module, function_name, None)
     if not callable(fn):
-        raise invalid("task", name, "an importable 'module:function'", hint=f"Module {module_name!r} has no function {function_name!r}.")
+        hint = f"Module {module_name!r} has no function {function_name!r}."
+        raise invalid("task", name, "an importable 'module:function'", hint=hint)
     task = fn(seed=seed, **options)
     if not isinstance(task, Task):
         raise invalid(
-            "task", name, "a factory returning hposvc.tasks.Task", hint=f"{name}(seed={seed}) returned {type(task).__name__}."
+            "task",
+            name,
+            "a factory returning hposvc.tasks.Task",
+            hint=f"{name}(seed={seed}) returned {type(task).__name__}.",
         )
     # Stored studies key their results on the name the user asked for.
     return task if task.name == name else replace(task, name=name)

@@ -91,6 +91,8 @@ class Tracker:
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
         self._offline_until = 0.0
+        # MLflow prints run URLs to stdout (and fetches the run to do it); stdout is for data.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         if _is_http(tracking_uri):
             # MLflow's default HTTP retry policy waits minutes; a trial should not.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

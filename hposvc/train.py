@@ -243,5 +243,6 @@ def _divergence(step_losses: list[float], first_loss: float, epoch: int) -> str 
         if not math.isfinite(value):
             return f"diverged: loss is {value} at epoch {epoch} step {i}"
         if value > bound:
-            return f"diverged: loss {value:.3g} exceeds {bound:.3g} ({EXPLOSION_FACTOR:g} × max(first loss, 1)) at epoch {epoch} step {i}"
+            limit = f"{bound:.3g} ({EXPLOSION_FACTOR:g} × max(first loss, 1))"
+            return f"diverged: loss {value:.3g} exceeds {limit} at epoch {epoch} step {i}"
     return None

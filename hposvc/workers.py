@@ -62,11 +62,15 @@ def run_parallel(
     from hposvc.devices import plan_slots, slot_env
     from hposvc.results import best_trial
     from hposvc.study import _Progress
+    from hposvc.tracking import Tracker
 
     url = resolve_storage_url(storage, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
     slots = plan_slots(devices, trials_per_device=trials_per_device, workers=workers)
     study = prepare_study(spec, storage=url, warm_start=warm_start)
+    # Create the tracking store, experiment and parent run here, once: workers starting
+    # together would otherwise race to create the embedded store's tables.
+    Tracker(uri, study=study.study_name, data_dir=data_dir, tags={"hposvc.spec_hash": spec.spec_hash, "hposvc.task": spec.task_key}).start_study(spec=spec.to_dict())
     before = sum(_counts(study).get(s, 0) for s in DONE_STATES)
 
     procs: list[subprocess.Popen[bytes]] = []
@@ -86,7 +90,7 @@ def run_parallel(
             env: Mapping[str, str] = {**os.environ, **slot_env(slot)}
             # Own process group: a terminal's Ctrl-C reaches the coordinator only, which
             # forwards it once, so a worker never sees the signal twice.
-            procs.append(subprocess.Popen(worker_command(study.study_name, storage=url, tracking_uri=uri, data_dir=data_dir, slot=slot), env=dict(env), start_new_session=True))
+            procs.append(subprocess.Popen(worker_command(study.study_name, storage=url, tracking_uri=uri, data_dir=data_dir, slot=slot), env=dict(env), start_new_session=True, stdout=subprocess.DEVNULL))
         with _Progress(study, spec.n_trials, enabled=progress) as bar:
             deadline = None
             while any(p.poll() is None for p in procs):

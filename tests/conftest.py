@@ -9,15 +9,16 @@ Environment variables read:
     HPOSVC_TEST_PG_BIN         PostgreSQL's bin dir (pg_ctl), for ``pg_server.restart()``
     HPOSVC_TEST_PG_DATA        the cluster's data directory
 Set for the whole session (and inherited by every subprocess a test starts):
-    OMP_NUM_THREADS=MKL_NUM_THREADS=1, MPLBACKEND=Agg, MLFLOW_DISABLE_TELEMETRY=true, and
-    short MLflow HTTP retries/timeouts so an MLflow outage shows within a few seconds.
+    OMP_NUM_THREADS=MKL_NUM_THREADS=1, MPLBACKEND=Agg, MLFLOW_DISABLE_TELEMETRY=true,
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false, NO_PROXY+=127.0.0.1,localhost, and short MLflow
+    HTTP retries/timeouts (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, _BACKOFF_FACTOR=1,
+    _TIMEOUT=10) so an MLflow outage shows within a few seconds.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -45,7 +46,10 @@ os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0.5"
 os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
-# 3) Loopback servers must never be reached through a proxy from the environment.
+# 3) Any `mlflow server`/`mlflow ui` a test starts: no GenAI job runner, which would start
+#    eight more Python processes per server (seconds of CPU on two cores, for nothing here).
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+# 4) Loopback servers must never be reached through a proxy from the environment.
 _no_proxy = [p for p in os.environ.get("NO_PROXY", "").split(",") if p]
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join([*_no_proxy, "127.0.0.1", "localhost"])
 
@@ -122,7 +126,7 @@ def _pg_connect(url: str, *, dbname: str | None = None, attempts: int = 20):
         except psycopg.OperationalError as e:  # the server may be restarting
             last = e
             time.sleep(0.5)
-    raise RuntimeError(f"cannot connect to PostgreSQL at {parsed.render_as_string()}: {last}") from last
+    raise RuntimeError(f"cannot connect to PostgreSQL at {parsed.render_as_string()}: {last}. {_RUN_CI}") from last
 
 
 @pytest.fixture
@@ -296,28 +300,13 @@ class MlflowServer:
             return "(no log)"
 
 
-@pytest.fixture(scope="session")
-def _mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, fully migrated MLflow database made once; each server starts from a copy.
-
-    A fresh SQLite store runs MLflow's schema migrations at start-up, which costs seconds
-    on two cores; copying an already migrated file does not.
-    """
-    server = MlflowServer(root=tmp_path_factory.mktemp("mlflow-template"))
-    server.start()
-    server.stop()
-    return server.root / "mlflow.db"
-
-
 @pytest.fixture
-def mlflow_server(tmp_path: Path, _mlflow_template_db: Path) -> Iterator[MlflowServer]:
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
     """A running ``mlflow server`` for this test alone: ``.uri``, ``.stop()``, ``.start()``.
 
     Backend store: SQLite in tmp_path; artifacts served by the server from tmp_path.
     """
     server = MlflowServer(root=tmp_path / "mlflow-server")
-    server.root.mkdir(parents=True)
-    shutil.copy(_mlflow_template_db, server.root / "mlflow.db")
     server.start()
     try:
         yield server

@@ -221,6 +221,19 @@ def test_grid_search_space_and_grid_sampler_cover_the_grid() -> None:
         grid_search_space(parse_spec({"study": {"name": "s", "task": "digits"}, "space": {"lr": {"low": 0.1, "high": 0.3}}}))
 
 
+def test_grid_sampler_works_with_ask_and_tell() -> None:
+    spec = parse_spec({"study": {"name": "g", "task": "digits", "sampler": "grid"}, "space": {"optimizer": ["sgd", "adam"]}})
+    sampler = build_sampler(spec)
+    study = optuna.create_study(sampler=sampler, direction=spec.direction)
+    seen = []
+    while not sampler.is_exhausted(study):
+        trial = study.ask()
+        seen.append(suggest_config(trial, spec).optimizer)
+        study.tell(trial, 1.0)  # Optuna's own GridSampler raises here once the grid is done
+    assert sorted(seen) == ["adam", "sgd"]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
 def _objective(trial: optuna.trial.Trial, spec: StudySpec) -> float:
     """A stand-in for training: a smooth function of the config, reported per epoch."""
     config = suggest_config(trial, spec)

@@ -13,7 +13,7 @@ import torch
 
 from hposvc.config import TASK_MODEL_DEFAULTS, TASKS
 from hposvc.errors import InvalidInputError
-from hposvc.tasks import Task, _load_cached, load_task
+from hposvc.tasks import Task, _load_cached, _mnist1d_arrays, load_task
 
 
 def splits(task: Task):
@@ -60,6 +60,7 @@ def test_mnist1d_is_generated_locally_keeps_its_test_split_and_the_callers_rng()
     from mnist1d.data import get_dataset_args, make_dataset
 
     _load_cached.cache_clear()
+    _mnist1d_arrays.cache_clear()  # so make_dataset really runs here
     random.seed(123)
     np.random.seed(123)
     expected_py, expected_np = random.random(), np.random.random()
@@ -111,8 +112,11 @@ def test_unknown_task_lists_the_builtins():
 
 
 def test_unknown_option_names_the_allowed_ones():
-    with pytest.raises(InvalidInputError, match=r"options of 'moons': 'n_samples', 'noise'\)\. Got 3 instead"):
+    with pytest.raises(InvalidInputError) as e:
         load_task("moons", options={"arms": 3})
+    assert str(e.value) == "task 'moons': the 'options' parameter must be one of 'n_samples', 'noise'. Got 'arms' instead."
+    with pytest.raises(InvalidInputError, match="must be empty. Got 'noise' instead. 'digits' takes no options."):
+        load_task("digits", options={"noise": 0.1})
     with pytest.raises(InvalidInputError, match=r"'options.noise' parameter must be a number >= 0. Got -1"):
         load_task("moons", options={"noise": -1})
 
@@ -242,6 +246,8 @@ def test_user_factory_is_called_with_seed_and_options(factory_module):
     assert again is task
     other_seed = load_task(f"{factory_module}:make", seed=8, options={"n": 30, "sizes": [2, 4]})
     assert not torch.equal(task.x_train, other_seed.x_train)
+    unhashable = load_task(f"{factory_module}:make", seed=7, options={"n": 30, "sizes": np.array([2, 4])})
+    assert unhashable is not task and torch.equal(unhashable.x_train, task.x_train)  # built, not cached
 
 
 def test_user_factory_errors(factory_module):
@@ -261,5 +267,7 @@ def test_task_checks_what_a_factory_builds():
         Task("t", "multiclass", "mlp", (3,), 2, x, y, x, y.float(), x, y)
     with pytest.raises(InvalidInputError, match="'kind' parameter must be one of 'multiclass', 'binary', 'regression'"):
         Task("t", "ranking", "mlp", (3,), 1, x, y, x, y, x, y)
+    with pytest.raises(InvalidInputError, match=r"'y_test' parameter must be class indices in 0..1. Got 'a label 2'"):
+        Task("t", "multiclass", "mlp", (3,), 2, x, y, x, y, x, y + 1)
     binary = Task("t", "binary", "mlp", (3,), 1, x.numpy(), y.numpy(), x, y, x, y)  # NumPy accepted
     assert binary.y_train.dtype == torch.float32 and binary.x_train.dtype == torch.float32

@@ -130,6 +130,11 @@ class PopulationModel:
         return int(self.flat.shape[0])
 
     @property
+    def n_params(self) -> int:
+        """Trainable parameters of one member (what ``count_parameters`` gives for it)."""
+        return int(self.flat.shape[1])
+
+    @property
     def device(self) -> torch.device:
         return self.flat.device
 

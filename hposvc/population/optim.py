@@ -106,6 +106,9 @@ class BatchedOptimizer:
         ]
         self.steps = torch.zeros(m, dtype=torch.float64, device=device)  # updates applied so far
         self.mu_product = torch.ones(m, dtype=torch.float64, device=device)  # NAdam's Π μ_t
+        # Weight decay 0 for everyone: skip the pass (adding 0·p is exact but not free).
+        self._any_decay = bool((self.hparams["weight_decay"] != 0).any())
+        self._work: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def n_members(self) -> int:
@@ -123,24 +126,43 @@ class BatchedOptimizer:
         self.state = [{k: v.index_select(0, index) for k, v in s.items()} for s in self.state]
         self.steps = self.steps.index_select(0, index)
         self.mu_product = self.mu_product.index_select(0, index)
+        self._any_decay = bool((self.hparams["weight_decay"] != 0).any())
+        self._work = None
 
     @torch.no_grad()
     def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], *, lr_scale: Tensor | None = None) -> None:
         """Apply one update to every member in place.
 
         ``lr_scale`` is each member's schedule multiplier for this step (shape (M,), the
-        :func:`hposvc.optim.lr_factor` value); ``None`` means 1.
+        :func:`hposvc.optim.lr_factor` value); ``None`` means 1. ``grads`` are used as
+        scratch space and hold garbage afterwards: no step allocates a parameter-sized
+        tensor, which on the CPU is what keeps a large population fast (fresh big
+        allocations are page-faulted in on every step).
         """
         if len(params) != len(self.state) or len(grads) != len(self.state):
             raise invalid("params", len(params), f"{len(self.state)} tensors, as given to the constructor")
         self.steps += 1
         coef = self._coefficients(self.lr(lr_scale))
-        update = getattr(self, f"_{self.kind if self.kind not in ('momentum', 'nesterov') else 'sgd'}")
-        for p, g, state in zip(params, grads, self.state):
-            shape = (p.shape[0],) + (1,) * (p.dim() - 1)
-            # Cast once per tensor: the update itself runs in the parameter dtype.
-            c = {k: v.to(p.dtype).view(shape) for k, v in coef.items()}
-            update(p, g, state, c)
+        names = list(coef)
+        # One stack and one cast for all per-member scalars, then cheap views per tensor.
+        table = torch.stack([coef[k] for k in names])
+        casts: dict[tuple[torch.dtype, int], dict[str, Tensor]] = {}
+        for p, g, state, scratch in zip(params, grads, self.state, self._scratch(params)):
+            key = (p.dtype, p.dim())
+            if key not in casts:
+                cast = table.to(p.dtype)
+                shape = (cast.shape[1],) + (1,) * (p.dim() - 1)
+                casts[key] = {k: cast[j].view(shape) for j, k in enumerate(names)}
+            self._update(p, g, state, casts[key], scratch)
+
+    def _scratch(self, params: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Two parameter-sized work buffers per tensor, allocated once (and after keep)."""
+        if self._work is None or any(
+            w[0].shape != p.shape or w[0].dtype != p.dtype or w[0].device != p.device
+            for w, p in zip(self._work, params)
+        ):
+            self._work = [(torch.empty_like(p), torch.empty_like(p)) for p in params]
+        return self._work
 
     # -- per-member scalars ----------------------------------------------------------
 
@@ -153,81 +175,74 @@ class BatchedOptimizer:
         if "eps" in h:
             c["eps"] = h["eps"]
         if "rho" in h:
-            c["rho"] = h["rho"]
             c["one_minus_rho"] = 1.0 - h["rho"]
+        if "beta1" in h:
+            c["one_minus_b1"], c["one_minus_b2"] = 1.0 - h["beta1"], 1.0 - h["beta2"]
         if self.kind in ("adam", "adamw"):
-            b1, b2 = h["beta1"], h["beta2"]
-            c["one_minus_b1"], c["b2"], c["one_minus_b2"] = 1.0 - b1, b2, 1.0 - b2
-            c["neg_step_size"] = -lr / (1.0 - b1**step)
-            c["bc2_sqrt"] = (1.0 - b2**step).sqrt()
-            if self.kind == "adamw":
-                c["decay"] = 1.0 - lr * h["weight_decay"]
+            c["neg_step_size"] = -lr / (1.0 - h["beta1"] ** step)
+            c["bc2_sqrt"] = (1.0 - h["beta2"] ** step).sqrt()
+            c["decay"] = 1.0 - lr * h["weight_decay"]  # AdamW's decoupled shrink
         if self.kind == "nadam":
-            b1, b2 = h["beta1"], h["beta2"]
+            b1 = h["beta1"]
             mu = b1 * (1.0 - 0.5 * 0.96 ** (step * NADAM_MOMENTUM_DECAY))
             mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * NADAM_MOMENTUM_DECAY))
             self.mu_product *= mu
-            c["one_minus_b1"], c["b2"], c["one_minus_b2"] = 1.0 - b1, b2, 1.0 - b2
-            c["bc2"] = 1.0 - b2**step
+            c["bc2"] = 1.0 - h["beta2"] ** step
             c["grad_coef"] = -lr * (1.0 - mu) / (1.0 - self.mu_product)
             c["avg_coef"] = -lr * mu_next / (1.0 - self.mu_product * mu_next)
         return c
 
-    # -- the rules (torch/optim/<name>.py, _single_tensor_<name>) ----------------------
+    # -- the rules (torch/optim/<name>.py, _single_tensor_<name>), written in place ------
+    #
+    # ``a.lerp_(b, w)`` stands for torch's ``a.mul_(1 - w).add_(b, alpha=w)`` (EMA
+    # updates); it is one pass instead of two and differs only in the last bit.
 
-    @staticmethod
-    def _coupled(p: Tensor, g: Tensor, c: dict[str, Tensor]) -> Tensor:
-        # L2 weight decay folded into the gradient; wd 0 leaves g unchanged (finite p).
-        return g.addcmul(p, c["wd"])
+    def _update(self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor], work: tuple[Tensor, Tensor]) -> None:
+        kind, tmp, tmp2 = self.kind, work[0], work[1]
+        if kind == "adamw":
+            if self._any_decay:
+                p.mul_(c["decay"])  # decoupled: shrink the weights, leave the gradient alone
+        elif self._any_decay:
+            g.addcmul_(p, c["wd"])  # L2 folded into the gradient (coupled)
 
-    def _sgd(self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor]) -> None:
-        g = self._coupled(p, g, c)
-        if self.kind != "sgd":
-            buf = s["momentum_buffer"]
-            buf.mul_(c["mu"]).add_(g)
-            g = g.addcmul(buf, c["mu"]) if self.kind == "nesterov" else buf
-        p.addcmul_(g, c["neg_lr"])
-
-    def _adagrad(self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor]) -> None:
-        g = self._coupled(p, g, c)
-        s["sum"].addcmul_(g, g)
-        std = s["sum"].sqrt().add_(c["eps"])
-        p.addcmul_(g.div_(std), c["neg_lr"])
-
-    def _adadelta(self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor]) -> None:
-        g = self._coupled(p, g, c)
-        sq, acc = s["square_avg"], s["acc_delta"]
-        sq.mul_(c["rho"]).addcmul_(g * g, c["one_minus_rho"])
-        std = sq.add(c["eps"]).sqrt_()
-        delta = acc.add(c["eps"]).sqrt_().div_(std).mul_(g)
-        acc.mul_(c["rho"]).addcmul_(delta * delta, c["one_minus_rho"])
-        p.addcmul_(delta, c["neg_lr"])
-
-    def _rmsprop(self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor]) -> None:
-        g = self._coupled(p, g, c)
-        sq = s["square_avg"]
-        sq.mul_(c["rho"]).addcmul_(g * g, c["one_minus_rho"])
-        avg = sq.sqrt().add_(c["eps"])
-        p.addcmul_(g.div(avg), c["neg_lr"])
-
-    def _adam(self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor]) -> None:
-        if self.kind == "adamw":
-            p.mul_(c["decay"])  # decoupled: shrink the weights, leave the gradient alone
-        else:
-            g = self._coupled(p, g, c)
-        m, v = s["exp_avg"], s["exp_avg_sq"]
-        m.lerp_(g, c["one_minus_b1"])
-        v.mul_(c["b2"]).addcmul_(g * g, c["one_minus_b2"])
-        denom = v.sqrt().div_(c["bc2_sqrt"]).add_(c["eps"])
-        p.addcmul_(m.div(denom), c["neg_step_size"])
-
-    _adamw = _adam
-
-    def _nadam(self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor]) -> None:
-        g = self._coupled(p, g, c)
-        m, v = s["exp_avg"], s["exp_avg_sq"]
-        m.lerp_(g, c["one_minus_b1"])
-        v.mul_(c["b2"]).addcmul_(g * g, c["one_minus_b2"])
-        denom = v.div(c["bc2"]).sqrt_().add_(c["eps"])
-        p.addcmul_(g.div(denom), c["grad_coef"])
-        p.addcmul_(m.div(denom), c["avg_coef"])
+        if kind in ("sgd", "momentum", "nesterov"):
+            if kind != "sgd":
+                buf = s["momentum_buffer"]
+                buf.mul_(c["mu"]).add_(g)  # μ·buf + g (dampening 0), in torch's order: exact
+                if kind == "nesterov":
+                    g.addcmul_(buf, c["mu"])  # look ahead: g + μ·buf
+                else:
+                    g = buf
+            p.addcmul_(g, c["neg_lr"])
+        elif kind == "adagrad":
+            s["sum"].addcmul_(g, g)
+            torch.sqrt(s["sum"], out=tmp).add_(c["eps"])
+            p.addcmul_(g.div_(tmp), c["neg_lr"])
+        elif kind == "adadelta":
+            sq, acc = s["square_avg"], s["acc_delta"]
+            sq.lerp_(torch.mul(g, g, out=tmp), c["one_minus_rho"])
+            std = torch.add(sq, c["eps"], out=tmp).sqrt_()
+            delta = torch.add(acc, c["eps"], out=tmp2).sqrt_().div_(std).mul_(g)
+            acc.lerp_(torch.mul(delta, delta, out=tmp), c["one_minus_rho"])
+            p.addcmul_(delta, c["neg_lr"])
+        elif kind == "rmsprop":
+            sq = s["square_avg"]
+            sq.lerp_(torch.mul(g, g, out=tmp), c["one_minus_rho"])
+            torch.sqrt(sq, out=tmp).add_(c["eps"])
+            p.addcmul_(g.div_(tmp), c["neg_lr"])
+        elif kind in ("adam", "adamw"):
+            m, v = s["exp_avg"], s["exp_avg_sq"]
+            m.lerp_(g, c["one_minus_b1"])
+            v.lerp_(torch.mul(g, g, out=tmp), c["one_minus_b2"])
+            torch.sqrt(v, out=tmp)
+            torch.addcdiv(c["eps"], tmp, c["bc2_sqrt"], out=tmp)  # √v / √(1-β2^t) + ε
+            p.addcmul_(torch.div(m, tmp, out=tmp), c["neg_step_size"])
+        elif kind == "nadam":
+            m, v = s["exp_avg"], s["exp_avg_sq"]
+            m.lerp_(g, c["one_minus_b1"])
+            v.lerp_(torch.mul(g, g, out=tmp), c["one_minus_b2"])
+            torch.div(v, c["bc2"], out=tmp).sqrt_().add_(c["eps"])
+            p.addcmul_(g.div_(tmp), c["grad_coef"])
+            p.addcmul_(torch.div(m, tmp, out=tmp2), c["avg_coef"])
+        else:  # STATE_BUFFERS lists every rule; reaching here means a new one without code
+            raise NotImplementedError(f"no batched update for optimizer {kind!r}")

@@ -40,14 +40,15 @@ from torch import Tensor
 from hposvc.config import TrialConfig
 from hposvc.devices import resolve_device
 from hposvc.errors import TrainingError, invalid
-from hposvc.nn import count_parameters
 from hposvc.optim import lr_factor
 from hposvc.population.model import PopulationModel
 from hposvc.population.optim import BatchedOptimizer
 from hposvc.tasks import Task
-from hposvc.train import EVAL_CHUNK, EpochMetrics, TrainResult, _divergence, _evaluate, _loss, seed_everything
+from hposvc.train import EVAL_CHUNK, EpochMetrics, TrainResult, _divergence, _loss, seed_everything
 
 __all__ = ["group_configs", "population_key", "train_population"]
+
+EVAL_MIN_CHUNK = 256  # smallest evaluation chunk, however large the population
 
 # What must be equal for trials to share a population, and why (see population_key).
 KEY_FIELDS = (
@@ -155,9 +156,10 @@ def _train_population(
     shape = configs[0]  # the structure every member shares
     # 1) build each member as train() does (seed, build on the CPU), stack, move once
     model = PopulationModel.build(task, configs, device=dev, seed_fn=seed_everything)
-    n_params = count_parameters(model.member_module(0))
+    n_params = model.n_params
     x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
     x_val, y_val = task.x_val.to(dev), task.y_val.to(dev)
+    x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
     shuffles = [torch.Generator().manual_seed(c.seed) for c in configs]  # one per member, as train()
     shared_order = len({c.seed for c in configs}) == 1
 
@@ -224,20 +226,23 @@ def _train_population(
             gone = {slot for slot, _, _ in leaving}
             leaving += [(slot, "completed", None) for slot in range(len(alive)) if slot not in gone]
 
-        # 5) final metrics of leaving members, then drop them from the population
+        # 5) final metrics of leaving members (weights unchanged since this epoch's
+        # validation, so its numbers are the final val_*), then drop them
+        if leaving:
+            test_losses, test_accs = _evaluate_population(model, task.kind, x_test, y_test)
         for slot, status, reason in leaving:
             i = alive[slot]
-            member = model.member_module(slot)
-            final = _final_metrics(member, task, dev, x_val, y_val)
+            final = {"val_loss": val_losses[slot], "val_accuracy": val_accs[slot]}
+            final.update(test_loss=test_losses[slot], test_accuracy=test_accs[slot])
             results[i] = TrainResult(
                 status=status,
                 reason=reason,
                 history=tuple(histories[i]),
-                final=final,
+                final={k: v for k, v in final.items() if v is not None},  # no accuracy for regression
                 wall_time=time.perf_counter() - t0,
                 device=str(dev),
                 n_params=n_params,
-                model=member if keep_model else None,
+                model=model.member_module(slot) if keep_model else None,
             )
         if leaving and epoch < shape.epochs:
             gone = {slot for slot, _, _ in leaving}
@@ -253,27 +258,19 @@ def _train_population(
     return [r for r in results if r is not None]
 
 
-def _final_metrics(member: torch.nn.Module, task: Task, dev: torch.device, x_val: Tensor, y_val: Tensor) -> dict[str, float]:
-    """val/test loss and accuracy of one member as an ordinary module: train()'s own code."""
-    final: dict[str, float] = {}
-    for split, x, y in (("val", x_val, y_val), ("test", task.x_test.to(dev), task.y_test.to(dev))):
-        loss, acc = _evaluate(member, task.kind, x, y)
-        final[f"{split}_loss"] = loss
-        if acc is not None:
-            final[f"{split}_accuracy"] = acc
-    return final
-
-
 @torch.no_grad()
 def _evaluate_population(model: PopulationModel, kind: str, x: Tensor, y: Tensor) -> tuple[list[float], list[float | None]]:
     """Each member's mean loss and accuracy (None for regression) in eval mode: the
     batched form of :func:`hposvc.train._evaluate`, with one device sync."""
     model.eval()
     m = model.n_members
+    # train()'s chunk holds one model's activations; M members hold M times as much, so
+    # the chunk shrinks with M (which also keeps a CPU evaluation in cache).
+    chunk = max(EVAL_MIN_CHUNK, EVAL_CHUNK // m)
     loss_sum = torch.zeros(m, device=x.device)
     correct = torch.zeros(m, device=x.device)
-    for start in range(0, len(x), EVAL_CHUNK):
-        out, target = model(x[start : start + EVAL_CHUNK]), y[start : start + EVAL_CHUNK]
+    for start in range(0, len(x), chunk):
+        out, target = model(x[start : start + chunk]), y[start : start + chunk]
         expanded = target.expand(m, len(target))
         loss_sum += _loss(kind, out.flatten(0, 1), expanded.flatten(), reduction="none").view(m, -1).sum(dim=1)
         if kind == "multiclass":

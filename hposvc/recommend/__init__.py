@@ -50,6 +50,7 @@ from hposvc.recommend._store import (
     set_mlflow_run_id,
 )
 from hposvc.recommend._tracking import EXPERIMENT, default_tracking_uri, log_recommendation, write_plots
+from hposvc.recommend._warm import warm_start_configs
 
 __all__ = [
     "ACTIVATION_FAMILIES",
@@ -74,6 +75,7 @@ __all__ = [
     "recommend_from_frame",
     "recommendation_history",
     "save_recommendation",
+    "warm_start_configs",
     "write_plots",
 ]
 

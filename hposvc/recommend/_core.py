@@ -39,9 +39,11 @@ DEFAULT_BUDGET = 10
 # Optimizer hyper-parameters whose medians are taken in log space (they are searched on a
 # log scale, so the geometric middle is the typical value).
 LOG_PARAMS = ("lr", "eps")
-# Decay rates close to 1 are rounded on 1 − x (0.9995 stays 0.9995, never becomes 1.0).
+# Decay rates close to 1 are rounded on 1 − x, to 2 significant digits (0.99937 becomes
+# 0.9994 and 0.9011 becomes 0.901, never 1.0); everything else to 3 significant digits.
 DECAY_PARAMS = ("momentum", "beta1", "beta2", "rho")
 SIGNIFICANT_DIGITS = 3
+DECAY_DIGITS = 2
 # Activation families for `by="activation"`: pooling similar activations keeps enough
 # trials per context to rank optimizers at all.
 ACTIVATION_FAMILIES: dict[str, str] = {
@@ -218,6 +220,8 @@ def _prepare(df: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise invalid("df", f"a frame with columns {list(df.columns)}", f"a frame with columns {missing}")
     f = df.copy()
+    # pandas deep-copies attrs on every operation; the bookkeeping in them is not needed here.
+    f.attrs = {}
     f = f[f["optimizer"].notna()]
     if "direction" not in f.columns:
         f["direction"] = "maximize"
@@ -290,14 +294,25 @@ def _analyse(
     col = {o: j for j, o in enumerate(optimizers)}
     counts = np.zeros((len(units), S), dtype=int)
     values: dict[tuple[int, int], np.ndarray] = {}
-    unit_meta: dict[str, tuple[str, float, str]] = {}
-    for (unit, opt), g in f.groupby(["unit", "optimizer"], sort=False):
-        i, j = units.index(unit), col[opt]
-        counts[i, j] = len(g)
-        values[i, j] = np.sort(g["score"].to_numpy())
-    for unit, g in f.groupby("unit", sort=False):
-        # (metric, cost offset a with cost = a − score, sign metric = sign·score)
-        unit_meta[unit] = (str(g["metric"].iloc[0]), float((g["cost"] + g["score"]).median()), float(g["sign"].iloc[0]))
+    # Group with numpy (one sort) rather than pandas groupby: hundreds of tiny groups.
+    ui = pd.Categorical(f["unit"], categories=units).codes
+    oi = f["optimizer"].map(col).to_numpy()
+    key = ui.astype(np.int64) * S + oi
+    score = f["score"].to_numpy(dtype=float)
+    order = np.lexsort((score, key))
+    keys, starts, sizes = np.unique(key[order], return_index=True, return_counts=True)
+    sorted_scores = score[order]
+    for k, a, m in zip(keys, starts, sizes):
+        i, j = divmod(int(k), S)
+        counts[i, j] = m
+        values[i, j] = sorted_scores[a : a + m]
+    # Per unit: (metric, cost offset a with cost = a − score, sign with metric = sign·score)
+    meta = f.assign(offset=f["cost"] + f["score"]).groupby("unit", sort=False).agg(
+        metric=("metric", "first"), offset=("offset", "median"), sign=("sign", "first")
+    )
+    unit_meta: dict[str, tuple[str, float, float]] = {
+        u: (str(r.metric), float(r.offset), float(r.sign)) for u, r in meta.iterrows()
+    }
     sufficient = counts >= min_trials
 
     # 1) budget score per task and optimizer
@@ -349,7 +364,10 @@ def _analyse(
             "extrapolated_tasks": extrapolated,
         }
     )
-    table["status"] = np.where(table["n_tasks"] > 0, "ok", "insufficient data")
+    # "no comparison": enough trials somewhere, but on no task with a second optimizer.
+    table["status"] = np.where(
+        table["n_tasks"] > 0, "ok", np.where(sufficient.any(axis=0), "no comparison", "insufficient data")
+    )
     table = table.sort_values(["score", "p_best"], ascending=False, na_position="last", kind="stable")
     table = table.reset_index(drop=True)
 
@@ -431,7 +449,7 @@ def _bootstrap(
 
 def _summarise_boot(boot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     B, S = boot.shape
-    if B == 0:
+    if B == 0 or S == 0:
         nan = np.full(S, np.nan)
         return nan, nan, nan
     filled = np.where(np.isnan(boot), -np.inf, boot)
@@ -456,8 +474,22 @@ def _round(name: str, x: float) -> float:
     if not math.isfinite(x) or x == 0:
         return float(x)
     if name in DECAY_PARAMS and 0 < x < 1:
-        return float(f"{1.0 - float(f'{1.0 - x:.{SIGNIFICANT_DIGITS}g}'):.12g}")
+        return float(f"{1.0 - float(f'{1.0 - x:.{DECAY_DIGITS}g}'):.12g}")
     return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
+
+
+def _top_quartile(f: pd.DataFrame, min_trials: int) -> pd.DataFrame:
+    """The best quarter (at least one) of each task/optimizer group with enough trials."""
+    grouped = f.groupby(["unit", "optimizer"], sort=False)["score"]
+    size = grouped.transform("size")
+    place = grouped.rank(ascending=False, method="first")
+    return f[(size >= min_trials) & (place <= np.maximum(1, np.ceil(size / 4)))]
+
+
+def top_trials(df: pd.DataFrame, *, min_trials: int = 3) -> pd.DataFrame:
+    """The trials the recommended numbers are the medians of: per task and optimizer with
+    at least ``min_trials`` trials, the best quarter (at least one)."""
+    return _top_quartile(_prepare(df), min_trials)
 
 
 def _numbers(f: pd.DataFrame, optimizers: list[str], min_trials: int) -> dict[str, dict[str, Any]]:
@@ -470,19 +502,9 @@ def _numbers(f: pd.DataFrame, optimizers: list[str], min_trials: int) -> dict[st
     the searched range, and log-space medians for lr and eps respect how they are searched.
     The schedule is the most common one among those trials.
     """
-    out: dict[str, dict[str, Any]] = {}
-    for opt in optimizers:
-        g_opt = f[f["optimizer"] == opt]
-        tops = []
-        for _, g in g_opt.groupby("unit", sort=False):
-            if len(g) < min_trials:
-                continue
-            tops.append(g.nlargest(max(1, math.ceil(len(g) / 4)), "score"))
-        if not tops:
-            out[opt] = {}
-            continue
-        top = pd.concat(tops)
-        params = list(ONE_SHOT_DEFAULTS.get(opt, OPTIMIZER_PARAMS))
+    out: dict[str, dict[str, Any]] = {opt: {} for opt in optimizers}
+    for opt, top in _top_quartile(f, min_trials).groupby("optimizer", sort=False):
+        params = list(ONE_SHOT_DEFAULTS.get(str(opt), OPTIMIZER_PARAMS))
         numbers: dict[str, Any] = {}
         for p in params:
             if p not in top.columns:
@@ -504,7 +526,7 @@ def _numbers(f: pd.DataFrame, optimizers: list[str], min_trials: int) -> dict[st
                 if len(w):
                     numbers["warmup"] = _round("warmup", float(np.median(w)))
         numbers["n_top_trials"] = int(len(top))
-        out[opt] = numbers
+        out[str(opt)] = numbers
     return out
 
 
@@ -546,14 +568,19 @@ def _summary(
     min_trials: int,
     reference: str | None,
 ) -> str:
-    insufficient = table.loc[table["status"] != "ok", "optimizer"].tolist()
+    insufficient = table.loc[table["status"] == "insufficient data", "optimizer"].tolist()
     if best is None:
+        if table.empty:
+            return "No recommendation: the selection has no finished trials."
         text = (
             f"No recommendation: insufficient data (no task has at least two optimizers with "
             f">= {min_trials} finished trials"
             + (f", including the reference {reference!r}" if reference else "")
             + ")."
         )
+        alone = table.loc[table["status"] == "no comparison", "optimizer"].tolist()
+        if alone:
+            text += f" Enough trials but nothing to compare with on the same task: {', '.join(alone)}."
         return text
     row = table.iloc[0]
     nums = ", ".join(f"{k}={_fmt_number(v)}" for k, v in numbers.get(best, {}).items() if k != "n_top_trials")
@@ -698,26 +725,24 @@ def recommend_from_frame(
 
 
 def _budget_curves(f: pd.DataFrame, min_trials: int) -> pd.DataFrame:
-    parts = []
-    for (unit, opt), g in f.groupby(["unit", "optimizer"], sort=True):
-        if len(g) < min_trials:
-            continue
-        curve = _stats.expected_max_curve(g["score"].to_numpy()) * float(g["sign"].iloc[0])
-        parts.append(
-            pd.DataFrame(
-                {
-                    "task": unit,
-                    "optimizer": opt,
-                    "metric": str(g["metric"].iloc[0]),
-                    "direction": "maximize" if g["sign"].iloc[0] > 0 else "minimize",
-                    "n": np.arange(1, curve.size + 1),
-                    "expected_best": curve,
-                }
-            )
-        )
-    if not parts:
-        return pd.DataFrame(columns=["task", "optimizer", "metric", "direction", "n", "expected_best"])
-    return pd.concat(parts, ignore_index=True)
+    columns = ["task", "optimizer", "metric", "direction", "n", "expected_best"]
+    sizes = f.groupby(["unit", "optimizer"], sort=True).size()
+    sizes = sizes[sizes >= min_trials]
+    if sizes.empty:
+        return pd.DataFrame(columns=columns)
+    meta = f.groupby("unit", sort=False).agg(metric=("metric", "first"), sign=("sign", "first"))
+    g = f.set_index(["unit", "optimizer"]).sort_index()["score"]
+    parts: dict[str, list] = {c: [] for c in columns}
+    for (unit, opt), n_trials in sizes.items():
+        sign = float(meta.at[unit, "sign"])
+        curve = _stats.expected_max_curve(g.loc[(unit, opt)].to_numpy(dtype=float)) * sign
+        parts["task"].append(np.repeat(unit, n_trials))
+        parts["optimizer"].append(np.repeat(opt, n_trials))
+        parts["metric"].append(np.repeat(str(meta.at[unit, "metric"]), n_trials))
+        parts["direction"].append(np.repeat("maximize" if sign > 0 else "minimize", n_trials))
+        parts["n"].append(np.arange(1, n_trials + 1))
+        parts["expected_best"].append(curve)
+    return pd.DataFrame({c: np.concatenate(v) for c, v in parts.items()})
 
 
 def _profiles_long(costs: pd.DataFrame) -> pd.DataFrame:

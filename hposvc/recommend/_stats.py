@@ -93,7 +93,7 @@ def expected_max_curve(values: Sequence[float] | np.ndarray) -> np.ndarray:
     and entry N−1 is the observed maximum.
 
     >>> expected_max_curve([0.2, 0.8, 0.5]).round(3).tolist()
-    [0.5, 0.667, 0.8]
+    [0.5, 0.7, 0.8]
     """
     v = np.sort(np.asarray(values, dtype=float))
     if v.size == 0:
@@ -104,8 +104,8 @@ def expected_max_curve(values: Sequence[float] | np.ndarray) -> np.ndarray:
 def expected_max(values: Sequence[float] | np.ndarray, n: int) -> float:
     """Expected best of ``n`` random trials drawn from ``values`` (see :func:`expected_max_weights`).
 
-    >>> round(expected_max([0.2, 0.8, 0.5], 2), 3)
-    0.667
+    >>> round(expected_max([0.2, 0.8, 0.5], 2), 3)  # mean of max over the 3 pairs
+    0.7
     """
     v = np.sort(np.asarray(values, dtype=float))
     return float(expected_max_weights(v.size, n) @ v)
@@ -121,6 +121,8 @@ def normalise(scores: pd.DataFrame | np.ndarray, *, reference: int | None = None
     Works on any leading batch dimensions: the last axis is the optimizer.
     """
     x = np.asarray(scores, dtype=float)
+    if x.shape[-1] == 0:
+        return x.copy()
     with np.errstate(invalid="ignore"):
         present = ~np.isnan(x)
         hi = np.max(np.where(present, x, -np.inf), axis=-1, keepdims=True)

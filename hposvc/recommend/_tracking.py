@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from hposvc.errors import TrackingError
 from hposvc.recommend import _stats
