@@ -20,7 +20,7 @@ import optuna
 import sqlalchemy
 
 from hposvc.config import ONE_SHOT_DEFAULTS, OPTIMIZERS, TrialConfig
-from hposvc.recommend import collect_trials, recommend, recommend_from_frame
+from hposvc.recommendation import collect_trials, recommend, recommend_from_frame
 
 # How much each optimizer adds to a task's base accuracy, on average (synthetic truth).
 EFFECT = {"sgd": -0.06, "momentum": -0.01, "nesterov": 0.0, "adagrad": -0.04, "adadelta": -0.05,

@@ -35,6 +35,7 @@ __all__ = [
     "build_training",
     "load_spec",
     "load_task",
+    "recommend",
     "run_study",
     "run_worker",
     "studies",
@@ -56,6 +57,7 @@ _LAZY = {
     "StudySpec": "hposvc.spec",
     "load_spec": "hposvc.spec",
     "load_task": "hposvc.tasks",
+    "recommend": "hposvc.recommendation",
 }
 
 

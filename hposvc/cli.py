@@ -441,5 +441,56 @@ def report(studies: tuple[str, ...], guide: bool, out_dir: str, run_first: bool,
     click.echo(f"wrote {result.index}", err=True)
 
 
+# -- recommend -------------------------------------------------------------------------
+
+
+@main.command("recommend")
+@click.option("--study", "study_names", multiple=True, help="Use this study (repeatable).")
+@click.option("--task", "tasks", multiple=True, help="Use every study of this task key (repeatable).")
+@click.option("--all", "use_all", is_flag=True, help="Use every study in the storage.")
+@click.option("--budget", type=click.IntRange(min=1), help="Tuning budget n (trials per optimizer) to recommend at.")
+@click.option("--by", type=click.Choice(["norm", "activation"]), help="Also rank within each norm type / activation family.")
+@click.option("--reference", help="Normalise scores relative to this optimizer instead of the worst one.")
+@click.option("--bootstrap", "n_bootstrap", default=1000, show_default=True, type=click.IntRange(min=10), help="Bootstrap resamples for the intervals.")
+@click.option("--history", is_flag=True, help="List the stored recommendations instead of computing one.")
+@click.option("--no-store", is_flag=True, help="Do not store the result in SQL or MLflow.")
+@storage_options
+@tracking_option
+@json_option
+def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: bool, budget: int | None, by: str | None, reference: str | None, n_bootstrap: int, history: bool, no_store: bool, storage: str, data_dir: str | None, tracking_uri: str | None, as_json: bool) -> None:
+    """Which optimizer to use by default, with which numbers, and how sure that is.
+
+    \b
+    Examples:
+      hposvc recommend --all --budget 10
+      hposvc recommend --study survey-digits --study survey-moons --by norm --json
+      hposvc recommend --history
+    """
+    from hposvc.recommendation import recommend as compute, recommendation_history
+    from hposvc.storage import resolve_tracking_uri
+
+    if history:
+        emit(recommendation_history(storage), as_json=as_json, title="stored recommendations")
+        return
+    if sum(map(bool, (study_names, tasks, use_all))) != 1:
+        raise InvalidInputError("give exactly one of --study NAME (repeatable), --task KEY (repeatable) or --all.")
+    rec = compute(
+        storage=storage,
+        studies=list(study_names) or None,
+        tasks=list(tasks) or None,
+        budget=budget,
+        by=by,
+        reference=reference,
+        n_bootstrap=n_bootstrap,
+        store=not no_store,
+        tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir),
+    )
+    if as_json:
+        emit(rec.to_dict(), as_json=True)
+        return
+    emit(rec.table, as_json=False, title="optimizers")
+    click.echo(rec.summary)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -160,7 +160,7 @@ def _top_up_queue(study: "optuna.Study", n_trials: int) -> int:
 
 def _enqueue_warm_start(study: "optuna.Study", spec: "StudySpec") -> int:
     """Queue the current recommended configurations (inside the spec's space) first."""
-    from hposvc.recommend import warm_start_configs
+    from hposvc.recommendation import warm_start_configs
     from hposvc.space import config_in_space, params_for_config
 
     if any(t.state.name != "WAITING" for t in study.get_trials(deepcopy=False)) or study.user_attrs.get("hposvc.warm_started"):

@@ -6,8 +6,10 @@ Tolerances, and why they are what they are:
 - Optimizers (:data:`OPT_ATOL`/:data:`OPT_RTOL`): same gradients, so the only difference
   is float32 rounding in the update (e.g. ``lerp_`` for an EMA); after 150 steps members
   agree to ~1e-6.
-- Models (:data:`MODEL_ATOL`): a batched matmul/conv sums in another order than the
-  member's own kernel: ~1e-6 on outputs of size ~1.
+- Models (:data:`MODEL_ATOL`, :data:`GRAD_ATOL`): a batched matmul/conv sums in another
+  order than the member's own kernel: ~1e-6 on outputs of size ~1, a little more on
+  gradients through a norm over few values. A member mixed up with another would be
+  off by O(1).
 - Training (:data:`TRAIN_RTOL`): the rounding above feeds back through training; over
   two epochs of digits the metrics agree to ~1e-6 relative. The configs avoid one case
   where rounding is *amplified*: a bias right before batch norm gets a gradient that is
@@ -35,6 +37,7 @@ from hposvc.train import train
 
 OPT_ATOL, OPT_RTOL = 1e-5, 1e-4
 MODEL_ATOL = 1e-5
+GRAD_ATOL = 1e-4  # group norm over 4 values divides by a small std: rounding grows ~10x
 TRAIN_RTOL, TRAIN_ATOL = 1e-4, 1e-5
 
 SHAPES = [(6, 5), (5,), (3, 4, 2), (1,)]  # a weight, a bias, a conv kernel, a PReLU slope
@@ -134,18 +137,19 @@ def test_batched_model_matches_each_members_module(task: Task, norm: str, activa
     m = len(configs)
     gen = torch.Generator().manual_seed(1)
     for step in range(3):  # train mode: outputs, gradients, then an SGD step, three times
-        x = torch.randn(m, 6, *task.input_shape, generator=gen)
+        per_member = step != 1  # step 1 feeds one shared batch to every member
+        x = torch.randn(m if per_member else 1, 6, *task.input_shape, generator=gen)
         pop.train()
-        out = pop(x, per_member=True)
+        out = pop(x if per_member else x[0], per_member=per_member)
         grad = pop.backward(out.square().mean(dim=(1, 2)).sum())
         for i, module in enumerate(modules):
             module.train()
             module.zero_grad()
-            own = module(x[i])
+            own = module(x[i if per_member else 0])
             own.square().mean().backward()
             torch.testing.assert_close(out[i], own, atol=MODEL_ATOL, rtol=1e-4)
             own_grad = torch.cat([p.grad.reshape(-1) for p in module.parameters()])
-            torch.testing.assert_close(grad[i], own_grad, atol=MODEL_ATOL, rtol=1e-4)
+            torch.testing.assert_close(grad[i], own_grad, atol=GRAD_ATOL, rtol=1e-3)
             with torch.no_grad():
                 for p in module.parameters():
                     p -= 0.1 * p.grad
@@ -191,8 +195,8 @@ def _assert_same_result(pop, seq, *, rtol: float = TRAIN_RTOL, atol: float = TRA
     assert len(pop.history) == len(seq.history)
     for a, b in zip(pop.history, seq.history):
         assert a.epoch == b.epoch and a.lr == pytest.approx(b.lr, rel=1e-12)
-        assert a.train_loss == pytest.approx(b.train_loss, rel=rtol, abs=atol)
-        assert a.val_loss == pytest.approx(b.val_loss, rel=rtol, abs=atol)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=rtol, abs=atol, nan_ok=True)
+        assert a.val_loss == pytest.approx(b.val_loss, rel=rtol, abs=atol, nan_ok=True)
         if b.val_accuracy is None:
             assert a.val_accuracy is None
         else:  # one sample either way at most
@@ -202,7 +206,7 @@ def _assert_same_result(pop, seq, *, rtol: float = TRAIN_RTOL, atol: float = TRA
         if key.endswith("accuracy"):
             assert abs(pop.final[key] - value) <= 1.0 / 300
         else:
-            assert pop.final[key] == pytest.approx(value, rel=rtol, abs=atol)
+            assert pop.final[key] == pytest.approx(value, rel=rtol, abs=atol, nan_ok=True)
 
 
 POPULATIONS = {

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from hposvc.config import TrialConfig
 from hposvc.errors import InvalidInputError, StorageError
-from hposvc.recommend import (
+from hposvc.recommendation import (
     collect_trials,
     expected_max,
     expected_max_curve,

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import optuna
 
-from hposvc.recommend._core import (
+from hposvc.recommendation._core import (
     ACTIVATION_FAMILIES,
     BY_CHOICES,
     DEFAULT_BUDGET,
@@ -30,8 +30,8 @@ from hposvc.recommend._core import (
     recommend_from_frame,
     with_updates,
 )
-from hposvc.recommend._data import collect_trials, default_storage_url, open_storage
-from hposvc.recommend._stats import (
+from hposvc.recommendation._data import collect_trials, default_storage_url, open_storage
+from hposvc.recommendation._stats import (
     R_MAX,
     average_ranks,
     expected_max,
@@ -42,15 +42,15 @@ from hposvc.recommend._stats import (
     performance_profile,
     profile_area,
 )
-from hposvc.recommend._store import (
+from hposvc.recommendation._store import (
     SCHEMA_VERSION,
     load_recommendation,
     recommendation_history,
     save_recommendation,
     set_mlflow_run_id,
 )
-from hposvc.recommend._tracking import EXPERIMENT, default_tracking_uri, log_recommendation, write_plots
-from hposvc.recommend._warm import warm_start_configs
+from hposvc.recommendation._tracking import EXPERIMENT, default_tracking_uri, log_recommendation, write_plots
+from hposvc.recommendation._warm import warm_start_configs
 
 __all__ = [
     "ACTIVATION_FAMILIES",

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from hposvc.errors import TrackingError
-from hposvc.recommend import _stats
-from hposvc.recommend._core import Recommendation
-from hposvc.recommend._data import default_data_dir
+from hposvc.recommendation import _stats
+from hposvc.recommendation._core import Recommendation
+from hposvc.recommendation._data import default_data_dir
 
 __all__ = ["EXPERIMENT", "default_tracking_uri", "log_recommendation", "write_plots"]
 

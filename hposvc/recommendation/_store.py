@@ -24,8 +24,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from hposvc.errors import StorageError, invalid
-from hposvc.recommend._core import Recommendation
-from hposvc.recommend._data import _redact, default_storage_url
+from hposvc.recommendation._core import Recommendation
+from hposvc.recommendation._data import _redact, default_storage_url
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -29,7 +29,7 @@ import pandas as pd
 
 from hposvc.config import ONE_SHOT_DEFAULTS, OPTIMIZER_PARAMS, OPTIMIZERS, TrialConfig
 from hposvc.errors import HposvcError, invalid
-from hposvc.recommend import _stats
+from hposvc.recommendation import _stats
 
 __all__ = ["ACTIVATION_FAMILIES", "BY_CHOICES", "DEFAULT_BUDGET", "Recommendation", "recommend_from_frame"]
 

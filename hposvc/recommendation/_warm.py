@@ -15,8 +15,8 @@ import optuna
 
 from hposvc.config import ONE_SHOT_DEFAULTS, TrialConfig
 from hposvc.errors import HposvcError
-from hposvc.recommend._core import recommend_from_frame, top_trials
-from hposvc.recommend._data import collect_trials, open_storage
+from hposvc.recommendation._core import recommend_from_frame, top_trials
+from hposvc.recommendation._data import collect_trials, open_storage
 
 if TYPE_CHECKING:
     from hposvc.spec import Dim, StudySpec
