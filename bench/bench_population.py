@@ -18,7 +18,8 @@ this machine is shared and load only ever makes a run slower. The script also pr
 largest difference in final validation loss between the two modes, as a sanity check.
 
     python bench/bench_population.py [--tasks digits,mnist1d] [--trials 32] [--epochs 5]
-        [--population 16] [--repeats 3] [--seeds shared|per-trial] [--device cpu|cuda|all]
+        [--population 16] [--repeats 3] [--seeds shared|per-trial] [--width W]
+        [--device cpu|cuda|all]
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ from hposvc.tasks import load_task  # noqa: E402
 from hposvc.train import train  # noqa: E402
 
 
-def sample_configs(task, n: int, *, epochs: int, per_trial_seeds: bool, seed: int = 0) -> list[TrialConfig]:
-    """``n`` random lr × momentum/β configs on the task's default structure."""
+def sample_configs(
+    task, n: int, *, epochs: int, per_trial_seeds: bool, width: int | None = None, seed: int = 0
+) -> list[TrialConfig]:
+    """``n`` random lr × momentum/β configs on the task's default structure (or ``width``)."""
     rng = random.Random(seed)
     log_uniform = lambda lo, hi: math.exp(rng.uniform(math.log(lo), math.log(hi)))  # noqa: E731
-    common = dict(depth=task.default_depth, width=task.default_width, batch_size=64, epochs=epochs)
+    common = dict(depth=task.default_depth, width=width or task.default_width, batch_size=64, epochs=epochs)
     configs = []
     for i in range(n):
         trial_seed = i if per_trial_seeds else 0
@@ -94,7 +97,9 @@ def timed(fn, device):
 
 def bench(task_name: str, device: str, args) -> dict:
     task = load_task(task_name)
-    configs = sample_configs(task, args.trials, epochs=args.epochs, per_trial_seeds=args.seeds == "per-trial")
+    configs = sample_configs(
+        task, args.trials, epochs=args.epochs, per_trial_seeds=args.seeds == "per-trial", width=args.width
+    )
     k = args.population or len(configs)
     # Warm-up: first calls pay for lazy init (kernels, vmap tracing, allocator).
     warm = [c.replace(epochs=1) for c in configs[:4]]
@@ -118,6 +123,7 @@ def bench(task_name: str, device: str, args) -> dict:
         "device": device,
         "trials": n,
         "population": k,
+        "width": configs[0].width,
         "epochs": args.epochs,
         "seq_tpm": 60 * n / min(seq_times),
         "pop_tpm": 60 * n / min(pop_times),
@@ -138,18 +144,19 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=16, help="max members per population (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", choices=("shared", "per-trial"), default="shared")
+    parser.add_argument("--width", type=int, default=None, help="hidden width / channels (default: the task's)")
     parser.add_argument("--device", default="all", help="cpu, cuda or all (cpu, plus cuda if available)")
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), seeds {args.seeds}", file=sys.stderr)
-    header = f"{'task':<8} {'device':<6} {'trials':>6} {'K':>3} {'ep':>3} {'seq t/min':>10} {'pop t/min':>10} {'ratio':>6} {'Δval_loss':>10} {'status=':>7}"
+    header = f"{'task':<8} {'device':<6} {'width':>5} {'trials':>6} {'K':>3} {'ep':>3} {'seq t/min':>10} {'pop t/min':>10} {'ratio':>6} {'Δval_loss':>10} {'status=':>7}"
     print(header)
     for device in devices:
         for name in args.tasks.split(","):
             r = bench(name, device, args)
             print(
-                f"{r['task']:<8} {r['device']:<6} {r['trials']:>6} {r['population']:>3} {r['epochs']:>3} "
+                f"{r['task']:<8} {r['device']:<6} {r['width']:>5} {r['trials']:>6} {r['population']:>3} {r['epochs']:>3} "
                 f"{r['seq_tpm']:>10.1f} {r['pop_tpm']:>10.1f} {r['ratio']:>5.2f}x {r['max_val_loss_diff']:>10.2e} {r['same_status']:>7}",
                 flush=True,
             )

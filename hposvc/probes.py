@@ -34,11 +34,14 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATION_STD_ATTR", "UNIT_SYMMETRY_ATTR", "activation_std_per_layer", "hidden_blocks", "unit_symmetry"]
+__all__ = ["ACTIVATION_STD_ATTR", "PROBE_SAMPLES", "UNIT_SYMMETRY_ATTR", "activation_std_per_layer", "hidden_blocks", "unit_symmetry"]
 
 # Trial user attribute names the study service stores the probes under.
 ACTIVATION_STD_ATTR = "hposvc.probe.activation_std"
 UNIT_SYMMETRY_ATTR = "hposvc.probe.unit_symmetry"
+# The activation-std probe runs on the first PROBE_SAMPLES validation samples: a batch that
+# depends on the task alone, so a deterministic init gives the same numbers for every seed.
+PROBE_SAMPLES = 256
 # Layers whose rows are "units": a Linear's output features, a Conv's output channels.
 _UNIT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -69,9 +72,9 @@ def activation_std_per_layer(model: nn.Module, x: torch.Tensor) -> list[float]:
 
     Runs a training-mode forward pass, as the first training step sees the network (batch
     norm normalises with the batch's statistics), on a copy of the model, so the model's
-    own running statistics and mode are untouched. Pass a fixed batch (e.g. the first 256
-    validation samples) so that a deterministic scheme gives the same numbers for every
-    seed. A model without hidden blocks gives ``[]``.
+    own running statistics and mode are untouched. Pass a fixed batch (the study service
+    uses ``task.x_val[:PROBE_SAMPLES]``) so that a deterministic scheme gives the same
+    numbers for every seed. A model without hidden blocks gives ``[]``.
 
     >>> import torch
     >>> torch.manual_seed(0) is not None
@@ -111,7 +114,7 @@ def unit_symmetry(model: nn.Module) -> float:
     1 or above. ``nan`` for a model without hidden layers (e.g. depth 0: a linear model).
 
     >>> layer = torch.nn.Linear(3, 4)
-    >>> _ = torch.nn.init.constant_(layer.weight, 0.5)
+    >>> _ = torch.nn.init.constant_(layer.weight, 0.5), torch.nn.init.zeros_(layer.bias)
     >>> unit_symmetry(torch.nn.Sequential(layer, torch.nn.ReLU(), torch.nn.Linear(4, 2)))
     0.0
     """

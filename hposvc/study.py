@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from hposvc.errors import HposvcError, InvalidInputError
 from hposvc.storage import open_storage, resolve_storage_url, resolve_tracking_uri, with_retries
@@ -32,6 +32,7 @@ from hposvc.storage import open_storage, resolve_storage_url, resolve_tracking_u
 if TYPE_CHECKING:
     import optuna
 
+    from hposvc.config import TrialConfig
     from hposvc.spec import StudySpec
     from hposvc.tasks import Task
 
@@ -72,8 +73,17 @@ class StudyRun:
 # -- study creation ------------------------------------------------------------------
 
 
-def prepare_study(spec: "StudySpec", *, storage: str, warm_start: bool = False) -> "optuna.Study":
+def prepare_study(
+    spec: "StudySpec",
+    *,
+    storage: str,
+    warm_start: bool = False,
+    enqueue: "Sequence[TrialConfig]" = (),
+) -> "optuna.Study":
     """Create the study or load it for resuming, and top its trial queue up.
+
+    ``enqueue`` puts known configurations first in the queue (each must lie in the spec's
+    space; one already in the study is not queued twice); they count toward ``n_trials``.
 
     A study of the same name made from a different spec is refused (its spec hash is stored
     on the study), since mixing trials of two searches would make its results meaningless.
@@ -120,6 +130,11 @@ def prepare_study(spec: "StudySpec", *, storage: str, warm_start: bool = False) 
         study.set_user_attr("hposvc.n_trials", spec.n_trials)
     if warm_start:
         _enqueue_warm_start(study, spec)
+    if enqueue:
+        from hposvc.space import params_for_config
+
+        for config in enqueue:
+            study.enqueue_trial(params_for_config(config, spec), skip_if_exists=True)
     _top_up_queue(study, spec.n_trials)
     return study
 
@@ -255,7 +270,7 @@ def run_worker(
     ran = 0
     bar = _Progress(study, n_trials, enabled=progress)
     drain = threading.Event()
-    with _signals_raise(drain), bar:
+    with _signals_raise(drain), bar, _draining(tracker):
         while (max_trials is None or ran < max_trials) and not drain.is_set():
             if timeout is not None and time.monotonic() - started >= timeout:
                 break
@@ -313,6 +328,15 @@ def _fail_stale(study: "optuna.Study") -> None:
 
 
 @contextmanager
+def _draining(tracker: Any) -> Iterator[None]:
+    """However the loop ends, queued MLflow writes are sent (or kept) before we return."""
+    try:
+        yield
+    finally:
+        tracker.drain()
+
+
+@contextmanager
 def _heartbeat(study: "optuna.Study", trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat from a thread while it trains."""
     from hposvc.storage import HEARTBEAT_INTERVAL
@@ -361,23 +385,28 @@ def run_trial(
     with _heartbeat(study, trial._trial_id):  # noqa: SLF001
         try:
             config = suggest_config(trial, spec)
-            run = tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": worker_id})
+            trial_id = trial._trial_id  # noqa: SLF001
+
+            def remember_run(run_id: str) -> None:
+                # From the MLflow writer thread: lets whoever finds this trial stale close its run.
+                trial.storage.set_trial_user_attr(trial_id, "hposvc.mlflow_run_id", run_id)
+
+            run = tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": worker_id}, on_created=remember_run)
             attrs = {
                 "hposvc.config": config.to_dict(),
                 "hposvc.device": str(dev),
                 "hposvc.host": socket.gethostname(),
                 "hposvc.worker": worker_id,
-                "hposvc.mlflow_run_id": run.run_id,
             }
             for key, value in attrs.items():
-                if value is not None:
-                    with_retries(lambda: trial.set_user_attr(key, value), what="storing trial attributes")
+                with_retries(lambda: trial.set_user_attr(key, value), what="storing trial attributes")
+            prunes = spec.pruner != "none"
 
             def on_epoch(m: Any) -> bool:
                 value = getattr(m, spec.metric)
                 with_retries(lambda: trial.report(value, m.epoch), what="reporting an epoch")
                 run.log_epoch({"train_loss": m.train_loss, "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr}, step=m.epoch)
-                return with_retries(trial.should_prune, what="asking the pruner")
+                return prunes and with_retries(trial.should_prune, what="asking the pruner")
 
             result = train(config, task, device=dev, on_epoch=on_epoch)
             final = result.final

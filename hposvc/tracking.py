@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hposvc.storage import artifact_location, resolve_data_dir
 
@@ -90,6 +90,7 @@ class Tracker:
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
+        self._writer = None  # single writer thread, created on first trial
         self._offline_until = 0.0
         # MLflow prints run URLs to stdout (and fetches the run to do it); stdout is for data.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -165,7 +166,14 @@ class Tracker:
 
     # -- trials ----------------------------------------------------------------------
 
-    def start_trial(self, trial_number: int, config: "TrialConfig", *, tags: Mapping[str, str] | None = None) -> "TrialRun":
+    def start_trial(
+        self,
+        trial_number: int,
+        config: "TrialConfig",
+        *,
+        tags: Mapping[str, str] | None = None,
+        on_created: Callable[[str], None] | None = None,
+    ) -> "TrialRun":
         record = _Record(
             study=self.study,
             trial_number=trial_number,
@@ -185,8 +193,20 @@ class Tracker:
             artifacts={"config.json": config.to_json()},
         )
         run = TrialRun(self, record)
-        run.open()
+        run.open(on_created)
         return run
+
+    def _submit(self, fn: Callable[[], None]) -> None:
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hposvc-mlflow")
+        self._writer.submit(fn)
+
+    def drain(self) -> None:
+        """Wait until the writer thread has sent (or stored in the outbox) all queued work."""
+        if self._writer is not None:
+            self._writer.submit(lambda: None).result()
 
     def sync(self) -> int:
         """Replay outbox records of this study; returns how many were sent."""
@@ -222,7 +242,11 @@ class Tracker:
 
 
 class TrialRun:
-    """The MLflow run of one trial; buffers metrics and falls back to the outbox."""
+    """The MLflow run of one trial; buffers metrics and falls back to the outbox.
+
+    Every method only queues work for the tracker's writer thread, which alone touches the
+    record: MLflow's round trips overlap training instead of adding to each trial.
+    """
 
     def __init__(self, tracker: Tracker, record: _Record) -> None:
         self.tracker = tracker
@@ -231,9 +255,28 @@ class TrialRun:
 
     @property
     def run_id(self) -> str | None:
+        """The MLflow run id once the writer created the run (None before, or offline)."""
         return self.record.run_id
 
-    def open(self) -> None:
+    def open(self, on_created: Callable[[str], None] | None = None) -> None:
+        """Create the run; ``on_created(run_id)`` is called from the writer thread."""
+        self.tracker._submit(lambda: self._open(on_created))
+
+    def log_epoch(self, metrics: Mapping[str, float | None], *, step: int) -> None:
+        now = _now_ms()
+        items = [(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        self.tracker._submit(lambda: self._add(items))
+
+    def end(self, state: str, *, reason: str | None = None, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> None:
+        """Close the run with the trial's final ``state`` (an Optuna state name)."""
+        now = _now_ms()
+        final = [(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None]
+        extra = {**(tags or {}), "hposvc.state": state, **({"hposvc.reason": reason[:4000]} if reason else {})}
+        self.tracker._submit(lambda: self._end(state, final, extra, now))
+
+    # -- writer thread ---------------------------------------------------------------
+
+    def _open(self, on_created: Callable[[str], None] | None) -> None:
         if not self.tracker.online:
             return
         try:
@@ -241,41 +284,35 @@ class TrialRun:
             _send(self.tracker.client, self.tracker.experiment_id(), self.record)
         except Exception as e:  # noqa: BLE001
             self.tracker._went_offline(e)
-
-    def log_epoch(self, metrics: Mapping[str, float | None], *, step: int) -> None:
-        now = _now_ms()
-        self.record.metrics.extend((k, float(v), now, step) for k, v in metrics.items() if v is not None)
-        if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if self.record.run_id is None or not self.tracker.online:
             return
-        try:
-            _send(self.tracker.client, self.tracker.experiment_id(), self.record)
-        except Exception as e:  # noqa: BLE001
-            self.tracker._went_offline(e)
+        if on_created is not None and self.record.run_id:
+            try:
+                on_created(self.record.run_id)
+            except Exception as e:  # noqa: BLE001 (e.g. the trial already finished)
+                log.debug("on_created callback failed: %s", e)
 
-    def end(self, state: str, *, reason: str | None = None, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> None:
-        """Close the run with the trial's final ``state`` (an Optuna state name)."""
-        now = _now_ms()
-        self.record.tags["hposvc.state"] = state
-        if reason:
-            self.record.tags["hposvc.reason"] = reason[:4000]
-        self.record.tags.update(tags or {})
-        self.record.metrics.extend((k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None)
+    def _add(self, items: list[tuple[str, float, int, int]]) -> None:
+        self.record.metrics.extend(items)
+        if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self._last_flush = time.monotonic()
+            if self.record.run_id is not None and self.tracker.online:
+                try:
+                    _send(self.tracker.client, self.tracker.experiment_id(), self.record)
+                except Exception as e:  # noqa: BLE001
+                    self.tracker._went_offline(e)
+
+    def _end(self, state: str, final: list, tags: dict[str, str], now: int) -> None:
+        self.record.tags.update(tags)
+        self.record.metrics.extend(final)
         self.record.status = RUN_STATUS.get(state, "FAILED")
         self.record.end_time = now
-        sent = False
         if self.tracker.online:
             try:
                 _send(self.tracker.client, self.tracker.experiment_id(), self.record)
-                sent = True
+                return
             except Exception as e:  # noqa: BLE001
                 self.tracker._went_offline(e)
-        if not sent:
-            _write_outbox(self.tracker.outbox, self.record)
+        _write_outbox(self.tracker.outbox, self.record)
 
 
 def _send(client: "MlflowClient", experiment_id: str, record: _Record) -> None:

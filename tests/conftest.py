@@ -1,8 +1,10 @@
 """Shared fixtures: isolated data dirs, SQLite and PostgreSQL storages, a real MLflow server.
 
-Nothing here is mocked. PostgreSQL is the throw-away server that ``bash .ci/run`` starts
-(it exports the variables below); the MLflow server is a real ``mlflow server`` process
-that each test using it gets on its own loopback port.
+Nothing here is mocked. PostgreSQL is a throw-away cluster: the one named by the
+variables below when they are set, else one this test session starts itself from Debian's
+``postgresql-15`` binaries (initdb as user ``postgres`` in a temp dir, a free loopback
+port, stopped and removed at the end). The MLflow server is a real ``mlflow server``
+process that each test using it gets on its own loopback port.
 
 Environment variables read:
     HPOSVC_TEST_POSTGRES_URL   postgresql+psycopg://postgres@127.0.0.1:PORT/hposvc_test
@@ -58,6 +60,84 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads at import)
 torch.set_num_threads(1)
 
 POSTGRES_URL_ENV = "HPOSVC_TEST_POSTGRES_URL"
+
+
+def _pg_bin_dir() -> Path | None:
+    """PostgreSQL 15's bin dir from Debian's package list (``dpkg -L postgresql-15``)."""
+    try:
+        files = subprocess.run(["dpkg", "-L", "postgresql-15"], capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    initdb = [f for f in files if f.endswith("/bin/initdb")]
+    return Path(initdb[0]).parent if initdb else None
+
+
+def _start_session_postgres() -> tuple[Path, Path] | None:
+    """Start a throw-away PostgreSQL cluster for this session; set the three variables.
+
+    Returns (root dir, bin dir) to stop it later, or None when the variables were set
+    already (``.ci/run`` or a developer's own server). Fails loudly when PostgreSQL is not
+    installed: the multi-worker backend must be tested, not skipped.
+    """
+    import tempfile
+
+    if os.environ.get(POSTGRES_URL_ENV):
+        return None
+    bin_dir = _pg_bin_dir()
+    if bin_dir is None:
+        raise pytest.UsageError(
+            "PostgreSQL 15 is not installed (dpkg -L postgresql-15 finds no initdb). "
+            "Install it (apt-get install postgresql-15) or run `bash .ci/run`, which does."
+        )
+    root = Path(tempfile.mkdtemp(prefix="hposvc-test-pg."))
+    data = root / "data"
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--home-dir", "/var/lib/postgresql", "postgres"], check=True)
+        os.chown(root, pwd.getpwnam("postgres").pw_uid, pwd.getpwnam("postgres").pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    os.chmod(root, 0o700)
+    port = free_port()
+    run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync")
+    # Settings in the config file, so the tests' `pg_ctl restart` keeps them; fsync off: a
+    # throw-away cluster need not survive a power cut.
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(
+            f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{root}'\n"
+            "max_connections = 300\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+        )
+    run(str(bin_dir / "pg_ctl"), "start", "-D", str(data), "-l", str(data / "server.log"), "-w", "-t", "60")
+    run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "hposvc_test")
+    os.environ[POSTGRES_URL_ENV] = f"postgresql+psycopg://postgres@127.0.0.1:{port}/hposvc_test"
+    os.environ["HPOSVC_TEST_PG_BIN"] = str(bin_dir)
+    os.environ["HPOSVC_TEST_PG_DATA"] = str(data)
+    return root, bin_dir
+
+
+_SESSION_PG: tuple[Path, Path] | None = None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _SESSION_PG
+    _SESSION_PG = _start_session_postgres()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SESSION_PG is None:
+        return
+    import shutil
+
+    root, bin_dir = _SESSION_PG
+    data = root / "data"
+    cmd = [str(bin_dir / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", "60"]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    subprocess.run(cmd, capture_output=True, timeout=120)
+    shutil.rmtree(root, ignore_errors=True)
 PG_BIN_ENV = "HPOSVC_TEST_PG_BIN"
 PG_DATA_ENV = "HPOSVC_TEST_PG_DATA"
 _RUN_CI = "Run the tests with `bash .ci/run` (it installs and starts a throw-away PostgreSQL)."

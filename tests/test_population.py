@@ -238,6 +238,17 @@ def test_population_matches_sequential_training(digits: Task, name: str) -> None
     assert len({round(r.final["val_loss"], 6) for r in results}) == len(configs)
 
 
+def test_population_matches_sequential_training_for_the_cnn() -> None:
+    task = load_task("mnist1d", options={"num_samples": 1500})  # small: 900 training samples
+    base = TrialConfig(optimizer="nesterov", depth=2, width=8, epochs=2, norm="batch", activation="prelu")
+    configs = [
+        base.replace(lr=0.05, momentum=0.9, seed=0),
+        base.replace(lr=0.02, momentum=0.7, seed=1, schedule="cosine", init="zero"),
+    ]
+    for config, result in zip(configs, train_population(configs, task, device="cpu")):
+        _assert_same_result(result, train(config, task, device="cpu"))
+
+
 @pytest.mark.parametrize("kind", ["binary", "regression"])
 def test_population_matches_sequential_for_binary_and_regression(kind: str) -> None:
     gen = torch.Generator().manual_seed(0)

@@ -101,6 +101,7 @@ class PopulationModel:
         self._template = copy.deepcopy(models[0]).cpu()
         self._base = copy.deepcopy(models[0]).to("meta")
         self.params: dict[str, Tensor] = {}
+        self._grad_views: list[Tensor] = []
         self._rebuild()
         self._call = vmap(self._forward_one, in_dims=(0, 0, 0))
         self._call_shared = vmap(self._forward_one, in_dims=(0, 0, None))
@@ -141,17 +142,18 @@ class PopulationModel:
     def _rebuild(self) -> None:
         """(Re)create the per-layer autograd leaves as views of ``flat``."""
         m = self.n_members
-        self.params = {
-            name: self.flat[:, a:b].view(m, *shape).detach().requires_grad_(True)
-            for name, shape, a, b in zip(self.names, self.shapes, self.offsets, self.offsets[1:])
-        }
+        spans = list(zip(self.names, self.shapes, self.offsets, self.offsets[1:]))
+        self.params = {name: self.flat[:, a:b].view(m, *shape).detach().requires_grad_(True) for name, shape, a, b in spans}
+        self._grad_views = [self.grad[:, a:b].view(m, *shape) for _, shape, a, b in spans]
 
     def backward(self, loss: Tensor) -> Tensor:
         """Differentiate the scalar ``loss`` (the sum of the members' losses) and write the
         gradients into :attr:`grad`, which is returned. Members do not interact, so member
         ``m``'s slice is the gradient of its own loss alone."""
         grads = torch.autograd.grad(loss, list(self.params.values()))
-        return torch.cat([g.reshape(self.n_members, -1) for g in grads], dim=1, out=self.grad)
+        for view, g in zip(self._grad_views, grads):
+            view.copy_(g)  # one strided copy, whatever layout the gradient came in
+        return self.grad
 
     def keep(self, index: Tensor | Sequence[int]) -> None:
         """Keep only the members at ``index`` (in that order)."""
@@ -171,7 +173,8 @@ class PopulationModel:
     # -- forward -------------------------------------------------------------------------
 
     def _forward_one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self._base, (params, buffers), (x,))
+        # hposvc's models tie no weights, so skip functional_call's (per call) untying pass.
+        return functional_call(self._base, (params, buffers), (x,), tie_weights=False)
 
     def __call__(self, x: Tensor, *, per_member: bool = False) -> Tensor:
         """All members' outputs, ``(M, B, outputs)``; ``x`` is ``(M, B, ...)`` when

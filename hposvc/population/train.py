@@ -160,7 +160,7 @@ def _train_population(
     x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
     x_val, y_val = task.x_val.to(dev), task.y_val.to(dev)
     x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
-    shuffles = [torch.Generator().manual_seed(c.seed) for c in configs]  # one per member, as train()
+    shuffles = [torch.Generator().manual_seed(c.seed + 1) for c in configs]  # one per member, as train()
     shared_order = len({c.seed for c in configs}) == 1
 
     # 2) optimizer, and every member's lr factor for every step (float64, like LambdaLR)

@@ -271,6 +271,9 @@ def log_report(report: Report, *, tracking_uri: str) -> dict[str, str | None]:
 
     client = MlflowClient(tracking_uri)
     runs: dict[str, str | None] = {}
+    # the report's own files only: the folder may hold other things (a screenshot, a user's files)
+    names = ["index.html", "report.json", *(f.file for s in report.sections for f in s.figures)]
+    files = [report.out_dir / n for n in names if (report.out_dir / n).is_file()]
     for section in report.sections:
         for study in section.studies:
             try:
@@ -283,7 +286,8 @@ def log_report(report: Report, *, tracking_uri: str) -> dict[str, str | None]:
                     runs[study] = None
                     continue
                 run_id = found[0].info.run_id
-                client.log_artifacts(run_id, str(report.out_dir), artifact_path=ARTIFACT_PATH)
+                for path in files:
+                    client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_PATH)
                 if section.verdict is not None:
                     client.set_tag(run_id, "hposvc.report.verdict", section.verdict)
                 runs[study] = run_id

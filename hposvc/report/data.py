@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,10 @@ from typing import Any
 
 import pandas as pd
 
+from hposvc.errors import HposvcError
 from hposvc.probes import ACTIVATION_STD_ATTR, UNIT_SYMMETRY_ATTR
+
+log = logging.getLogger(__name__)
 
 __all__ = ["StudyData", "chance_accuracy", "frame_from_trials", "load_study_data"]
 
@@ -122,7 +126,10 @@ def load_study_data(name: str, *, storage: str) -> StudyData:
         spec = parse_spec(spec_dict, source=f"study {name!r}")
         task = spec.task
         if metric == "val_accuracy":
-            chance = chance_accuracy(spec.task, seed=spec.seed, options=spec.task_options)
+            try:
+                chance = chance_accuracy(spec.task, seed=spec.seed, options=spec.task_options)
+            except HposvcError as e:  # e.g. a tabular file that moved: the report goes on without it
+                log.warning("study %s: no chance level (%s); diverged trials will have no score", name, e)
     frame = frame_from_trials(trials(name, storage=storage), study.get_trials(deepcopy=False), metric=metric, chance=chance)
     return StudyData(
         name=name,

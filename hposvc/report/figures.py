@@ -9,7 +9,6 @@ accuracy against a hyper-parameter, activation std per layer at init, budget cur
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
