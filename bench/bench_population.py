@@ -55,7 +55,13 @@ def sample_configs(
     for i in range(n):
         trial_seed = i if per_trial_seeds else 0
         if i % 2 == 0:
-            cfg = TrialConfig(optimizer="momentum", lr=log_uniform(1e-3, 0.3), momentum=rng.uniform(0.5, 0.99), seed=trial_seed, **common)
+            cfg = TrialConfig(
+                optimizer="momentum",
+                lr=log_uniform(1e-3, 0.3),
+                momentum=rng.uniform(0.5, 0.99),
+                seed=trial_seed,
+                **common,
+            )
         else:
             cfg = TrialConfig(
                 optimizer="adam",
@@ -150,8 +156,11 @@ def main() -> None:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), seeds {args.seeds}", file=sys.stderr)
-    header = f"{'task':<8} {'device':<6} {'width':>5} {'trials':>6} {'K':>3} {'ep':>3} {'seq t/min':>10} {'pop t/min':>10} {'ratio':>6} {'Δval_loss':>10} {'status=':>7}"
-    print(header)
+    header = (
+        f"{'task':<8} {'device':<6} {'width':>5} {'trials':>6} {'K':>3} {'ep':>3} "
+        f"{'seq t/min':>10} {'pop t/min':>10} {'ratio':>6} {'Δval_loss':>10} {'status=':>7}"
+    )
+    print(header, flush=True)
     for device in devices:
         for name in args.tasks.split(","):
             r = bench(name, device, args)

@@ -119,6 +119,15 @@ def tracking_option(fn: Callable) -> Callable:
     return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: SQLite store in the data directory).")(fn)
 
 
+def _population(value: str | None) -> int | str | None:
+    """--population K | auto, checked here so a typo is exit 2 with the allowed values."""
+    if value is None or value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"must be a positive integer or 'auto'. Got {value!r} instead.", param_hint="'--population'")
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
@@ -194,9 +203,10 @@ def study_validate(spec: str, as_json: bool) -> None:
 @click.option("--trials-per-device", default=1, show_default=True, type=click.IntRange(min=1), help="With --workers: concurrent trials per GPU.")
 @click.option("--drain", is_flag=True, help="With --workers: on SIGINT/SIGTERM let trials in flight finish.")
 @click.option("--warm-start", is_flag=True, help="Queue the current recommended configurations as the first trials.")
+@click.option("--population", callback=lambda ctx, param, v: _population(v), help="Train up to K trials at once as one vectorised population ('auto': from the device). Overrides the spec.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
-def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, workers: str | None, devices: str, trials_per_device: int, drain: bool, warm_start: bool, quiet: bool, as_json: bool) -> None:
+def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, workers: str | None, devices: str, trials_per_device: int, drain: bool, warm_start: bool, population: int | str | None, quiet: bool, as_json: bool) -> None:
     """Run a study, or resume it: only the missing trials are run.
 
     \b
@@ -209,7 +219,7 @@ def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, d
     from hposvc.workers import run_parallel
 
     parsed = load_spec(spec)
-    overrides = {k: v for k, v in {"n_trials": n_trials, "name": name}.items() if v is not None}
+    overrides = {k: v for k, v in {"n_trials": n_trials, "name": name, "population": population}.items() if v is not None}
     if overrides:
         parsed = parsed.with_overrides(**overrides)
     if workers is None:
@@ -335,9 +345,10 @@ def best(name: str, storage: str, data_dir: str | None, as_json: bool) -> None:
 @click.option("--max-trials", type=click.IntRange(min=1), help="Stop after this many trials.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Stop starting trials after this many seconds.")
 @click.option("--worker-id", help="Name recorded on each trial (default host:pid).")
+@click.option("--population", callback=lambda ctx, param, v: _population(v), help="Train up to K trials at once as one vectorised population ('auto': from the device). Overrides the spec.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
-def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, max_trials: int | None, timeout: float | None, worker_id: str | None, quiet: bool, as_json: bool) -> None:
+def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, max_trials: int | None, timeout: float | None, worker_id: str | None, population: int | str | None, quiet: bool, as_json: bool) -> None:
     """Join an existing study and run its trials until it is done.
 
     Example: hposvc worker digits-quick --storage postgresql+psycopg://hposvc@db/hposvc
@@ -355,6 +366,7 @@ def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | No
         max_trials=max_trials,
         timeout=timeout,
         worker_id=worker_id,
+        population=population,
         progress=not quiet,
     )
     emit({k: getattr(result, k) for k in result.__dataclass_fields__}, as_json=as_json, title=f"worker on {name}")

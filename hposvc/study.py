@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 from hposvc.errors import HposvcError, InvalidInputError
 from hposvc.storage import open_storage, resolve_storage_url, resolve_tracking_uri, with_retries
 
+from hposvc.config import TrialConfig
+
 if TYPE_CHECKING:
     import optuna
-
-    from hposvc.config import TrialConfig
     from hposvc.spec import StudySpec
     from hposvc.tasks import Task
 
@@ -200,6 +200,7 @@ def run_study(
     data_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
     warm_start: bool = False,
+    population: int | str | None = None,
     progress: bool = False,
 ) -> StudyRun:
     """Run (or resume) the study a spec describes, in this process.
@@ -226,7 +227,7 @@ def run_study(
     url = resolve_storage_url(storage, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
     study = prepare_study(parsed, storage=url, warm_start=warm_start)
-    return run_worker(study, spec=parsed, storage=url, tracking_uri=uri, data_dir=data_dir, device=device, progress=progress)
+    return run_worker(study, spec=parsed, storage=url, tracking_uri=uri, data_dir=data_dir, device=device, population=population, progress=progress)
 
 
 def run_worker(
@@ -240,12 +241,15 @@ def run_worker(
     max_trials: int | None = None,
     timeout: float | None = None,
     worker_id: str | None = None,
+    population: int | str | None = None,
     progress: bool = False,
 ) -> StudyRun:
     """Run trials of an existing study until it has its ``n_trials`` finished trials.
 
     This is what ``hposvc worker NAME`` runs on every device slot and host; ``max_trials``
-    and ``timeout`` bound this worker alone.
+    and ``timeout`` bound this worker alone. ``population`` (default: the spec's
+    ``population``) claims up to that many trials at a time and trains those that share a
+    structure as one vectorised model (``"auto"``: :func:`population_size`).
     """
     from hposvc.spec import parse_spec
     from hposvc.tasks import load_task
@@ -265,6 +269,7 @@ def run_worker(
     tracker = Tracker(uri, study=study.study_name, data_dir=data_dir, tags={"hposvc.spec_hash": spec.spec_hash, "hposvc.task": spec.task_key})
     tracker.start_study(spec=spec.to_dict())
     task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
+    k = population_size(population if population is not None else spec.population, device=device, task=task)
 
     started = time.monotonic()
     ran = 0
@@ -274,19 +279,25 @@ def run_worker(
         while (max_trials is None or ran < max_trials) and not drain.is_set():
             if timeout is not None and time.monotonic() - started >= timeout:
                 break
-            trial = _claim_trial(study)
-            if trial is None:
+            want = k if max_trials is None else min(k, max_trials - ran)
+            claimed = []
+            while len(claimed) < want and (trial := _claim_trial(study)) is not None:
+                claimed.append(trial)
+            if not claimed:
                 _fail_stale(study)
                 c = _counts(study)
                 if c.get("WAITING", 0) == 0 and (c.get("RUNNING", 0) == 0 or sum(c.get(s, 0) for s in DONE_STATES) >= n_trials):
                     break
                 time.sleep(POLL_SECONDS)
                 continue
-            run_trial(study, trial, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id)
-            ran += 1
+            if len(claimed) == 1:
+                run_trial(study, claimed[0], spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id)
+            else:
+                run_population(study, claimed, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id)
+            ran += len(claimed)
             bar.update()
-            if tracker.outbox.is_dir():
-                tracker.sync()
+            if tracker.online and tracker.outbox.is_dir() and any(tracker.outbox.iterdir()):
+                tracker._submit(tracker.sync)  # noqa: SLF001 (on the writer thread, in order)
     c = _counts(study)
     n_done = sum(c.get(s, 0) for s in DONE_STATES)
     if n_done >= n_trials and c.get("RUNNING", 0) == 0:
@@ -307,6 +318,35 @@ def run_worker(
     )
 
 
+# Population size "auto" on the CPU: enough members to amortise per-step Python work on a
+# small machine without making one epoch of the population very long.
+CPU_AUTO_POPULATION = 8
+
+
+def population_size(value: int | str | None, *, device: str = "auto", task: "Task | None" = None) -> int:
+    """How many trials a worker claims at once: 1 (sequential), K, or ``"auto"``.
+
+    ``auto`` on the CPU is :data:`CPU_AUTO_POPULATION`; on a GPU it grows with free memory
+    (a rough 256 MiB per member for hposvc's small models, capped at 64).
+    """
+    from hposvc.devices import resolve_device
+    from hposvc.errors import invalid
+
+    if value is None:
+        return 1
+    if value == "auto":
+        dev = resolve_device(device)
+        if dev.type != "cuda":
+            return CPU_AUTO_POPULATION
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(dev)
+        return max(1, min(64, int(free // (256 * 2**20))))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid("population", value, "a positive integer or 'auto'")
+    return value
+
+
 def _claim_trial(study: "optuna.Study") -> "optuna.Trial | None":
     """Atomically move one WAITING trial to RUNNING and return it, or None.
 
@@ -322,9 +362,13 @@ def _claim_trial(study: "optuna.Study") -> "optuna.Trial | None":
 
 
 def _fail_stale(study: "optuna.Study") -> None:
+    import warnings
+
     from optuna.storages import fail_stale_trials
 
-    with_retries(lambda: fail_stale_trials(study), what="failing stale trials")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" since Optuna 2.9; it is the API
+        with_retries(lambda: fail_stale_trials(study), what="failing stale trials")
 
 
 @contextmanager
@@ -337,28 +381,111 @@ def _draining(tracker: Any) -> Iterator[None]:
 
 
 @contextmanager
-def _heartbeat(study: "optuna.Study", trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat from a thread while it trains."""
+def _heartbeat(study: "optuna.Study", trials: "Sequence[optuna.Trial]") -> Iterator[None]:
+    """Record the trials' heartbeats from a thread while they train.
+
+    Ask/tell has no heartbeat of its own (only ``Study.optimize`` starts one), so hposvc
+    beats for every trial it claimed, sequential or population.
+    """
     from hposvc.storage import HEARTBEAT_INTERVAL
 
     storage = study._storage  # noqa: SLF001 (the public heartbeat API lives on the storage)
+    ids = [t._trial_id for t in trials]  # noqa: SLF001
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_INTERVAL):
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception as e:  # noqa: BLE001 (a missed beat is retried next interval)
-                log.warning("heartbeat for trial %s failed: %s", trial_id, e)
+            for trial_id in ids:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as e:  # noqa: BLE001 (a missed beat is retried next interval)
+                    log.warning("heartbeat for trial %s failed: %s", trial_id, e)
 
-    storage.record_heartbeat(trial_id)
-    thread = threading.Thread(target=beat, name=f"hposvc-heartbeat-{trial_id}", daemon=True)
+    for trial_id in ids:
+        with_retries(lambda: storage.record_heartbeat(trial_id), what="recording a heartbeat")
+    thread = threading.Thread(target=beat, name="hposvc-heartbeat", daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+class _TrialJob:
+    """One claimed trial from config to its end in Optuna and MLflow.
+
+    :func:`run_trial` drives one job through :func:`hposvc.train.train`; the population
+    executor drives several through :func:`hposvc.population.train_population`.
+    """
+
+    def __init__(self, study: "optuna.Study", trial: "optuna.Trial", *, spec: "StudySpec", tracker: Any, device: Any, worker_id: str) -> None:
+        self.study, self.trial, self.spec, self.tracker = study, trial, spec, tracker
+        self.device, self.worker_id = device, worker_id
+        self.run: Any = None
+        self.prunes = spec.pruner != "none"  # no pruner: skip the per-epoch storage read
+
+    def start(self, task: "Task") -> "TrialConfig":
+        """Sample the config, open the MLflow run and record where the trial runs."""
+        from hposvc.space import suggest_config
+
+        trial, dev = self.trial, self.device
+        config = suggest_config(trial, self.spec, task_defaults={"depth": task.default_depth, "width": task.default_width})
+        trial_id = trial._trial_id  # noqa: SLF001
+
+        def remember_run(run_id: str) -> None:
+            # From the MLflow writer thread: lets whoever finds this trial stale close its run.
+            trial.storage.set_trial_user_attr(trial_id, "hposvc.mlflow_run_id", run_id)
+
+        self.run = self.tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": self.worker_id}, on_created=remember_run)
+        attrs = {
+            "hposvc.config": config.to_dict(),
+            "hposvc.device": str(dev),
+            "hposvc.host": socket.gethostname(),
+            "hposvc.worker": self.worker_id,
+        }
+        for key, value in attrs.items():
+            with_retries(lambda: trial.set_user_attr(key, value), what="storing trial attributes")
+        return config
+
+    def on_epoch(self, m: Any) -> bool:
+        """Report an epoch to the trial (pruners) and MLflow; True when it should stop."""
+        value = getattr(m, self.spec.metric)
+        with_retries(lambda: self.trial.report(value, m.epoch), what="reporting an epoch")
+        self.run.log_epoch({"train_loss": m.train_loss, "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr}, step=m.epoch)
+        return self.prunes and with_retries(self.trial.should_prune, what="asking the pruner")
+
+    def finish(self, result: Any) -> str:
+        """Tell Optuna and MLflow how training ended: COMPLETE, or PRUNED with the reason."""
+        import optuna
+
+        if result.status == "completed":
+            state, reason = "COMPLETE", None
+            with_retries(lambda: self.study.tell(self.trial, result.final[self.spec.metric]), what="storing the trial's result")
+        else:
+            state = "PRUNED"
+            reason = result.reason or f"pruned by {type(self.study.pruner).__name__}"
+            with_retries(lambda: self.trial.set_user_attr("hposvc.reason", reason), what="storing the prune reason")
+            with_retries(lambda: self.study.tell(self.trial, state=optuna.trial.TrialState.PRUNED), what="storing the trial's result")
+        self.run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in result.final.items()})
+        return state
+
+    def fail(self, e: BaseException) -> str:
+        """The trial ends FAIL with the reason (interruptions, OOM and errors)."""
+        from hposvc.devices import free_device_memory, is_out_of_memory
+
+        if isinstance(e, (KeyboardInterrupt, Interrupted)):
+            reason = "interrupted: " + (str(e) or "SIGINT")
+        elif is_out_of_memory(e):
+            free_device_memory(self.device)  # the worker goes on with the next trial
+            reason = f"out of memory on {self.device}: {e}"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+            log.error("trial %s failed: %s", self.trial.number, reason)
+        _tell_fail(self.study, self.trial, reason)
+        if self.run is not None:
+            self.run.end("FAIL", reason=reason)
+        return "FAIL"
 
 
 def run_trial(
@@ -372,70 +499,88 @@ def run_trial(
     worker_id: str = "",
 ) -> str:
     """Train one claimed trial and tell Optuna and MLflow how it ended; returns the state."""
-    import optuna
+    from hposvc.devices import resolve_device
+    from hposvc.train import train
 
-    from hposvc.devices import free_device_memory, is_out_of_memory, resolve_device
-    from hposvc.space import suggest_config
+    job = _TrialJob(study, trial, spec=spec, tracker=tracker, device=resolve_device(device), worker_id=worker_id)
+    # The heartbeat starts before anything else touches the trial: a trial without one
+    # could never be recognised as stale if this worker died right now.
+    with _heartbeat(study, [trial]):
+        try:
+            config = job.start(task)
+            return job.finish(train(config, task, device=job.device, on_epoch=job.on_epoch))
+        except (KeyboardInterrupt, Interrupted) as e:
+            job.fail(e)
+            raise
+        except Exception as e:  # noqa: BLE001 (one trial's error must not stop the worker)
+            return job.fail(e)
+
+
+def run_population(
+    study: "optuna.Study",
+    trials: "Sequence[optuna.Trial]",
+    *,
+    spec: "StudySpec",
+    task: "Task",
+    tracker: Any,
+    device: str = "auto",
+    worker_id: str = "",
+) -> list[str]:
+    """Train several claimed trials together where they share a structure.
+
+    Trials are grouped by :func:`hposvc.population.population_key`; each group of two or
+    more trains as one vectorised population, each member reporting to its own trial and
+    MLflow run every epoch, pruned and diverged members leaving the population alone. A
+    trial that fits no group trains the ordinary way. One heartbeat thread beats for all
+    of them, so a dead worker's trials are failed and retried as in sequential mode.
+    """
+    from hposvc.devices import resolve_device
+    from hposvc.population import group_configs, train_population
     from hposvc.train import train
 
     dev = resolve_device(device)
-    state, reason, final, run = "FAIL", None, {}, None
-    # The heartbeat starts before anything else touches the trial: a trial without one
-    # could never be recognised as stale if this worker died right now.
-    with _heartbeat(study, trial._trial_id):  # noqa: SLF001
+    jobs = [_TrialJob(study, t, spec=spec, tracker=tracker, device=dev, worker_id=worker_id) for t in trials]
+    states: dict[int, str] = {}
+    with _heartbeat(study, list(trials)):
         try:
-            config = suggest_config(trial, spec)
-            trial_id = trial._trial_id  # noqa: SLF001
-
-            def remember_run(run_id: str) -> None:
-                # From the MLflow writer thread: lets whoever finds this trial stale close its run.
-                trial.storage.set_trial_user_attr(trial_id, "hposvc.mlflow_run_id", run_id)
-
-            run = tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": worker_id}, on_created=remember_run)
-            attrs = {
-                "hposvc.config": config.to_dict(),
-                "hposvc.device": str(dev),
-                "hposvc.host": socket.gethostname(),
-                "hposvc.worker": worker_id,
-            }
-            for key, value in attrs.items():
-                with_retries(lambda: trial.set_user_attr(key, value), what="storing trial attributes")
-            prunes = spec.pruner != "none"
-
-            def on_epoch(m: Any) -> bool:
-                value = getattr(m, spec.metric)
-                with_retries(lambda: trial.report(value, m.epoch), what="reporting an epoch")
-                run.log_epoch({"train_loss": m.train_loss, "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr}, step=m.epoch)
-                return prunes and with_retries(trial.should_prune, what="asking the pruner")
-
-            result = train(config, task, device=dev, on_epoch=on_epoch)
-            final = result.final
-            if result.status == "completed":
-                state = "COMPLETE"
-                with_retries(lambda: study.tell(trial, final[spec.metric]), what="storing the trial's result")
-            else:
-                state = "PRUNED"
-                reason = result.reason or f"pruned by {type(study.pruner).__name__}"
-                with_retries(lambda: trial.set_user_attr("hposvc.reason", reason), what="storing the prune reason")
-                with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.PRUNED), what="storing the trial's result")
+            started: list[tuple[_TrialJob, TrialConfig]] = []
+            for job in jobs:
+                try:
+                    started.append((job, job.start(task)))
+                except (KeyboardInterrupt, Interrupted):
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    states[job.trial.number] = job.fail(e)
+            for group in group_configs([c for _, c in started]):
+                members = [started[i] for i in group]
+                try:
+                    if len(members) == 1:
+                        job, config = members[0]
+                        results = [train(config, task, device=dev, on_epoch=job.on_epoch)]
+                    else:
+                        results = train_population(
+                            [c for _, c in members],
+                            task,
+                            device=dev,
+                            on_epoch=lambda i, m, members=members: members[i][0].on_epoch(m),
+                        )
+                except (KeyboardInterrupt, Interrupted):
+                    raise
+                except Exception as e:  # noqa: BLE001 (the group fails, the worker goes on)
+                    for job, _ in members:
+                        states[job.trial.number] = job.fail(e)
+                    continue
+                for (job, _), result in zip(members, results):
+                    try:
+                        states[job.trial.number] = job.finish(result)
+                    except Exception as e:  # noqa: BLE001
+                        states[job.trial.number] = job.fail(e)
         except (KeyboardInterrupt, Interrupted) as e:
-            reason = "interrupted: " + (str(e) or "SIGINT")
-            _tell_fail(study, trial, reason)
-            if run is not None:
-                run.end("FAIL", reason=reason)
+            for job in jobs:
+                if job.trial.number not in states:
+                    job.fail(e)
             raise
-        except Exception as e:  # noqa: BLE001 (one trial's error must not stop the worker)
-            state = "FAIL"
-            if is_out_of_memory(e):
-                free_device_memory(dev)  # the worker goes on with the next trial
-                reason = f"out of memory on {dev}: {e}"
-            else:
-                reason = f"{type(e).__name__}: {e}"
-            log.error("trial %s failed: %s", trial.number, reason)
-            _tell_fail(study, trial, reason)
-    if run is not None:
-        run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in final.items()})
-    return state
+    return [states.get(t.number, "FAIL") for t in trials]
 
 
 def _tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> None:
@@ -446,6 +591,7 @@ def _tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> Non
         with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL), what="failing the trial")
     except Exception as e:  # noqa: BLE001 (the trial may already be failed as stale)
         log.warning("could not mark trial %s failed: %s", trial.number, e)
+
 
 
 @contextmanager

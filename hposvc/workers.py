@@ -36,12 +36,14 @@ REFRESH_SECONDS = 1.0
 STOP_GRACE_SECONDS = 60.0
 
 
-def worker_command(study: str, *, storage: str, tracking_uri: str, data_dir: str | None, slot: "Slot") -> list[str]:
+def worker_command(study: str, *, storage: str, tracking_uri: str, data_dir: str | None, slot: "Slot", population: int | str | None = None) -> list[str]:
     """The command line that runs one slot's worker (what a user runs on another host)."""
     cmd = [sys.executable, "-m", "hposvc.cli", "worker", study, "--storage", storage, "--tracking-uri", tracking_uri,
            "--device", slot.device, "--worker-id", f"{os.uname().nodename}:slot{slot.index}", "--quiet"]
     if data_dir:
         cmd += ["--data-dir", str(data_dir)]
+    if population is not None:
+        cmd += ["--population", str(population)]
     return cmd
 
 
@@ -90,7 +92,7 @@ def run_parallel(
             env: Mapping[str, str] = {**os.environ, **slot_env(slot)}
             # Own process group: a terminal's Ctrl-C reaches the coordinator only, which
             # forwards it once, so a worker never sees the signal twice.
-            procs.append(subprocess.Popen(worker_command(study.study_name, storage=url, tracking_uri=uri, data_dir=data_dir, slot=slot), env=dict(env), start_new_session=True, stdout=subprocess.DEVNULL))
+            procs.append(subprocess.Popen(worker_command(study.study_name, storage=url, tracking_uri=uri, data_dir=data_dir, slot=slot, population=spec.population), env=dict(env), start_new_session=True, stdout=subprocess.DEVNULL))
         with _Progress(study, spec.n_trials, enabled=progress) as bar:
             deadline = None
             while any(p.poll() is None for p in procs):

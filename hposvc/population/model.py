@@ -119,7 +119,8 @@ class PopulationModel:
 
         >>> from types import SimpleNamespace
         >>> task = SimpleNamespace(family="mlp", input_shape=(4,), n_outputs=2)
-        >>> PopulationModel.build(task, [TrialConfig(depth=1, width=8, init=i) for i in ("zero", "he_normal")]).n_members
+        >>> cfgs = [TrialConfig(depth=1, width=8, init=i) for i in ("zero", "he_normal")]
+        >>> PopulationModel.build(task, cfgs).n_members
         2
         """
         return cls(build_members(task, configs, seed_fn=seed_fn), device=device)
@@ -143,7 +144,9 @@ class PopulationModel:
         """(Re)create the per-layer autograd leaves as views of ``flat``."""
         m = self.n_members
         spans = list(zip(self.names, self.shapes, self.offsets, self.offsets[1:]))
-        self.params = {name: self.flat[:, a:b].view(m, *shape).detach().requires_grad_(True) for name, shape, a, b in spans}
+        self.params = {
+            name: self.flat[:, a:b].view(m, *shape).detach().requires_grad_(True) for name, shape, a, b in spans
+        }
         self._grad_views = [self.grad[:, a:b].view(m, *shape) for _, shape, a, b in spans]
 
     def backward(self, loss: Tensor) -> Tensor:

@@ -197,7 +197,9 @@ class BatchedOptimizer:
     # ``a.lerp_(b, w)`` stands for torch's ``a.mul_(1 - w).add_(b, alpha=w)`` (EMA
     # updates); it is one pass instead of two and differs only in the last bit.
 
-    def _update(self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor], work: tuple[Tensor, Tensor]) -> None:
+    def _update(
+        self, p: Tensor, g: Tensor, s: dict[str, Tensor], c: dict[str, Tensor], work: tuple[Tensor, Tensor]
+    ) -> None:
         kind, tmp, tmp2 = self.kind, work[0], work[1]
         if kind == "adamw":
             if self._any_decay:

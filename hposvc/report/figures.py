@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hposvc.config import INITS
 from hposvc.report.data import StudyData
 
 __all__ = ["FIGURES", "Figure", "draw"]
@@ -130,7 +131,7 @@ def curves(d: StudyData, path: Path, *, by: Sequence[str] = (), where: Callable[
 def zero_init(d: StudyData, path: Path) -> Figure:
     plt = _plt()
     f = _usable(d).assign(model=lambda x: np.where(x.depth == 0, "linear (depth 0)", "MLP"))
-    inits = list(dict.fromkeys(f.init))
+    inits = sorted(set(f.init), key=lambda i: INITS.index(i) if i in INITS else len(INITS))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(WIDTH, PANEL_HEIGHT + 0.4))
     width = 0.38
     for j, model in enumerate(["MLP", "linear (depth 0)"]):
@@ -372,6 +373,12 @@ def draw(kind: str, data: Mapping[str, StudyData], out_dir: Path, *, prefix: str
     entries (one per study, or one for all of them for multi-study kinds)."""
     if kind not in FIGURES:
         raise ValueError(f"unknown figure kind {kind!r}")
+    # matplotlib's default look, whatever style another library (optuna's plots) switched on
+    with _plt().style.context("default"):
+        return _draw(kind, data, out_dir, prefix=prefix)
+
+
+def _draw(kind: str, data: Mapping[str, StudyData], out_dir: Path, *, prefix: str) -> list[Figure]:
     if kind == "budget_curves":
         return [budget_curves(data, out_dir / f"{prefix}-{kind}.png")]
     out = []
