@@ -446,6 +446,7 @@ class _TrialJob:
         }
         for key, value in attrs.items():
             with_retries(lambda: trial.set_user_attr(key, value), what="storing trial attributes")
+        self.init_std = _probe_init(config, task)
         return config
 
     def on_epoch(self, m: Any) -> bool:
@@ -459,6 +460,15 @@ class _TrialJob:
         """Tell Optuna and MLflow how training ended: COMPLETE, or PRUNED with the reason."""
         import optuna
 
+        from hposvc.probes import ACTIVATION_STD_ATTR, UNIT_SYMMETRY_ATTR, unit_symmetry
+
+        # Probes the guide's claims are judged on: activation std per layer at init, and
+        # whether training broke the symmetry between hidden units.
+        probes = {ACTIVATION_STD_ATTR: self.init_std}
+        if result.model is not None:
+            probes[UNIT_SYMMETRY_ATTR] = _finite_or_none(unit_symmetry(result.model))
+        for key, value in probes.items():
+            with_retries(lambda: self.trial.set_user_attr(key, value), what="storing probes")
         if result.status == "completed":
             state, reason = "COMPLETE", None
             with_retries(lambda: self.study.tell(self.trial, result.final[self.spec.metric]), what="storing the trial's result")
@@ -488,6 +498,24 @@ class _TrialJob:
         return "FAIL"
 
 
+def _probe_init(config: TrialConfig, task: "Task") -> list[float | None]:
+    """Each hidden layer's activation std at init, on the model ``train`` starts from."""
+    from hposvc.nn import build_model
+    from hposvc.probes import PROBE_SAMPLES, activation_std_per_layer
+    from hposvc.train import seed_everything
+
+    seed_everything(config.seed)  # train() seeds the same way, so these are its weights
+    model = build_model(task, config)
+    return [_finite_or_none(v) for v in activation_std_per_layer(model, task.x_val[:PROBE_SAMPLES])]
+
+
+def _finite_or_none(value: float) -> float | None:
+    # Optuna stores user attributes as JSON, which has no NaN or infinity.
+    import math
+
+    return value if math.isfinite(value) else None
+
+
 def run_trial(
     study: "optuna.Study",
     trial: "optuna.Trial",
@@ -508,7 +536,7 @@ def run_trial(
     with _heartbeat(study, [trial]):
         try:
             config = job.start(task)
-            return job.finish(train(config, task, device=job.device, on_epoch=job.on_epoch))
+            return job.finish(train(config, task, device=job.device, on_epoch=job.on_epoch, keep_model=True))
         except (KeyboardInterrupt, Interrupted) as e:
             job.fail(e)
             raise
@@ -556,13 +584,14 @@ def run_population(
                 try:
                     if len(members) == 1:
                         job, config = members[0]
-                        results = [train(config, task, device=dev, on_epoch=job.on_epoch)]
+                        results = [train(config, task, device=dev, on_epoch=job.on_epoch, keep_model=True)]
                     else:
                         results = train_population(
                             [c for _, c in members],
                             task,
                             device=dev,
                             on_epoch=lambda i, m, members=members: members[i][0].on_epoch(m),
+                            keep_model=True,
                         )
                 except (KeyboardInterrupt, Interrupted):
                     raise
