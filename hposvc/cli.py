@@ -243,6 +243,31 @@ def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, d
     emit(out, as_json=as_json, title=f"study {result.study_name}")
 
 
+@study.command("create")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--n-trials", type=click.IntRange(min=1), help="Finished trials the study should have (overrides the spec).")
+@click.option("--name", help="Study name (overrides [study] name).")
+@storage_options
+@click.option("--warm-start", is_flag=True, help="Queue the current recommended configurations as the first trials.")
+@json_option
+def study_create(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, warm_start: bool, as_json: bool) -> None:
+    """Create a study (or top up its trial queue) without running trials here.
+
+    Workers on any host then join it with `hposvc worker NAME --storage URL`.
+
+    Example: hposvc study create studies/survey/digits.toml --storage postgresql+psycopg://db/hposvc
+    """
+    from hposvc.spec import load_spec
+    from hposvc.study import _counts, prepare_study
+
+    parsed = load_spec(spec)
+    overrides = {k: v for k, v in {"n_trials": n_trials, "name": name}.items() if v is not None}
+    if overrides:
+        parsed = parsed.with_overrides(**overrides)
+    study = prepare_study(parsed, storage=storage, warm_start=warm_start)
+    emit({"name": study.study_name, "storage": storage, "n_trials": parsed.n_trials, **{k.lower(): v for k, v in _counts(study).items()}}, as_json=as_json, title="study created")
+
+
 @study.command("list")
 @storage_options
 @json_option
@@ -345,17 +370,34 @@ def best(name: str, storage: str, data_dir: str | None, as_json: bool) -> None:
 @click.option("--max-trials", type=click.IntRange(min=1), help="Stop after this many trials.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Stop starting trials after this many seconds.")
 @click.option("--worker-id", help="Name recorded on each trial (default host:pid).")
+@click.option("--workers", help="Run N worker processes here ('auto': one per device slot), each pinned to its device.")
+@click.option("--devices", default="auto", show_default=True, help="With --workers: devices to use, e.g. cuda:0,cuda:2 or cpu.")
+@click.option("--trials-per-device", default=1, show_default=True, type=click.IntRange(min=1), help="With --workers: concurrent trials per GPU.")
 @click.option("--population", callback=lambda ctx, param, v: _population(v), help="Train up to K trials at once as one vectorised population ('auto': from the device). Overrides the spec.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
-def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, max_trials: int | None, timeout: float | None, worker_id: str | None, population: int | str | None, quiet: bool, as_json: bool) -> None:
+def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, max_trials: int | None, timeout: float | None, worker_id: str | None, workers: str | None, devices: str, trials_per_device: int, population: int | str | None, quiet: bool, as_json: bool) -> None:
     """Join an existing study and run its trials until it is done.
 
-    Example: hposvc worker digits-quick --storage postgresql+psycopg://hposvc@db/hposvc
+    \b
+    Examples:
+      hposvc worker digits-quick --storage postgresql+psycopg://hposvc@db/hposvc
+      hposvc worker digits-quick --storage URL --tracking-uri http://mlflow:5000 --workers auto
     """
     from hposvc.devices import apply_slot_threads
-    from hposvc.study import run_worker
+    from hposvc.study import load_study, run_worker
 
+    if workers is not None:
+        if max_trials or timeout or worker_id:
+            raise InvalidInputError("the '--max-trials', '--timeout' and '--worker-id' options apply to one worker; drop them with --workers.")
+        from hposvc.devices import plan_slots
+        from hposvc.storage import resolve_tracking_uri
+        from hposvc.workers import run_slots
+
+        slots = plan_slots(devices, trials_per_device=trials_per_device, workers=workers)
+        result = run_slots(load_study(name, storage=storage), slots, storage=storage, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), data_dir=data_dir, population=population, progress=not quiet)
+        emit({k: getattr(result, k) for k in result.__dataclass_fields__}, as_json=as_json, title=f"workers on {name}")
+        return
     apply_slot_threads()
     result = run_worker(
         name,

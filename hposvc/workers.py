@@ -19,16 +19,18 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Sequence
 
 from hposvc.storage import resolve_storage_url, resolve_tracking_uri
 from hposvc.study import DONE_STATES, Interrupted, StudyRun, _counts, prepare_study
 
 if TYPE_CHECKING:
+    import optuna
+
     from hposvc.devices import Slot
     from hposvc.spec import StudySpec
 
-__all__ = ["run_parallel", "worker_command"]
+__all__ = ["run_parallel", "run_slots", "worker_command"]
 
 # How often the coordinator refreshes the progress bar from the database (seconds).
 REFRESH_SECONDS = 1.0
@@ -60,10 +62,8 @@ def run_parallel(
     drain: bool = False,
     progress: bool = False,
 ) -> StudyRun:
-    """Run a study with one worker process per slot and wait for it to finish."""
-    from hposvc.devices import plan_slots, slot_env
-    from hposvc.results import best_trial
-    from hposvc.study import _Progress
+    """Create or resume the study, run one worker process per slot, wait for them."""
+    from hposvc.devices import plan_slots
     from hposvc.tracking import Tracker
 
     url = resolve_storage_url(storage, data_dir=data_dir)
@@ -73,8 +73,31 @@ def run_parallel(
     # Create the tracking store, experiment and parent run here, once: workers starting
     # together would otherwise race to create the embedded store's tables.
     Tracker(uri, study=study.study_name, data_dir=data_dir, tags={"hposvc.spec_hash": spec.spec_hash, "hposvc.task": spec.task_key}).start_study(spec=spec.to_dict())
-    before = sum(_counts(study).get(s, 0) for s in DONE_STATES)
+    return run_slots(study, slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=spec.population, drain=drain, progress=progress)
 
+
+def run_slots(
+    study: "optuna.Study",
+    slots: "Sequence[Slot]",
+    *,
+    storage: str,
+    tracking_uri: str,
+    data_dir: str | None = None,
+    population: int | str | None = None,
+    drain: bool = False,
+    progress: bool = False,
+) -> StudyRun:
+    """Run one ``hposvc worker`` process per slot on an existing study and wait.
+
+    What ``study run --workers`` does after preparing the study, and what ``hposvc worker
+    NAME --workers auto`` does on a host that joins a study (one process per GPU there).
+    """
+    from hposvc.devices import slot_env
+    from hposvc.results import best_trial
+    from hposvc.study import _Progress
+
+    n_trials = int(study.user_attrs.get("hposvc.n_trials", 0))
+    before = sum(_counts(study).get(s, 0) for s in DONE_STATES)
     procs: list[subprocess.Popen[bytes]] = []
     stop_signal: list[int] = []
 
@@ -89,11 +112,11 @@ def run_parallel(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for slot in slots:
-            env: Mapping[str, str] = {**os.environ, **slot_env(slot)}
-            # Own process group: a terminal's Ctrl-C reaches the coordinator only, which
-            # forwards it once, so a worker never sees the signal twice.
-            procs.append(subprocess.Popen(worker_command(study.study_name, storage=url, tracking_uri=uri, data_dir=data_dir, slot=slot, population=spec.population), env=dict(env), start_new_session=True, stdout=subprocess.DEVNULL))
-        with _Progress(study, spec.n_trials, enabled=progress) as bar:
+            cmd = worker_command(study.study_name, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, slot=slot, population=population)
+            # Own session: a terminal's Ctrl-C reaches this process only, which forwards it
+            # once, so a worker never sees the signal twice. Workers' stdout is not data.
+            procs.append(subprocess.Popen(cmd, env={**os.environ, **slot_env(slot)}, start_new_session=True, stdout=subprocess.DEVNULL))
+        with _Progress(study, n_trials, enabled=progress) as bar:
             deadline = None
             while any(p.poll() is None for p in procs):
                 time.sleep(REFRESH_SECONDS)
@@ -113,16 +136,16 @@ def run_parallel(
     failed = [p.returncode for p in procs if p.returncode != 0]
     c = _counts(study)
     n_done = sum(c.get(s, 0) for s in DONE_STATES)
-    if failed and n_done < spec.n_trials:
+    if failed and n_done < n_trials:
         from hposvc.errors import HposvcError
 
-        raise HposvcError(f"{len(failed)} worker(s) exited with codes {failed}; the study has {n_done} of {spec.n_trials} trials. Re-run to resume.")
+        raise HposvcError(f"{len(failed)} worker(s) exited with codes {failed}; the study has {n_done} of {n_trials} trials. Re-run to resume.")
     best = best_trial(study)
     return StudyRun(
         study_name=study.study_name,
-        storage=url,
-        tracking_uri=uri,
-        n_trials=spec.n_trials,
+        storage=storage,
+        tracking_uri=tracking_uri,
+        n_trials=n_trials,
         n_done=n_done,
         ran=n_done - before,
         best_value=None if best is None else best.value,

@@ -85,9 +85,14 @@ def _trial_runs(uri: str, name: str = "workers") -> list:
 
 
 def test_two_workers_on_postgres_and_mlflow_server(tmp_path: Path, postgres_url: str, mlflow_server) -> None:
+    # The multi-host recipe: create the study once, then `hposvc worker NAME --workers N`
+    # on each host (here one host, two worker processes).
     spec = _spec(tmp_path, n_trials=6, epochs=4)
+    created = subprocess.run(_cli("study", "create", str(spec), "--storage", postgres_url, "--json"), capture_output=True, text=True, timeout=120, env=_env())
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["waiting"] == 6
     p = subprocess.run(
-        _cli("study", "run", str(spec), "--workers", "2", "--storage", postgres_url, "--tracking-uri", mlflow_server.uri, "--quiet", "--json"),
+        _cli("worker", "workers", "--workers", "2", "--storage", postgres_url, "--tracking-uri", mlflow_server.uri, "--quiet", "--json"),
         capture_output=True, text=True, timeout=400, env=_env(),
     )
     assert p.returncode == 0, p.stderr

@@ -20,9 +20,11 @@ import optuna
 import pandas as pd
 
 from hposvc.config import TrialConfig
-from hposvc.errors import StorageError, invalid
+from hposvc.errors import HposvcError, StorageError, invalid
+from hposvc.storage import open_storage as _open_storage
+from hposvc.storage import resolve_data_dir, resolve_storage_url
 
-__all__ = ["CONFIG_FIELDS", "collect_trials", "default_data_dir", "default_storage_url", "open_storage"]
+__all__ = ["CONFIG_FIELDS", "collect_trials", "default_data_dir", "default_storage_url", "open_storage", "study_storage"]
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(TrialConfig.__dataclass_fields__)
 # Columns every frame from collect_trials has, before the TrialConfig fields.
@@ -30,47 +32,65 @@ BASE_COLUMNS = ("study", "task", "number", "state", "value", "metric", "directio
 
 
 def default_data_dir() -> Path:
-    """$HPOSVC_DATA_DIR, else ./hposvc-data.
+    """The data directory: $HPOSVC_DATA_DIR, else ./hposvc-data (:func:`hposvc.storage.resolve_data_dir`)."""
+    return resolve_data_dir()
 
-    TODO(unify): the study service owns the data-dir resolver; call it once it exists.
+
+def default_storage_url(data_dir: str | os.PathLike[str] | None = None) -> str:
+    """$HPOSVC_STORAGE, else ``<data dir>/hposvc.db`` (:func:`hposvc.storage.resolve_storage_url`)."""
+    return resolve_storage_url(None, data_dir=data_dir)
+
+
+# Whatever names a study storage: a URL (None: the configured default), a storage, a study.
+StorageLike = str | optuna.storages.BaseStorage | optuna.Study | None
+
+
+def open_storage(storage: StorageLike, *, data_dir: str | os.PathLike[str] | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage for a URL (None: the configured default), a study, or ``storage`` itself.
+
+    URLs are opened with :func:`hposvc.storage.open_storage`, which keeps one storage
+    object per URL and process (the study service and ``hposvc study`` share it, and with
+    it one connection pool; SQLite in WAL mode with a busy timeout, so reading while
+    workers write does not fail with "database is locked"). The object is cached, so the
+    callers here never dispose its engine.
+
+    >>> open_storage("sqlite:///hposvc-data/hposvc.db").get_all_studies()  # doctest: +SKIP
     """
-    return Path(os.environ.get("HPOSVC_DATA_DIR") or "hposvc-data")
-
-
-def default_storage_url() -> str:
-    """$HPOSVC_STORAGE, else an SQLite file ``hposvc.db`` in the data directory.
-
-    TODO(unify): replace with the study service's storage resolver when it lands.
-    """
-    url = os.environ.get("HPOSVC_STORAGE")
-    if url:
-        return url
-    data_dir = default_data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{data_dir.resolve() / 'hposvc.db'}"
-
-
-def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage:
-    """An Optuna storage object for a URL (or the default), or ``storage`` itself."""
-    if storage is None:
-        storage = default_storage_url()
+    if isinstance(storage, optuna.Study):
+        return study_storage(storage)
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
-    if not isinstance(storage, str) or not storage:
-        raise invalid("storage", storage, "an SQLAlchemy URL or an optuna storage object")
+    if storage is not None and (not isinstance(storage, str) or not storage):
+        raise invalid("storage", storage, "an SQLAlchemy URL, an optuna storage object or an optuna study")
+    url = resolve_storage_url(storage, data_dir=data_dir)
     try:
-        return optuna.storages.RDBStorage(storage)
-    except Exception as e:  # SQLAlchemy / driver errors, bad URLs, schema mismatch
-        raise StorageError(f"cannot open the study storage {_redact(storage)!r}: {e}") from e
+        # The default (heartbeat) variant: the same cached object the study service and
+        # results use for this URL. Heartbeats only act when a worker fails stale trials,
+        # which reading never does.
+        return _open_storage(url)
+    except HposvcError:
+        raise
+    except Exception as e:  # driver errors before with_retries (e.g. not an SQLite file), schema mismatch
+        raise StorageError(f"cannot open the study storage {_redact(url)!r}: {e}") from e
+
+
+def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study lives in.
+
+    Optuna has no public accessor for it, so this is the one place that reads the private
+    attribute; callers that have the storage URL should pass that instead.
+    """
+    return study._storage  # noqa: SLF001
 
 
 def _redact(url: str) -> str:
     """The URL without a password, for messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (only used in messages)
+        return url
 
 
 def _as_list(name: str, value: str | Iterable[str] | None) -> list[str] | None:
@@ -120,7 +140,7 @@ def _config_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
 
 
 def collect_trials(
-    storage: str | optuna.storages.BaseStorage | None = None,
+    storage: StorageLike = None,
     *,
     studies: str | Sequence[str] | None = None,
     tasks: str | Sequence[str] | None = None,
@@ -154,12 +174,7 @@ def collect_trials(
     """
     study_names = _as_list("studies", studies)
     task_names = _as_list("tasks", tasks)
-    store = open_storage(storage)
-    try:
-        return _collect(store, study_names, task_names)
-    finally:
-        if store is not storage and isinstance(store, optuna.storages.RDBStorage):
-            store.engine.dispose()  # we opened it, so close its connections
+    return _collect(open_storage(storage), study_names, task_names)
 
 
 def _collect(

@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 
 from hposvc.errors import StorageError, invalid
 from hposvc.recommendation._core import Recommendation
-from hposvc.recommendation._data import _redact, default_storage_url
+from hposvc.recommendation._data import StorageLike, open_storage
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -68,31 +68,22 @@ HISTORY_COLUMNS = [
 ]
 
 
-@contextlib.contextmanager
-def _engine(storage: str | optuna.storages.BaseStorage | None) -> Iterator[sa.Engine]:
-    """The SQLAlchemy engine behind ``storage``; one we create is disposed afterwards."""
-    if storage is None:
-        storage = default_storage_url()
-    if isinstance(storage, optuna.storages._CachedStorage):  # what load_study wraps RDBStorage in
-        storage = storage._backend
-    if isinstance(storage, optuna.storages.RDBStorage):
-        yield storage.engine
-        return
-    if not isinstance(storage, str):
+def _engine(storage: StorageLike) -> sa.Engine:
+    """The SQLAlchemy engine behind ``storage`` (a URL, None for the default, a study or an
+    optuna RDB storage). URLs go through :func:`hposvc.storage.open_storage`, so the table
+    lives in the same database with the same connection settings as Optuna's, and the
+    engine is the cached one of that storage (not disposed here)."""
+    opened = open_storage(storage)
+    if isinstance(opened, optuna.storages._CachedStorage):  # noqa: SLF001 (what optuna wraps an RDBStorage in)
+        opened = opened._backend  # noqa: SLF001
+    if not isinstance(opened, optuna.storages.RDBStorage):
         raise invalid(
             "storage",
-            type(storage).__name__,
+            type(opened).__name__,
             "an SQL database (an SQLAlchemy URL or an optuna RDBStorage)",
             hint="Recommendations are stored beside Optuna's tables; pass store=False (--no-store) to skip saving.",
         )
-    try:
-        engine = sa.create_engine(storage)
-    except (sa_exc.SQLAlchemyError, ImportError, ValueError) as e:
-        raise StorageError(f"cannot open the study storage {_redact(storage)!r}: {e}") from e
-    try:
-        yield engine
-    finally:
-        engine.dispose()
+    return opened.engine
 
 
 @contextlib.contextmanager
@@ -127,43 +118,44 @@ def _ensure_schema(conn: sa.Connection) -> None:
         )
 
 
-def save_recommendation(storage: str | optuna.storages.BaseStorage | None, rec: Recommendation) -> int:
+def save_recommendation(storage: StorageLike, rec: Recommendation) -> int:
     """Store ``rec`` as one row (in one transaction) and return its id.
 
     >>> save_recommendation("sqlite:///hposvc-data/hposvc.db", rec)  # doctest: +SKIP
     1
     """
     result = rec.to_dict()
-    with _engine(storage) as engine:
-        for attempt in (1, 2):
-            try:
-                with _transaction(engine, "saving the recommendation") as conn:
-                    _ensure_schema(conn)
-                    row = conn.execute(
-                        sa.insert(recommendations_table).values(
-                            created_at=rec.created_at,
-                            studies=list(rec.studies),
-                            n_trials=rec.n_trials,
-                            budget=rec.budget,
-                            by=rec.by_key,
-                            best=rec.best,
-                            result=result,
-                            mlflow_run_id=rec.mlflow_run_id,
-                            schema_version=SCHEMA_VERSION,
-                        )
+    engine = _engine(storage)
+    for attempt in (1, 2):
+        try:
+            with _transaction(engine, "saving the recommendation") as conn:
+                _ensure_schema(conn)
+                row = conn.execute(
+                    sa.insert(recommendations_table).values(
+                        created_at=rec.created_at,
+                        studies=list(rec.studies),
+                        n_trials=rec.n_trials,
+                        budget=rec.budget,
+                        by=rec.by_key,
+                        best=rec.best,
+                        result=result,
+                        mlflow_run_id=rec.mlflow_run_id,
+                        schema_version=SCHEMA_VERSION,
                     )
-                    return int(row.inserted_primary_key[0])
-            except StorageError as e:
-                # Two processes creating the tables at once: the loser retries once.
-                if attempt == 2 or not isinstance(e.__cause__, (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError)):
-                    raise
+                )
+                return int(row.inserted_primary_key[0])
+        except StorageError as e:
+            # Two processes creating the tables at once: the loser retries once.
+            if attempt == 2 or not isinstance(e.__cause__, (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError)):
+                raise
     raise AssertionError("unreachable")
 
 
-def set_mlflow_run_id(storage: str | optuna.storages.BaseStorage | None, id: int, run_id: str) -> None:
+def set_mlflow_run_id(storage: StorageLike, id: int, run_id: str) -> None:
     """Record the MLflow run a stored recommendation was logged to (one transaction)."""
     t = recommendations_table
-    with _engine(storage) as engine, _transaction(engine, "recording the MLflow run id") as conn:
+    engine = _engine(storage)
+    with _transaction(engine, "recording the MLflow run id") as conn:
         result = _loads(conn.execute(sa.select(t.c.result).where(t.c.id == id)).scalar_one())
         result["mlflow_run_id"] = run_id
         conn.execute(sa.update(t).where(t.c.id == id).values(mlflow_run_id=run_id, result=result))
@@ -176,23 +168,23 @@ def _has_table(engine: sa.Engine) -> bool:
         raise StorageError(f"reading the recommendation history failed: {e}") from e
 
 
-def recommendation_history(storage: str | optuna.storages.BaseStorage | None = None) -> pd.DataFrame:
+def recommendation_history(storage: StorageLike = None) -> pd.DataFrame:
     """Every stored recommendation, newest first: id, created_at, best, budget, by,
     n_trials, studies, summary, schema_version. Empty when none was stored yet.
 
     >>> recommendation_history("sqlite:///hposvc-data/hposvc.db").head()  # doctest: +SKIP
     """
-    with _engine(storage) as engine:
-        if not _has_table(engine):
-            return pd.DataFrame(columns=HISTORY_COLUMNS)
-        t = recommendations_table
-        with _transaction(engine, "reading the recommendation history") as conn:
-            rows = conn.execute(
-                sa.select(
-                    t.c.id, t.c.created_at, t.c.best, t.c.budget, t.c.by, t.c.n_trials, t.c.studies, t.c.result,
-                    t.c.mlflow_run_id, t.c.schema_version,
-                ).order_by(t.c.id.desc())
-            ).all()
+    engine = _engine(storage)
+    if not _has_table(engine):
+        return pd.DataFrame(columns=HISTORY_COLUMNS)
+    t = recommendations_table
+    with _transaction(engine, "reading the recommendation history") as conn:
+        rows = conn.execute(
+            sa.select(
+                t.c.id, t.c.created_at, t.c.best, t.c.budget, t.c.by, t.c.n_trials, t.c.studies, t.c.result,
+                t.c.mlflow_run_id, t.c.schema_version,
+            ).order_by(t.c.id.desc())
+        ).all()
     records = []
     for r in rows:
         result = _loads(r.result)
@@ -213,14 +205,14 @@ def recommendation_history(storage: str | optuna.storages.BaseStorage | None = N
     return pd.DataFrame(records, columns=HISTORY_COLUMNS)
 
 
-def load_recommendation(storage: str | optuna.storages.BaseStorage | None, id: int) -> dict[str, Any]:
+def load_recommendation(storage: StorageLike, id: int) -> dict[str, Any]:
     """The full stored result (``Recommendation.to_dict()``) of recommendation ``id``."""
-    with _engine(storage) as engine:
-        row = None
-        if _has_table(engine):
-            t = recommendations_table
-            with _transaction(engine, "reading a recommendation") as conn:
-                row = conn.execute(sa.select(t.c.id, t.c.result).where(t.c.id == id)).one_or_none()
+    engine = _engine(storage)
+    row = None
+    if _has_table(engine):
+        t = recommendations_table
+        with _transaction(engine, "reading a recommendation") as conn:
+            row = conn.execute(sa.select(t.c.id, t.c.result).where(t.c.id == id)).one_or_none()
     if row is None:
         raise invalid("id", id, "the id of a stored recommendation", hint="List them with `hposvc recommend --history`.")
     result = _loads(row.result)
