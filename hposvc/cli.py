@@ -119,6 +119,13 @@ def tracking_option(fn: Callable) -> Callable:
     return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: SQLite store in the data directory).")(fn)
 
 
+def _load_spec(path: str, **overrides: Any) -> Any:
+    """Parse a spec file and apply the [study] overrides that were given on the CLI."""
+    from hposvc.spec import load_spec
+
+    return load_spec(path).with_overrides(**overrides)  # None values leave settings as they are
+
+
 def _population(value: str | None) -> int | str | None:
     """--population K | auto, checked here so a typo is exit 2 with the allowed values."""
     if value is None or value == "auto":
@@ -214,14 +221,10 @@ def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, d
       hposvc study run studies/quickstart.toml --n-trials 20
       hposvc study run studies/survey/digits.toml --workers auto
     """
-    from hposvc.spec import load_spec
     from hposvc.study import run_study
     from hposvc.workers import run_parallel
 
-    parsed = load_spec(spec)
-    overrides = {k: v for k, v in {"n_trials": n_trials, "name": name, "population": population}.items() if v is not None}
-    if overrides:
-        parsed = parsed.with_overrides(**overrides)
+    parsed = _load_spec(spec, n_trials=n_trials, name=name, population=population)
     if workers is None:
         if drain or trials_per_device != 1 or devices != "auto":
             raise InvalidInputError("the '--drain', '--devices' and '--trials-per-device' options need --workers N or --workers auto.")
@@ -257,13 +260,9 @@ def study_create(spec: str, n_trials: int | None, name: str | None, storage: str
 
     Example: hposvc study create studies/survey/digits.toml --storage postgresql+psycopg://db/hposvc
     """
-    from hposvc.spec import load_spec
     from hposvc.study import _counts, prepare_study
 
-    parsed = load_spec(spec)
-    overrides = {k: v for k, v in {"n_trials": n_trials, "name": name}.items() if v is not None}
-    if overrides:
-        parsed = parsed.with_overrides(**overrides)
+    parsed = _load_spec(spec, n_trials=n_trials, name=name)
     study = prepare_study(parsed, storage=storage, warm_start=warm_start)
     emit({"name": study.study_name, "storage": storage, "n_trials": parsed.n_trials, **{k.lower(): v for k, v in _counts(study).items()}}, as_json=as_json, title="study created")
 

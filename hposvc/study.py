@@ -69,6 +69,23 @@ class StudyRun:
     best_value: float | None
     best_trial: int | None
 
+    @classmethod
+    def of(cls, study: "optuna.Study", *, storage: str, tracking_uri: str, n_trials: int, ran: int) -> "StudyRun":
+        """Summarise ``study`` as it is now in storage."""
+        from hposvc.results import best_trial
+
+        best = best_trial(study)
+        return cls(
+            study_name=study.study_name,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            n_trials=n_trials,
+            n_done=sum(_counts(study).get(s, 0) for s in DONE_STATES),
+            ran=ran,
+            best_value=None if best is None else best.value,
+            best_trial=None if best is None else best.number,
+        )
+
 
 # -- study creation ------------------------------------------------------------------
 
@@ -303,19 +320,7 @@ def run_worker(
     if n_done >= n_trials and c.get("RUNNING", 0) == 0:
         tracker.sync()
         tracker.finish_study(study)
-    from hposvc.results import best_trial
-
-    best = best_trial(study)
-    return StudyRun(
-        study_name=study.study_name,
-        storage=url,
-        tracking_uri=uri,
-        n_trials=n_trials,
-        n_done=n_done,
-        ran=ran,
-        best_value=None if best is None else best.value,
-        best_trial=None if best is None else best.number,
-    )
+    return StudyRun.of(study, storage=url, tracking_uri=uri, n_trials=n_trials, ran=ran)
 
 
 # Population size "auto" on the CPU: enough members to amortise per-step Python work on a

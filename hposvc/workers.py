@@ -93,7 +93,6 @@ def run_slots(
     NAME --workers auto`` does on a host that joins a study (one process per GPU there).
     """
     from hposvc.devices import slot_env
-    from hposvc.results import best_trial
     from hposvc.study import _Progress
 
     n_trials = int(study.user_attrs.get("hposvc.n_trials", 0))
@@ -140,14 +139,4 @@ def run_slots(
         from hposvc.errors import HposvcError
 
         raise HposvcError(f"{len(failed)} worker(s) exited with codes {failed}; the study has {n_done} of {n_trials} trials. Re-run to resume.")
-    best = best_trial(study)
-    return StudyRun(
-        study_name=study.study_name,
-        storage=storage,
-        tracking_uri=tracking_uri,
-        n_trials=n_trials,
-        n_done=n_done,
-        ran=n_done - before,
-        best_value=None if best is None else best.value,
-        best_trial=None if best is None else best.number,
-    )
+    return StudyRun.of(study, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, ran=n_done - before)

@@ -9,34 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from contract_spec import CONTRACT_SPEC
 from hposvc.config import OPTIMIZERS
 from hposvc.errors import SpecError
 from hposvc.spec import DEFAULT_RANGES, Dim, StudySpec, default_lr_dim, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The study-service issue's spec, verbatim: the contract.
-ISSUE_SPEC = """\
-[study]
-name = "digits-quick"
-task = "digits"
-metric = "val_accuracy"      # or "val_loss"; direction follows (maximize / minimize)
-n_trials = 12
-sampler = "tpe"              # tpe | random | cmaes | gp | grid | nsga2
-pruner = "median"            # none | median | successive_halving | hyperband
-seed = 0
-
-[train]
-epochs = 10
-
-[space]
-optimizer = ["sgd", "momentum", "adam", "rmsprop"]
-lr = { low = 1e-4, high = 0.5, log = true }
-init = ["xavier_uniform", "he_normal"]
-norm = ["none", "batch"]
-activation = ["relu", "tanh"]
-batch_size = [32, 64]
-"""
+ISSUE_SPEC = CONTRACT_SPEC  # the study-service issue's spec, verbatim
 
 HEAD = '[study]\nname = "s"\ntask = "digits"\n'
 

@@ -16,6 +16,7 @@ Use adam by default (lr=0.0012, beta1=0.9, ...): at a budget of 10 trials ...
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -30,7 +31,7 @@ from hposvc.recommendation._core import (
     recommend_from_frame,
     with_updates,
 )
-from hposvc.recommendation._data import collect_trials, default_storage_url, open_storage
+from hposvc.recommendation._data import collect_trials, open_storage
 from hposvc.recommendation._stats import (
     R_MAX,
     average_ranks,
@@ -49,7 +50,7 @@ from hposvc.recommendation._store import (
     save_recommendation,
     set_mlflow_run_id,
 )
-from hposvc.recommendation._tracking import EXPERIMENT, default_tracking_uri, log_recommendation, write_plots
+from hposvc.recommendation._tracking import EXPERIMENT, log_recommendation, write_plots
 from hposvc.recommendation._warm import warm_start_configs
 
 __all__ = [
@@ -82,7 +83,7 @@ __all__ = [
 
 def recommend(
     *,
-    storage: str | optuna.storages.BaseStorage | None = None,
+    storage: str | optuna.storages.BaseStorage | optuna.Study | None = None,
     studies: str | Sequence[str] | None = None,
     tasks: str | Sequence[str] | None = None,
     budget: int | None = None,
@@ -93,12 +94,13 @@ def recommend(
     min_trials: int = 3,
     store: bool = True,
     tracking_uri: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> Recommendation:
     """Recommend a default optimizer from the finished trials of the selected studies.
 
     Args:
-        storage: SQLAlchemy URL or optuna storage; default $HPOSVC_STORAGE, else
-            ``<data dir>/hposvc.db``.
+        storage: SQLAlchemy URL, optuna storage or study; default $HPOSVC_STORAGE, else
+            ``<data dir>/hposvc.db`` (resolved by :mod:`hposvc.storage`, as everywhere).
         studies / tasks: restrict to these study names / task keys (all when None).
         budget: number of random trials the user will tune with (n = 1 is "untuned");
             default :data:`DEFAULT_BUDGET`, lowered to the typical trials per optimizer.
@@ -111,34 +113,31 @@ def recommend(
             and log it as an MLflow run.
         tracking_uri: MLflow tracking URI; default $MLFLOW_TRACKING_URI, else
             ``<data dir>/mlflow.db`` with artifacts in ``<data dir>/mlruns``.
+        data_dir: the data directory the defaults above live in; default
+            $HPOSVC_DATA_DIR, else ./hposvc-data.
 
     >>> rec = recommend(storage="sqlite:///study.db", budget=5, store=False)  # doctest: +SKIP
     >>> rec.table[["optimizer", "score", "ci_low", "ci_high", "p_best"]]      # doctest: +SKIP
     """
     check_args(budget=budget, by=by, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials)
-    target = storage if storage is not None else default_storage_url()
-    opened = open_storage(target)
-    try:
-        t0 = time.perf_counter()
-        df = collect_trials(opened, studies=studies, tasks=tasks)
-        load_s = time.perf_counter() - t0
-        rec = recommend_from_frame(
-            df, budget=budget, by=by, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials
+    opened = open_storage(storage, data_dir=data_dir)  # cached per URL: not closed here
+    t0 = time.perf_counter()
+    df = collect_trials(opened, studies=studies, tasks=tasks)
+    load_s = time.perf_counter() - t0
+    rec = recommend_from_frame(
+        df, budget=budget, by=by, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials
+    )
+    rec = with_updates(rec, studies=list(df.attrs.get("studies", rec.studies)), timings={"load_s": load_s, **rec.timings})
+    if store:
+        # SQL is the record of truth, so it is written first; the MLflow run is a view
+        # of it and gets the row id as a tag, the row the run id afterwards.
+        t1 = time.perf_counter()
+        rec = with_updates(rec, id=save_recommendation(opened, rec))
+        t2 = time.perf_counter()
+        rec = with_updates(rec, mlflow_run_id=log_recommendation(rec, tracking_uri, data_dir=data_dir))
+        t3 = time.perf_counter()
+        set_mlflow_run_id(opened, rec.id, rec.mlflow_run_id)
+        rec = with_updates(
+            rec, timings={**rec.timings, "store_s": t2 - t1 + time.perf_counter() - t3, "track_s": t3 - t2}
         )
-        rec = with_updates(rec, studies=list(df.attrs.get("studies", rec.studies)), timings={"load_s": load_s, **rec.timings})
-        if store:
-            # SQL is the record of truth, so it is written first; the MLflow run is a view
-            # of it and gets the row id as a tag, the row the run id afterwards.
-            t1 = time.perf_counter()
-            rec = with_updates(rec, id=save_recommendation(opened, rec))
-            t2 = time.perf_counter()
-            rec = with_updates(rec, mlflow_run_id=log_recommendation(rec, tracking_uri))
-            t3 = time.perf_counter()
-            set_mlflow_run_id(opened, rec.id, rec.mlflow_run_id)
-            rec = with_updates(
-                rec, timings={**rec.timings, "store_s": t2 - t1 + time.perf_counter() - t3, "track_s": t3 - t2}
-            )
-        return rec
-    finally:
-        if opened is not storage and isinstance(opened, optuna.storages.RDBStorage):
-            opened.engine.dispose()
+    return rec

@@ -48,11 +48,12 @@ StorageLike = str | optuna.storages.BaseStorage | optuna.Study | None
 def open_storage(storage: StorageLike, *, data_dir: str | os.PathLike[str] | None = None) -> optuna.storages.BaseStorage:
     """An Optuna storage for a URL (None: the configured default), a study, or ``storage`` itself.
 
-    URLs are opened with :func:`hposvc.storage.open_storage`, which keeps one storage
-    object per URL and process (the study service and ``hposvc study`` share it, and with
-    it one connection pool; SQLite in WAL mode with a busy timeout, so reading while
-    workers write does not fail with "database is locked"). The object is cached, so the
-    callers here never dispose its engine.
+    URLs are opened with :func:`hposvc.storage.open_storage` without heartbeats (this
+    package only reads trials; heartbeats are for workers, and Optuna warns that they are
+    experimental): the same connection settings as the study service (SQLite in WAL mode
+    with a busy timeout, so reading while workers write does not fail with "database is
+    locked"; pooled, pre-pinged PostgreSQL). The object is cached per URL and process, so
+    the callers here never dispose its engine.
 
     >>> open_storage("sqlite:///hposvc-data/hposvc.db").get_all_studies()  # doctest: +SKIP
     """
@@ -64,10 +65,7 @@ def open_storage(storage: StorageLike, *, data_dir: str | os.PathLike[str] | Non
         raise invalid("storage", storage, "an SQLAlchemy URL, an optuna storage object or an optuna study")
     url = resolve_storage_url(storage, data_dir=data_dir)
     try:
-        # The default (heartbeat) variant: the same cached object the study service and
-        # results use for this URL. Heartbeats only act when a worker fails stale trials,
-        # which reading never does.
-        return _open_storage(url)
+        return _open_storage(url, heartbeat=False)
     except HposvcError:
         raise
     except Exception as e:  # driver errors before with_retries (e.g. not an SQLite file), schema mismatch

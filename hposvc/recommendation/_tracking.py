@@ -17,44 +17,50 @@ import numpy as np
 from hposvc.errors import TrackingError
 from hposvc.recommendation import _stats
 from hposvc.recommendation._core import Recommendation
-from hposvc.recommendation._data import default_data_dir
+from hposvc.storage import artifact_location, resolve_tracking_uri
 
-__all__ = ["EXPERIMENT", "default_tracking_uri", "log_recommendation", "write_plots"]
+__all__ = ["EXPERIMENT", "default_tracking_uri", "experiment_artifact_location", "log_recommendation", "write_plots"]
 
 EXPERIMENT = "hposvc-recommendations"
 # Per-task panels drawn beside the aggregate budget curve; more would be unreadable.
 MAX_TASK_PANELS = 8
 
 
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else an SQLite store ``mlflow.db`` in the data directory.
+def default_tracking_uri(data_dir: str | os.PathLike[str] | None = None) -> str:
+    """$MLFLOW_TRACKING_URI, else ``<data dir>/mlflow.db`` (:func:`hposvc.storage.resolve_tracking_uri`)."""
+    return resolve_tracking_uri(None, data_dir=data_dir)
 
-    TODO(unify): the tracking module owns this resolver; call it once it exists.
+
+def experiment_artifact_location(uri: str, data_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """Where the recommendations experiment keeps its artifacts, when hposvc creates it.
+
+    A tracking server decides itself (None). Otherwise :func:`hposvc.storage.artifact_location`
+    (``<data dir>/mlruns``, as for the studies' experiments) of ``data_dir``; when no data
+    directory is given and the store is an SQLite file, the data directory is the folder
+    that file is in, so ``--tracking-uri sqlite:///D/mlflow.db`` keeps its artifacts in
+    ``D/mlruns`` instead of scattering them under the current directory.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    data_dir = default_data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{data_dir.resolve() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    if data_dir is None and uri.startswith("sqlite:///"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(uri).database
+        if database and database != ":memory:":
+            return artifact_location(Path(database).parent)
+    return artifact_location(data_dir)
 
 
-def _artifact_location(uri: str) -> str | None:
-    """Artifacts of an SQLite tracking store live beside it in ``mlruns/`` (MLflow's own
-    default is ./mlruns under the current directory, which scatters them)."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        return (db.resolve().parent / "mlruns").as_uri()
-    return None  # a server or file store decides itself
-
-
-def log_recommendation(rec: Recommendation, tracking_uri: str | None = None) -> str:
+def log_recommendation(
+    rec: Recommendation, tracking_uri: str | None = None, *, data_dir: str | os.PathLike[str] | None = None
+) -> str:
     """Log ``rec`` as a run in the "hposvc-recommendations" experiment; return the run id.
 
     Params: budget, studies, settings; metrics: score/ci/p_best/profile_area/rank per
     optimizer; artifacts: recommendation.csv, task_scores.csv, budget_curves.csv,
     recommendation.json and plots/{budget_curves,performance_profiles,score_distributions}.png.
-    The run ends FINISHED, or FAILED if anything raises while logging.
+    The run ends FINISHED, or FAILED if anything raises while logging. ``tracking_uri`` and
+    ``data_dir`` resolve as everywhere in hposvc (:mod:`hposvc.storage`).
 
     >>> log_recommendation(rec, "sqlite:///hposvc-data/mlflow.db")  # doctest: +SKIP
     'a1b2c3...'
@@ -63,13 +69,13 @@ def log_recommendation(rec: Recommendation, tracking_uri: str | None = None) -> 
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
     try:
         client = mlflow.MlflowClient(uri)
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             try:
-                exp_id = client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
+                exp_id = client.create_experiment(EXPERIMENT, artifact_location=experiment_artifact_location(uri, data_dir))
             except MlflowException:
                 # Another process created it between our lookup and create.
                 exp = client.get_experiment_by_name(EXPERIMENT)

@@ -8,13 +8,14 @@ module builds them to fit the spec's space but does not have to be the last word
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from hposvc.config import ONE_SHOT_DEFAULTS, TrialConfig
-from hposvc.errors import HposvcError
+from hposvc.errors import HposvcError, StorageError
 from hposvc.recommendation._core import recommend_from_frame, top_trials
 from hposvc.recommendation._data import collect_trials, open_storage
 
@@ -27,7 +28,8 @@ __all__ = ["warm_start_configs"]
 def warm_start_configs(
     spec: "StudySpec",
     *,
-    storage: "str | optuna.storages.BaseStorage | optuna.Study | None",
+    storage: "str | optuna.storages.BaseStorage | optuna.Study | None" = None,
+    data_dir: "str | os.PathLike[str] | None" = None,
     top: int = 3,
     min_trials: int = 3,
 ) -> list[TrialConfig]:
@@ -41,24 +43,24 @@ def warm_start_configs(
     first choice or the middle of its range. Nothing is stored. Empty when no other study
     has enough data.
 
+    ``storage`` is the study database URL (None: resolved from ``data_dir`` and the
+    environment by :mod:`hposvc.storage`), an optuna storage, or the new study itself.
+
     >>> configs = warm_start_configs(spec, storage="sqlite:///hposvc-data/hposvc.db")  # doctest: +SKIP
     >>> [c.optimizer for c in configs]                                                 # doctest: +SKIP
     ['adam', 'nesterov', 'rmsprop']
     """
     from hposvc.spec import CONDITIONAL
 
-    if isinstance(storage, optuna.Study):
-        # Optuna has no public accessor for a study's storage object.
-        storage = storage._storage
-    store = open_storage(storage)
+    store = open_storage(storage, data_dir=data_dir)
     try:
-        others = [s.study_name for s in store.get_all_studies() if s.study_name != spec.name]
-        if not others:
-            return []
-        df = collect_trials(store, studies=others)
-    finally:
-        if store is not storage and isinstance(store, optuna.storages.RDBStorage):
-            store.engine.dispose()
+        names = [s.study_name for s in store.get_all_studies()]
+    except Exception as e:  # noqa: BLE001 (driver errors)
+        raise StorageError(f"cannot list the studies in the storage: {e}") from e
+    others = [n for n in names if n != spec.name]
+    if not others:
+        return []
+    df = collect_trials(store, studies=others)
     allowed = set(spec.optimizers)
     df = df[df["optimizer"].isin(allowed)]
     if df.empty:
