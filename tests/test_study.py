@@ -104,6 +104,12 @@ def test_contract_spec_end_to_end_on_sqlite(tmp_path: Path) -> None:
     listed = json.loads(out.stdout)
     assert listed[0]["name"] == "digits-quick" and listed[0]["complete"] + listed[0]["pruned"] == 12
 
+    # Plain Optuna's own CLI reads it as a normal study.
+    optuna_cli = str(Path(sys.executable).with_name("optuna"))  # the script Optuna installs
+    p = subprocess.run([optuna_cli, "trials", "--study-name", "digits-quick", "--storage", storage, "-f", "json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert sorted(r["number"] for r in json.loads(p.stdout)) == list(range(12))
+
     # Running again is a no-op: the study already has its trials.
     again = CliRunner().invoke(main, ["study", "run", str(spec), "--data-dir", str(data), "--quiet", "--json"])
     assert again.exit_code == 0, again.output
@@ -263,3 +269,31 @@ def test_python_api_round_trip(tmp_path: Path) -> None:
     t.optimizer.step()
     summary = hposvc.studies(storage=run.storage)
     assert list(summary["name"]) == ["api"]
+
+
+def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hposvc.cli", "ui", "--data-dir", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("hposvc ui did not come up")
+        assert (tmp_path / "mlflow.db").exists()  # the embedded store of this data dir
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
