@@ -133,6 +133,7 @@ class RunStats:
     per_worker: dict  # worker id → trials
     load_before: float  # 1-minute load average when the run started
     load_after: float
+    others_cores: float  # cores other processes kept busy during the run, on average
 
     @property
     def wall_tpm(self) -> float:
@@ -163,6 +164,17 @@ def summarise(trials: list[TrialRow], *, started: dt.datetime, ended: dt.datetim
         "mean_trial_s": statistics.fmean(t.duration for t in done),
         "per_worker": {w: len(rows) for w, rows in sorted(by_worker.items())},
     }
+
+
+def _machine_busy() -> float:
+    """CPU seconds all processes of this machine have spent busy (from /proc/stat), or NaN."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu() -> float:
@@ -197,12 +209,14 @@ def run_cli(
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     load_before = os.getloadavg()[0]
     cpu0 = _children_cpu()
+    busy0 = _machine_busy()
     started = dt.datetime.now()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     ended = dt.datetime.now()
     cpu = _children_cpu() - cpu0
+    others = max(0.0, (_machine_busy() - busy0 - cpu) / wall)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     s = summarise(read_trials(data_dir / "hposvc.db"), started=started, ended=ended)
@@ -214,12 +228,13 @@ def run_cli(
         cpu_s=cpu,
         load_before=load_before,
         load_after=os.getloadavg()[0],
+        others_cores=others,
         **s,
     )
 
 
 HEADER = (
-    f"{'spec':<7} {'config':<16} {'load':>5} {'done':>4} {'wall s':>7} {'wall t/min':>10} "
+    f"{'spec':<7} {'config':<18} {'load':>5} {'others':>6} {'done':>4} {'wall s':>7} {'wall t/min':>10} "
     f"{'steady t/min':>12} {'s/trial':>7} {'cpu s/trial':>11} {'start s':>7} {'tail s':>6}  per worker"
 )
 
@@ -227,7 +242,7 @@ HEADER = (
 def fmt(r: RunStats) -> str:
     workers = ",".join(str(n) for n in r.per_worker.values())
     return (
-        f"{r.spec:<7} {r.label:<16} {r.load_before:>5.2f} {r.n_done:>4} {r.wall_s:>7.1f} {r.wall_tpm:>10.1f} "
+        f"{r.spec:<7} {r.label:<18} {r.load_before:>5.2f} {r.others_cores:>6.2f} {r.n_done:>4} {r.wall_s:>7.1f} {r.wall_tpm:>10.1f} "
         f"{r.steady_tpm:>12.1f} {r.mean_trial_s:>7.3f} {r.cpu_per_trial:>11.3f} {r.startup_s:>7.1f} {r.tail_s:>6.1f}  {workers}"
     )
 
@@ -255,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-workers-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}), {args.trials} trials per run, "
-          f"{args.repeats} repeat(s); load is the 1-minute load average before each run", flush=True)
+          f"{args.repeats} repeat(s); load: 1-minute load average before each run; "
+          f"others: cores that other processes kept busy during it", flush=True)
     print(HEADER, flush=True)
     results: dict[tuple[str, str], list[RunStats]] = {}
     try:

@@ -238,9 +238,7 @@ def run_study(
         parsed = parse_spec(spec)
     else:
         parsed = load_spec(spec)
-    overrides = {k: v for k, v in {"n_trials": n_trials, "name": name}.items() if v is not None}
-    if overrides:
-        parsed = parsed.with_overrides(**overrides)
+    parsed = parsed.with_overrides(n_trials=n_trials, name=name)  # None leaves a setting as is
     url = resolve_storage_url(storage, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
     study = prepare_study(parsed, storage=url, warm_start=warm_start)
@@ -297,9 +295,16 @@ def run_worker(
             if timeout is not None and time.monotonic() - started >= timeout:
                 break
             want = k if max_trials is None else min(k, max_trials - ran)
-            claimed = []
-            while len(claimed) < want and (trial := _claim_trial(study)) is not None:
-                claimed.append(trial)
+            claimed: list[optuna.Trial] = []
+            try:
+                while len(claimed) < want and (trial := _claim_trial(study)) is not None:
+                    claimed.append(trial)
+            except BaseException:
+                # Interrupted while claiming: claimed trials have no heartbeat yet and would
+                # stay RUNNING forever; fail them so a re-run queues replacements.
+                for t in claimed:
+                    _tell_fail(study, t, "interrupted before training started")
+                raise
             if not claimed:
                 _fail_stale(study)
                 c = _counts(study)
