@@ -18,23 +18,30 @@ and is measured three ways:
 
 Start-up (command start → first claim) and tail (last result → exit) are printed too,
 since they are fixed costs that a short study cannot amortise. Runs are interleaved
-(1 slot, 2 slots, 1 slot, ...) and each row prints the 1-minute load average before it
-started, because this machine is shared and other processes only ever slow a run down.
+(1 slot, 2 slots, 1 slot, ...). This machine is shared and other processes only ever slow
+a run down, so each row prints the 1-minute load average before the run and the cores
+that other processes kept busy during it ("others", from /proc/stat less this run's own
+CPU time); ``--wait-idle S`` waits up to S seconds for a quiet moment before each run.
 
 ``--investigate`` adds runs that explain a shortfall (all through the same CLI, no hposvc
 code changed):
 
 - ``1 slot, 1 core``: the 1-slot run confined to one core with ``taskset`` (the slot then
-  also gets one torch thread), the baseline that 2 slots on 2 cores can at best double.
-  How much faster the ordinary 1-slot run is than this shows how much of the second core
-  a single worker already uses (its second torch thread, the MLflow writer thread, the
-  coordinator);
+  gets one torch thread, as each of 2 slots does), the baseline that 2 slots on 2 cores can
+  at best double. Against the ordinary 1-slot run (one slot, 2 torch threads) it shows what
+  the second intra-op thread does for these small models;
 - ``no MLflow``: the tracking URI points at a closed local port, so the workers' MLflow
   writer threads go offline after one failed call and keep records in the outbox instead
   (cheap JSON files): the difference is what MLflow's SQLite store costs in CPU.
 
+Then it measures the parts separately (each in its own subprocess, so thread settings and
+imports are fresh): import times; ``train()`` of survey configs with 1 vs 2 torch threads;
+the embedded MLflow store (creation, one trial's writes, the study's final plots); and the
+Optuna SQLite storage calls one trial makes (claim, attributes, 10 reports, heartbeat,
+tell), from 1 process and from 2 processes at once, i.e. SQLite contention.
+
     python bench/bench_workers.py [--specs digits,moons] [--trials 48] [--repeats 2]
-        [--workers 1,2] [--investigate] [--keep DIR] [--timeout 900]
+        [--workers 1,2] [--investigate] [--wait-idle S] [--keep DIR] [--timeout 900]
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,6 +185,26 @@ def _machine_busy() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def others_busy(seconds: float = 3.0) -> float:
+    """Cores the machine kept busy over ``seconds`` (this process only sleeps meanwhile)."""
+    b0, t0 = _machine_busy(), time.perf_counter()
+    time.sleep(seconds)
+    return (_machine_busy() - b0) / (time.perf_counter() - t0)
+
+
+def wait_until_idle(max_wait: float, *, threshold: float = 0.3) -> float:
+    """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` cores.
+
+    Returns the last measured use; on a shared machine this picks quiet moments to
+    measure in, and the table's "others" column says how quiet the run actually was.
+    """
+    deadline = time.monotonic() + max_wait
+    busy = others_busy()
+    while busy >= threshold and time.monotonic() < deadline:
+        busy = others_busy()
+    return busy
+
+
 def _children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -212,7 +240,9 @@ def run_cli(
     busy0 = _machine_busy()
     started = dt.datetime.now()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    # Not the repository root as cwd: `python -m` puts the cwd first on sys.path, which would
+    # shadow a PYTHONPATH that points at another checkout of hposvc to measure.
+    proc = subprocess.run(cmd, cwd=data_dir.parent, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
     ended = dt.datetime.now()
     cpu = _children_cpu() - cpu0
@@ -233,6 +263,158 @@ def run_cli(
     )
 
 
+# -- component probes (--investigate) ------------------------------------------------
+
+
+def _probe_imports() -> dict:
+    t0 = time.perf_counter()
+    import torch  # noqa: F401
+
+    t1 = time.perf_counter()
+    import mlflow  # noqa: F401
+    import optuna  # noqa: F401
+
+    t2 = time.perf_counter()
+    import hposvc.cli  # noqa: F401
+    import hposvc.study  # noqa: F401
+
+    return {"import torch s": t1 - t0, "import mlflow+optuna s": t2 - t1, "import hposvc s": time.perf_counter() - t2}
+
+
+def survey_configs(n: int = 12, *, epochs: int = 10) -> list:
+    """Configs shaped like the survey's trials: 4 optimizers × 3 norms, relu, batch 64."""
+    from hposvc.config import TrialConfig
+
+    grid = [(o, lr, nm) for o, lr in (("adam", 1e-3), ("sgd", 0.1), ("momentum", 0.01), ("rmsprop", 1e-3)) for nm in ("none", "batch", "layer")]
+    return [TrialConfig(optimizer=o, lr=lr, norm=nm, activation="relu", epochs=epochs, batch_size=64) for o, lr, nm in grid[:n]]
+
+
+def _probe_threads(task_name: str) -> dict:
+    """Seconds per trial of ``train()`` with 1 and 2 intra-op threads (interleaved, best of 2)."""
+    import torch
+
+    from hposvc.tasks import load_task
+    from hposvc.train import train
+
+    task = load_task(task_name)
+    cfgs = survey_configs()
+    train(cfgs[0].replace(epochs=1), task, device="cpu")  # first-call costs
+    best: dict[int, tuple[float, float]] = {}
+    for _ in range(2):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            c0, t0 = time.process_time(), time.perf_counter()
+            for c in cfgs:
+                train(c, task, device="cpu")
+            wall, cpu = (time.perf_counter() - t0) / len(cfgs), (time.process_time() - c0) / len(cfgs)
+            if threads not in best or wall < best[threads][0]:
+                best[threads] = (wall, cpu)
+    return {f"train {task_name} {t} thread{'s' if t > 1 else ''} s/trial (cpu)": f"{w:.3f} ({c:.3f})" for t, (w, c) in best.items()}
+
+
+def _probe_mlflow(folder: str) -> dict:
+    """The embedded MLflow store: creating it, one trial's writes, the study's final plots."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    import optuna
+
+    from hposvc.tracking import Tracker
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfgs = survey_configs()
+    t0 = time.perf_counter()
+    tracker = Tracker(f"sqlite:///{folder}/mlflow.db", study="probe", data_dir=folder)
+    tracker.start_study(spec={"probe": True})
+    create = time.perf_counter() - t0
+    n = 24
+    c0, t0 = time.process_time(), time.perf_counter()
+    for i in range(n):
+        run = tracker.start_trial(i, cfgs[i % len(cfgs)], tags={"hposvc.device": "cpu"})
+        for epoch in range(1, 11):
+            run.log_epoch({"train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5, "lr": 0.1}, step=epoch)
+        run.end("COMPLETE", metrics={"final_val_loss": 1.0})
+    tracker.drain()
+    per_trial, per_trial_cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1.0, log=True) + len(t.suggest_categorical("optimizer", ["adam", "sgd"])), n_trials=24)
+    t0 = time.perf_counter()
+    tracker.finish_study(study)
+    return {
+        "mlflow store create + parent run s": f"{create:.2f}",
+        "mlflow one trial's writes s (cpu)": f"{per_trial:.3f} ({per_trial_cpu:.3f})",
+        "mlflow finish_study (plots) s": f"{time.perf_counter() - t0:.2f}",
+    }
+
+
+def _probe_storage_ops(url: str, n: int, start_at: float) -> dict:
+    """One process's time for the Optuna storage calls of ``n`` hposvc trials."""
+    import optuna
+
+    from hposvc.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="probe", storage=open_storage(url))
+    storage = study._storage  # noqa: SLF001 (heartbeats live on the storage)
+    time.sleep(max(0.0, start_at - time.time()))  # start together with the other process
+    c0, t0 = time.process_time(), time.perf_counter()
+    for i in range(n):
+        trial_id = storage.create_new_trial(study._study_id)  # noqa: SLF001 (what claiming writes)
+        trial = optuna.Trial(study, trial_id)
+        storage.record_heartbeat(trial_id)
+        trial.suggest_float("lr", 1e-4, 1.0, log=True)
+        for key in ("hposvc.config", "hposvc.device", "hposvc.host", "hposvc.worker", "hposvc.mlflow_run_id"):
+            trial.set_user_attr(key, {"i": i, "key": key})
+        for epoch in range(1, 11):
+            trial.report(0.5, epoch)
+        for key in ("hposvc.activation_std", "hposvc.unit_symmetry"):
+            trial.set_user_attr(key, [0.1, 0.2])
+        study.tell(trial, 0.5)
+    return {"wall": (time.perf_counter() - t0) / n, "cpu": (time.process_time() - c0) / n}
+
+
+def _run_probe(args: list[str], *, cwd: Path, timeout: float = 600) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--_probe", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"})
+    if out.returncode != 0:
+        raise RuntimeError(f"probe {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def components(root: Path, *, task: str = "digits", n_ops: int = 40) -> None:
+    """Print the component measurements (see the module docstring)."""
+    import optuna
+
+    print("\ncomponents (each in a fresh subprocess):", flush=True)
+    rows = {**_run_probe(["imports"], cwd=root), **_run_probe(["threads", task], cwd=root)}
+    folder = root / "probe-mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows.update(_run_probe(["mlflow", str(folder)], cwd=root))
+    for k, v in rows.items():
+        print(f"  {k:<40} {v if isinstance(v, str) else f'{v:.2f}'}", flush=True)
+    from hposvc.storage import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for procs in (1, 2):
+        url = f"sqlite:///{root / f'probe-storage-{procs}.db'}"
+        optuna.create_study(study_name="probe", storage=open_storage(url), direction="maximize")
+        start_at = time.time() + 4.0  # after both processes have imported and connected
+        children = [
+            subprocess.Popen([sys.executable, __file__, "--_probe", "storage", url, str(n_ops), str(start_at)], cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            for _ in range(procs)
+        ]
+        res = []
+        for c in children:
+            out, err = c.communicate(timeout=600)
+            if c.returncode != 0:
+                raise RuntimeError(f"storage probe failed:\n{err[-3000:]}")
+            res.append(json.loads(out.strip().splitlines()[-1]))
+        wall = statistics.fmean(r["wall"] for r in res)
+        cpu = statistics.fmean(r["cpu"] for r in res)
+        print(f"  {f'optuna SQLite calls of one trial, {procs} proc':<40} {wall:.3f} s ({cpu:.3f} cpu) per trial per process", flush=True)
+
+
 HEADER = (
     f"{'spec':<7} {'config':<18} {'load':>5} {'others':>6} {'done':>4} {'wall s':>7} {'wall t/min':>10} "
     f"{'steady t/min':>12} {'s/trial':>7} {'cpu s/trial':>11} {'start s':>7} {'tail s':>6}  per worker"
@@ -247,16 +429,51 @@ def fmt(r: RunStats) -> str:
     )
 
 
+def print_ratios(results: dict, specs: list[str], pairs: list[tuple[str, str]]) -> None:
+    """Throughput ratios top/base for wall and steady trials per minute."""
+    print("\nratios (best of the repeats; median in brackets):")
+    for spec in specs:
+        for top, base in pairs:
+            a, b = results[(spec, top)], results[(spec, base)]
+            for metric in ("wall_tpm", "steady_tpm"):
+                best = max(getattr(r, metric) for r in a) / max(getattr(r, metric) for r in b)
+                med = statistics.median(getattr(r, metric) for r in a) / statistics.median(getattr(r, metric) for r in b)
+                print(f"  {spec:<7} {metric:<10} {top:>18} / {base:<18} {best:5.2f}x  [{med:.2f}x]", flush=True)
+
+
+def _probe_main(argv: list[str]) -> int:
+    kind, rest = argv[0], argv[1:]
+    if kind == "imports":
+        out = _probe_imports()
+    elif kind == "threads":
+        out = _probe_threads(rest[0])
+    elif kind == "mlflow":
+        out = _probe_mlflow(rest[0])
+    elif kind == "storage":
+        out = _probe_storage_ops(rest[0], int(rest[1]), float(rest[2]))
+    else:
+        raise SystemExit(f"unknown probe {kind!r}")
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_probe"]:
+        return _probe_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--specs", default="digits", help="survey specs (studies/survey/NAME.toml), comma-separated, or paths")
     parser.add_argument("--trials", type=int, default=48, help="trials per run (--n-trials)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (interleaved)")
     parser.add_argument("--workers", default="1,2", help="worker slot counts to compare; the ratio is last/first")
     parser.add_argument("--investigate", action="store_true", help="add the 1-core and no-MLflow runs (see the docstring)")
+    parser.add_argument("--components-only", action="store_true", help="only the component probes (see the docstring)")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                        help="before each run wait up to S seconds for other processes to use < 0.3 cores")
     parser.add_argument("--keep", help="keep the data directories under this folder (default: a temp dir, removed)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take")
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")  # Optuna's "experimental" notices from the probes' imports
 
     specs = [Path(s) if s.endswith(".toml") else SURVEY / f"{s}.toml" for s in args.specs.split(",")]
     counts = [int(w) for w in args.workers.split(",")]
@@ -272,33 +489,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}), {args.trials} trials per run, "
           f"{args.repeats} repeat(s); load: 1-minute load average before each run; "
           f"others: cores that other processes kept busy during it", flush=True)
-    print(HEADER, flush=True)
+    where = subprocess.run([sys.executable, "-c", "import hposvc; print(hposvc.__file__)"], cwd=root, capture_output=True, text=True).stdout.strip()
+    print(f"hposvc measured: {where}", flush=True)
     results: dict[tuple[str, str], list[RunStats]] = {}
     try:
-        for spec in specs:
-            for rep in range(args.repeats):
-                for label, w, kw in configs:
-                    data_dir = root / f"{spec.stem}-{label.replace(' ', '').replace(',', '-')}-{rep}"
-                    r = run_cli(spec, w, n_trials=args.trials, data_dir=data_dir, label=label, timeout=args.timeout, **kw)
-                    results.setdefault((spec.stem, label), []).append(r)
-                    print(fmt(r), flush=True)
+        if not args.components_only:
+            print(HEADER, flush=True)
+            for spec in specs:
+                for rep in range(args.repeats):
+                    for label, w, kw in configs:
+                        if args.wait_idle > 0:
+                            wait_until_idle(args.wait_idle)
+                        data_dir = root / f"{spec.stem}-{label.replace(' ', '').replace(',', '-')}-{rep}"
+                        r = run_cli(spec, w, n_trials=args.trials, data_dir=data_dir, label=label, timeout=args.timeout, **kw)
+                        results.setdefault((spec.stem, label), []).append(r)
+                        print(fmt(r), flush=True)
+            base_label, top_label = configs[0][0], configs[len(counts) - 1][0]
+            pairs = [(top_label, base_label)]
+            if args.investigate:
+                pairs += [(top_label, "1 slot, 1 core"), (base_label, "1 slot, 1 core"),
+                          (f"{counts[-1]} slots, no MLflow", "1 slot, no MLflow")]
+            print_ratios(results, [s.stem for s in specs], pairs)
+        if args.investigate or args.components_only:
+            components(root)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-
-    print("\nratios (best of the repeats; median in brackets):")
-    base_label, top_label = configs[0][0], configs[len(counts) - 1][0]
-    pairs = [(top_label, base_label)]
-    if args.investigate:
-        pairs += [(top_label, "1 slot, 1 core"), (base_label, "1 slot, 1 core"),
-                  (f"{counts[-1]} slots, no MLflow", "1 slot, no MLflow")]
-    for spec in specs:
-        for top, base in pairs:
-            a, b = results[(spec.stem, top)], results[(spec.stem, base)]
-            for metric in ("wall_tpm", "steady_tpm"):
-                best = max(getattr(r, metric) for r in a) / max(getattr(r, metric) for r in b)
-                med = statistics.median(getattr(r, metric) for r in a) / statistics.median(getattr(r, metric) for r in b)
-                print(f"  {spec.stem:<7} {metric:<10} {top:>18} / {base:<18} {best:5.2f}x  [{med:.2f}x]")
     return 0
 
 

@@ -251,19 +251,23 @@ def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, d
 @click.option("--n-trials", type=click.IntRange(min=1), help="Finished trials the study should have (overrides the spec).")
 @click.option("--name", help="Study name (overrides [study] name).")
 @storage_options
+@tracking_option
 @click.option("--warm-start", is_flag=True, help="Queue the current recommended configurations as the first trials.")
 @json_option
-def study_create(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, warm_start: bool, as_json: bool) -> None:
+def study_create(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, tracking_uri: str | None, warm_start: bool, as_json: bool) -> None:
     """Create a study (or top up its trial queue) without running trials here.
 
-    Workers on any host then join it with `hposvc worker NAME --storage URL`.
+    Workers on any host then join it with `hposvc worker NAME --storage URL --tracking-uri URI`.
 
     Example: hposvc study create studies/survey/digits.toml --storage postgresql+psycopg://db/hposvc
     """
-    from hposvc.study import _counts, prepare_study
+    from hposvc.storage import resolve_tracking_uri
+    from hposvc.study import _counts, open_tracker, prepare_study
 
     parsed = _load_spec(spec, n_trials=n_trials, name=name)
     study = prepare_study(parsed, storage=storage, warm_start=warm_start)
+    # the MLflow experiment and parent run too, so workers starting together share them
+    open_tracker(study, parsed, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), data_dir=data_dir).drain()
     emit({"name": study.study_name, "storage": storage, "n_trials": parsed.n_trials, **{k.lower(): v for k, v in _counts(study).items()}}, as_json=as_json, title="study created")
 
 
@@ -303,6 +307,7 @@ def study_export(name: str, fmt: str, out: str | None, storage: str, data_dir: s
     if fmt == "parquet":
         if not out:
             raise InvalidInputError("the '--out' option must be a file path for --format parquet. Got nothing instead.")
+        _check_out(out)
         df.to_parquet(out, index=False)
     elif fmt == "csv":
         text = df.to_csv(index=False)
@@ -315,10 +320,17 @@ def study_export(name: str, fmt: str, out: str | None, storage: str, data_dir: s
 
 def _write(out: str | None, text: str) -> None:
     if out:
+        _check_out(out)
         with open(out, "w") as f:
             f.write(text)
     else:
         click.echo(text, nl=False)
+
+
+def _check_out(out: str) -> None:
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise InvalidInputError(f"the '--out' option must be a file in an existing folder. Got {out!r} instead ({folder} does not exist).")
 
 
 @study.command("delete")
@@ -537,6 +549,7 @@ def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: boo
         n_bootstrap=n_bootstrap,
         store=not no_store,
         tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir),
+        data_dir=data_dir,
     )
     if as_json:
         emit(rec.to_dict(), as_json=True)

@@ -58,6 +58,8 @@ def best_trial(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     if not done:
         return None
+    if len(study.directions) != 1:
+        return None  # multi-objective: no single best (not an hposvc study)
     pick = max if study.direction.name == "MAXIMIZE" else min
     return pick(done, key=lambda t: t.value)
 
@@ -74,6 +76,8 @@ def best_config(name: str, *, storage: str | None = None) -> Best:
     t = best_trial(study)
     if t is None:
         raise InvalidInputError(f"study {name!r} has no completed trial yet; run it first (`hposvc study run SPEC`).")
+    if "hposvc.config" not in t.user_attrs:
+        raise InvalidInputError(f"study {name!r} was not written by hposvc (its trials have no hposvc.config); read it with Optuna.")
     return Best(
         study=name,
         metric=study.user_attrs.get("hposvc.metric", "value"),
@@ -139,7 +143,7 @@ def studies(*, storage: str | None = None) -> "pd.DataFrame":
                 "name": s.study_name,
                 "task": s.user_attrs.get("hposvc.task"),
                 "metric": s.user_attrs.get("hposvc.metric"),
-                "direction": s.direction.name.lower(),
+                "direction": "/".join(d.name.lower() for d in s.directions),
                 "n_trials": s.user_attrs.get("hposvc.n_trials"),
                 "complete": counts.get("COMPLETE", 0),
                 "pruned": counts.get("PRUNED", 0),

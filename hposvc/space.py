@@ -236,8 +236,11 @@ def grid_search_space(spec: StudySpec) -> dict[str, list]:
     return out
 
 
-def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded with ``spec.seed``.
+def build_sampler(spec: StudySpec, *, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded with ``seed`` (default ``spec.seed``).
+
+    Parallel workers pass their own seed: samplers seeded alike would propose the same
+    configurations in every worker.
 
     * tpe: multivariate, grouped TPE (models parameters jointly, and splits the
       conditional optimizer numbers into groups that occur together); constant liar so
@@ -252,7 +255,8 @@ def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     >>> type(build_sampler(parse_spec({"study": {"name": "s", "task": "digits"}}))).__name__
     'TPESampler'
     """
-    s, seed = spec.sampler, spec.seed
+    s = spec.sampler
+    seed = spec.seed if seed is None else seed
     # Multivariate/group TPE, QMC and GP are marked experimental; the warning is noise to users.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -44,8 +44,17 @@ __all__ = [
 DEFAULT_DATA_DIR = "hposvc-data"
 # Workers record a heartbeat for their running trial this often (seconds); a trial whose
 # heartbeat is older than the grace period is failed and retried by whoever notices.
-HEARTBEAT_INTERVAL = int(os.environ.get("HPOSVC_HEARTBEAT_INTERVAL", "10"))
-GRACE_PERIOD = int(os.environ.get("HPOSVC_GRACE_PERIOD", str(3 * HEARTBEAT_INTERVAL)))
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise InvalidInputError(f"the {name!r} environment variable must be a whole number of seconds >= 1. Got {value!r} instead.")
+    return int(value)
+
+
+HEARTBEAT_INTERVAL = _env_seconds("HPOSVC_HEARTBEAT_INTERVAL", 10)
+# Long enough to outlast a database restart or a busy SQLite writer, so a live trial is
+# not failed while its heartbeat waits.
+GRACE_PERIOD = _env_seconds("HPOSVC_GRACE_PERIOD", max(6 * HEARTBEAT_INTERVAL, 60))
 # A trial killed with its worker is retried this many times with the same parameters.
 MAX_RETRY = 2
 # SQLite waits this long (seconds) for a competing writer before "database is locked".
@@ -83,11 +92,11 @@ def artifact_location(data_dir: str | os.PathLike[str] | None = None) -> str:
 
 def _check_url(url: str, key: str, where: str) -> None:
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
-        make_url(url)
-    except ArgumentError as e:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError) as e:
         raise InvalidInputError(
             f"the {key!r} parameter must be an SQLAlchemy URL such as 'sqlite:///path/hposvc.db' or "
             f"'postgresql+psycopg://user@host:5432/db'. Got {url!r} instead (from {where})."
@@ -175,13 +184,12 @@ def open_storage(url: str, *, heartbeat: bool = True) -> "optuna.storages.RDBSto
             con.execute("PRAGMA journal_mode=WAL")
     kwargs = {}
     if heartbeat:
+        from hposvc.study import requeue
         from hposvc.tracking import close_stale_trial_run
-
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
         def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             close_stale_trial_run(study, trial)
-            retry(study, trial)
+            requeue(study, trial)
 
         kwargs = {
             "heartbeat_interval": HEARTBEAT_INTERVAL,
@@ -190,7 +198,11 @@ def open_storage(url: str, *, heartbeat: bool = True) -> "optuna.storages.RDBSto
         }
 
     def create() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable API, old label
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
 
     try:
         storage = with_retries(create, what=f"opening the study storage {_redact(url)}")

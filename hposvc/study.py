@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import zlib
 import socket
 import threading
 import time
@@ -129,9 +130,12 @@ def prepare_study(
                 f"study {spec.name!r} already exists in {storage} but was not created by hposvc. "
                 "Choose another [study] name, or delete it with `optuna delete-study`."
             )
+        import uuid
+
         for key, value in {
             "hposvc.spec": spec.to_dict(),
             "hposvc.spec_hash": spec.spec_hash,
+            "hposvc.study_uid": uuid.uuid4().hex,
             "hposvc.task": spec.task_key,
             "hposvc.metric": spec.metric,
         }.items():
@@ -146,7 +150,7 @@ def prepare_study(
     if attrs.get("hposvc.n_trials") != spec.n_trials:
         study.set_user_attr("hposvc.n_trials", spec.n_trials)
     if warm_start:
-        _enqueue_warm_start(study, spec)
+        _enqueue_warm_start(study, spec, storage=storage)
     if enqueue:
         from hposvc.space import params_for_config
 
@@ -156,14 +160,14 @@ def prepare_study(
     return study
 
 
-def load_study(name: str, *, storage: str | None = None) -> "optuna.Study":
+def load_study(name: str, *, storage: str | None = None, sampler: Any = None, pruner: Any = None) -> "optuna.Study":
     """Load an existing hposvc study by name; a missing one is an error listing the others."""
     import optuna
 
     url = resolve_storage_url(storage)
     rdb = open_storage(url)
     try:
-        return optuna.load_study(study_name=name, storage=rdb)
+        return optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=pruner)
     except KeyError as e:
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
         raise InvalidInputError(
@@ -190,14 +194,14 @@ def _top_up_queue(study: "optuna.Study", n_trials: int) -> int:
     return max(deficit, 0)
 
 
-def _enqueue_warm_start(study: "optuna.Study", spec: "StudySpec") -> int:
+def _enqueue_warm_start(study: "optuna.Study", spec: "StudySpec", *, storage: str) -> int:
     """Queue the current recommended configurations (inside the spec's space) first."""
     from hposvc.recommendation import warm_start_configs
     from hposvc.space import config_in_space, params_for_config
 
     if any(t.state.name != "WAITING" for t in study.get_trials(deepcopy=False)) or study.user_attrs.get("hposvc.warm_started"):
         return 0  # only a fresh study is warm-started
-    configs = [c for c in warm_start_configs(spec, storage=study) if config_in_space(c, spec)]
+    configs = [c for c in warm_start_configs(spec, storage=storage) if config_in_space(c, spec)]
     for config in configs[: spec.n_trials]:
         study.enqueue_trial(params_for_config(config, spec), user_attrs={"hposvc.warm_start": True})
     study.set_user_attr("hposvc.warm_started", True)
@@ -268,21 +272,26 @@ def run_worker(
     """
     from hposvc.spec import parse_spec
     from hposvc.tasks import load_task
-    from hposvc.tracking import Tracker
 
     url = resolve_storage_url(storage, data_dir=data_dir)
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
     if isinstance(study, str):
-        study = load_study(study, storage=url)
-    if spec is None:
-        stored = study.user_attrs.get("hposvc.spec")
+        from hposvc.space import build_pruner, build_sampler
+
+        found = load_study(study, storage=url)
+        stored = found.user_attrs.get("hposvc.spec")
         if stored is None:
-            raise InvalidInputError(f"study {study.study_name!r} was not created by hposvc (it has no stored spec).")
-        spec = parse_spec(stored, source=f"study {study.study_name!r}")
+            raise InvalidInputError(f"study {study!r} was not created by hposvc (it has no stored spec); run it with Optuna directly.")
+        spec = spec or parse_spec(stored, source=f"study {study!r}")
+        # The spec's sampler and pruner, not Optuna's defaults; each worker seeds its sampler
+        # differently, or parallel workers would propose the same configurations.
+        seed = (spec.seed + zlib.crc32(worker_id.encode())) % 2**31
+        study = load_study(study, storage=url, sampler=build_sampler(spec, seed=seed), pruner=build_pruner(spec))
+    elif spec is None:
+        raise InvalidInputError("run_worker needs the spec with a study object; pass the study's name to load both.")
     n_trials = int(study.user_attrs.get("hposvc.n_trials", spec.n_trials))
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
-    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-    tracker = Tracker(uri, study=study.study_name, data_dir=data_dir, tags={"hposvc.spec_hash": spec.spec_hash, "hposvc.task": spec.task_key})
-    tracker.start_study(spec=spec.to_dict())
+    tracker = open_tracker(study, spec, tracking_uri=uri, data_dir=data_dir)
     task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
     k = population_size(population if population is not None else spec.population, device=device, task=task)
 
@@ -294,6 +303,9 @@ def run_worker(
         while (max_trials is None or ran < max_trials) and not drain.is_set():
             if timeout is not None and time.monotonic() - started >= timeout:
                 break
+            c = _counts(study)
+            if sum(c.get(s, 0) for s in DONE_STATES) >= n_trials or _grid_exhausted(study):
+                break  # also when --n-trials was lowered on resume: extra queued trials stay
             want = k if max_trials is None else min(k, max_trials - ran)
             claimed: list[optuna.Trial] = []
             try:
@@ -361,14 +373,69 @@ def _claim_trial(study: "optuna.Study") -> "optuna.Trial | None":
     """Atomically move one WAITING trial to RUNNING and return it, or None.
 
     ``Study.ask`` would create a new trial when the queue is empty, which lets parallel
-    workers overshoot ``n_trials``; this is its queue half alone.
+    workers overshoot ``n_trials``; this is its queue half alone. The first heartbeat is
+    recorded at once: Optuna never counts a trial without one as stale, so a worker dying
+    right after the claim would otherwise leave it RUNNING forever.
     """
     import optuna
 
     trial_id = with_retries(study._pop_waiting_trial_id, what="claiming a trial")  # noqa: SLF001
     if trial_id is None:
         return None
+    with_retries(lambda: study._storage.record_heartbeat(trial_id), what="recording a heartbeat")  # noqa: SLF001
     return optuna.Trial(study, trial_id)
+
+
+def _grid_exhausted(study: "optuna.Study") -> bool:
+    import optuna
+
+    return isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
+
+
+def open_tracker(study: "optuna.Study", spec: "StudySpec", *, tracking_uri: str, data_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The study's MLflow tracker, with its experiment and parent run created once.
+
+    The parent run id is stored on the study, so every worker on every host logs its
+    trials under the same parent instead of racing to create one each.
+    """
+    from hposvc.tracking import Tracker
+
+    attrs = study.user_attrs
+    tracker = Tracker(
+        tracking_uri,
+        study=study.study_name,
+        uid=attrs.get("hposvc.study_uid", ""),
+        parent_run_id=attrs.get("hposvc.mlflow_parent_run_id"),
+        data_dir=data_dir,
+        tags={"hposvc.spec_hash": spec.spec_hash, "hposvc.task": spec.task_key},
+    )
+    parent = tracker.start_study(spec=spec.to_dict())
+    if parent and attrs.get("hposvc.mlflow_parent_run_id") != parent:
+        study.set_user_attr("hposvc.mlflow_parent_run_id", parent)
+    return tracker
+
+
+def requeue(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> bool:
+    """Queue a failed trial again with the same parameters, at most MAX_RETRY times.
+
+    Like Optuna's retry callbacks, but the copy carries no user attributes: they describe
+    the failed attempt (its MLflow run, device, reason), not the new one.
+    """
+    from optuna.trial import TrialState, create_trial
+
+    from hposvc.storage import MAX_RETRY
+
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRY:
+        log.warning("trial %s failed %d times; not retrying it again", trial.number, len(history))
+        return False
+    system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in ("failed_trial", "retry_history")}
+    system_attrs.update({"failed_trial": history[0], "retry_history": history})
+    with_retries(
+        lambda: study.add_trial(create_trial(state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, system_attrs=system_attrs)),
+        what="re-queueing a failed trial",
+    )
+    return True
 
 
 def _fail_stale(study: "optuna.Study") -> None:
@@ -481,12 +548,12 @@ class _TrialJob:
             with_retries(lambda: self.trial.set_user_attr(key, value), what="storing probes")
         if result.status == "completed":
             state, reason = "COMPLETE", None
-            with_retries(lambda: self.study.tell(self.trial, result.final[self.spec.metric]), what="storing the trial's result")
+            with_retries(lambda: self.study.tell(self.trial, result.final[self.spec.metric], skip_if_finished=True), what="storing the trial's result")
         else:
             state = "PRUNED"
             reason = result.reason or f"pruned by {type(self.study.pruner).__name__}"
             with_retries(lambda: self.trial.set_user_attr("hposvc.reason", reason), what="storing the prune reason")
-            with_retries(lambda: self.study.tell(self.trial, state=optuna.trial.TrialState.PRUNED), what="storing the trial's result")
+            with_retries(lambda: self.study.tell(self.trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True), what="storing the trial's result")
         self.run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in result.final.items()})
         return state
 
@@ -505,6 +572,9 @@ class _TrialJob:
         _tell_fail(self.study, self.trial, reason)
         if self.run is not None:
             self.run.end("FAIL", reason=reason)
+        if not isinstance(e, (KeyboardInterrupt, Interrupted)):
+            # an interrupted study is re-queued by the next run's top-up instead
+            requeue(self.study, self.trial.storage.get_trial(self.trial._trial_id))  # noqa: SLF001
         return "FAIL"
 
 
@@ -627,7 +697,7 @@ def _tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> Non
 
     try:
         with_retries(lambda: trial.set_user_attr("hposvc.reason", reason[:2000]), what="storing the failure reason")
-        with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL), what="failing the trial")
+        with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True), what="failing the trial")
     except Exception as e:  # noqa: BLE001 (the trial may already be failed as stale)
         log.warning("could not mark trial %s failed: %s", trial.number, e)
 

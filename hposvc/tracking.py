@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from hposvc.errors import TrackingError
 from hposvc.storage import artifact_location, resolve_data_dir
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class _Record:
     trial_number: int
     parent_run_id: str | None
     run_name: str
+    study_uid: str = ""  # tells this study's runs from those of a deleted namesake
     run_id: str | None = None
     start_time: int = 0
     tags: dict[str, str] = field(default_factory=dict)
@@ -81,15 +83,25 @@ class Tracker:
     >>> run = tracker.start_trial(0, config, tags={"hposvc.device": "cpu"})        # doctest: +SKIP
     """
 
-    def __init__(self, tracking_uri: str, *, study: str, data_dir: str | os.PathLike[str] | None = None, tags: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        study: str,
+        uid: str = "",
+        parent_run_id: str | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
         self.uri = tracking_uri
         self.study = study
+        self.uid = uid
         self.data_dir = resolve_data_dir(data_dir)
         self.outbox = self.data_dir / "outbox"
-        self.study_tags = dict(tags or {})
+        self.study_tags = {**dict(tags or {}), **({"hposvc.study_uid": uid} if uid else {})}
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
-        self._parent_run_id: str | None = None
+        self._parent_run_id: str | None = parent_run_id
         self._writer = None  # single writer thread, created on first trial
         self._offline_until = 0.0
         # MLflow prints run URLs to stdout (and fetches the run to do it); stdout is for data.
@@ -117,14 +129,29 @@ class Tracker:
     def online(self) -> bool:
         return time.monotonic() >= self._offline_until
 
-    def _went_offline(self, e: Exception) -> None:
-        log.warning("MLflow at %s unreachable (%s); keeping tracking data in %s", self.uri, _short(e), self.outbox)
-        self._offline_until = time.monotonic() + OFFLINE_BACKOFF
+    def _went_offline(self, e: Exception) -> bool:
+        """Note a failed MLflow call; True when it was an outage (retry later), False when
+        the store refused the data (retrying would not help)."""
+        if _is_outage(e):
+            log.warning("MLflow at %s unreachable (%s); keeping tracking data in %s", self.uri, _short(e), self.outbox)
+            self._offline_until = time.monotonic() + OFFLINE_BACKOFF
+            return True
+        log.error(
+            "MLflow at %s refused tracking data of study %r: %s. The record is kept in %s; fix the "
+            "cause (e.g. restore or permanently delete a deleted experiment) and run `hposvc sync`.",
+            self.uri, self.study, _short(e), self.outbox / "failed",
+        )
+        return False
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             name = experiment_name(self.study)
             exp = self.client.get_experiment_by_name(name)
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"the MLflow experiment {name!r} is deleted. Restore it (`mlflow experiments restore "
+                    f"--experiment-id {exp.experiment_id}`) or delete it permanently (`mlflow gc`) and run again."
+                )
             if exp is None:
                 location = None if _is_http(self.uri) else artifact_location(self.data_dir)
                 try:
@@ -142,7 +169,10 @@ class Tracker:
         """The study's parent run, created on first use and reused on resume."""
         if self._parent_run_id is None:
             runs = self.client.search_runs(
-                [self.experiment_id()], filter_string="tags.`hposvc.role` = 'study'", max_results=1
+                [self.experiment_id()],
+                filter_string=f"tags.`hposvc.role` = 'study'{self._uid_filter()}",
+                max_results=1,
+                order_by=["attributes.start_time ASC"],  # if two workers raced, all use the first
             )
             if runs:
                 self._parent_run_id = runs[0].info.run_id
@@ -154,13 +184,18 @@ class Tracker:
                 self._parent_run_id = run.info.run_id
         return self._parent_run_id
 
+    def _uid_filter(self) -> str:
+        return f" and tags.`hposvc.study_uid` = '{self.uid}'" if self.uid else ""
+
     def start_study(self, *, spec: Mapping[str, Any]) -> str | None:
         """Open the parent run and attach the spec; None when the store is unreachable."""
         try:
             run_id = self.parent_run_id()
             self.client.log_dict(run_id, dict(spec), "spec.json")
             return run_id
-        except Exception as e:  # noqa: BLE001 (tracking must not stop the study)
+        except TrackingError:
+            raise  # the store is reachable but unusable as configured: the user must act
+        except Exception as e:  # noqa: BLE001 (an outage must not stop the study)
             self._went_offline(e)
             return None
 
@@ -179,6 +214,7 @@ class Tracker:
             trial_number=trial_number,
             parent_run_id=self._parent_run_id,
             run_name=f"trial-{trial_number}",
+            study_uid=self.uid,
             start_time=_now_ms(),
             tags={
                 "hposvc.role": "trial",
@@ -201,7 +237,7 @@ class Tracker:
             from concurrent.futures import ThreadPoolExecutor
 
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hposvc-mlflow")
-        self._writer.submit(fn)
+        self._writer.submit(fn).add_done_callback(_log_failure)
 
     def drain(self) -> None:
         """Wait until the writer thread has sent (or stored in the outbox) all queued work."""
@@ -306,27 +342,44 @@ class TrialRun:
         self.record.metrics.extend(final)
         self.record.status = RUN_STATUS.get(state, "FAILED")
         self.record.end_time = now
+        folder = self.tracker.outbox
         if self.tracker.online:
             try:
                 _send(self.tracker.client, self.tracker.experiment_id(), self.record)
                 return
             except Exception as e:  # noqa: BLE001
-                self.tracker._went_offline(e)
-        _write_outbox(self.tracker.outbox, self.record)
+                if not self.tracker._went_offline(e):
+                    folder = folder / "failed"
+        _write_outbox(folder, self.record)
 
 
-def _send(client: "MlflowClient", experiment_id: str, record: _Record) -> None:
-    """Send what ``record`` holds that MLflow has not got yet (idempotent per part)."""
+def _log_failure(future: Any) -> None:
+    if future.exception() is not None:
+        log.error("MLflow writer job failed: %s", future.exception(), exc_info=future.exception())
+
+
+def _find_trial_run(client: "MlflowClient", experiment_id: str, *, uid: str, trial_number: int) -> str | None:
+    uid_filter = f" and tags.`hposvc.study_uid` = '{uid}'" if uid else ""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`hposvc.role` = 'trial' and tags.`hposvc.trial_number` = '{trial_number}'{uid_filter}",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _send(client: "MlflowClient", experiment_id: str, record: _Record, *, replay: bool = False) -> None:
+    """Send what ``record`` holds that MLflow has not got yet (idempotent per part).
+
+    A replay first looks for the trial's run: the create may have reached the store before
+    the connection broke.
+    """
     from mlflow.entities import Metric, Param, RunTag
 
     if record.run_id is None:
-        existing = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`hposvc.role` = 'trial' and tags.`hposvc.trial_number` = '{record.trial_number}'",
-            max_results=1,
-        )
+        existing = _find_trial_run(client, experiment_id, uid=record.study_uid, trial_number=record.trial_number) if replay else None
         if existing:
-            record.run_id = existing[0].info.run_id
+            record.run_id = existing
         else:
             tags = dict(record.tags)
             if record.parent_run_id:
@@ -364,52 +417,94 @@ def _send(client: "MlflowClient", experiment_id: str, record: _Record) -> None:
         client.set_terminated(record.run_id, record.status, end_time=record.end_time)
 
 
-def _write_outbox(outbox: Path, record: _Record) -> Path:
+def _write_outbox(outbox: Path, record: _Record, path: Path | None = None) -> Path:
+    """Write ``record`` atomically (a reader or a crash never leaves half a record)."""
     outbox.mkdir(parents=True, exist_ok=True)
-    path = outbox / f"{_safe(record.study)}-trial{record.trial_number}-{uuid.uuid4().hex[:8]}.json"
-    tmp = path.with_suffix(".tmp")
+    path = path or outbox / f"{_safe(record.study)}-trial{record.trial_number}-{uuid.uuid4().hex[:8]}.json"
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record.__dict__))
-    os.replace(tmp, path)  # a reader never sees half a record
+    os.replace(tmp, path)
     return path
 
 
 def sync_outbox(tracker: Tracker, *, study: str | None = None) -> int:
-    """Send outbox records (of ``study``, or all) to the tracker's store; keep failures."""
+    """Send outbox records (of ``study``, or all) to the tracker's store; keep failures.
+
+    Safe with several syncing processes on one outbox (scaled workers sharing a volume):
+    each record is claimed by renaming it before it is sent, so only one sends it.
+    """
     if not tracker.outbox.is_dir():
         return 0
     sent = 0
     for path in sorted(tracker.outbox.glob("*.json")):
-        data = json.loads(path.read_text())
-        if study is not None and data["study"] != study:
+        claimed = path.with_name(f"{path.name}.sending-{os.getpid()}")
+        try:
+            os.replace(path, claimed)
+        except FileNotFoundError:
+            continue  # another process took it
+        try:
+            data = json.loads(claimed.read_text())
+            record = _Record(**data)
+        except (ValueError, TypeError) as e:
+            log.error("unreadable outbox record %s (%s); moved to %s", path.name, e, tracker.outbox / "failed")
+            (tracker.outbox / "failed").mkdir(exist_ok=True)
+            os.replace(claimed, tracker.outbox / "failed" / path.name)
             continue
-        record = _Record(**data)
-        target = tracker if record.study == tracker.study else Tracker(tracker.uri, study=record.study, data_dir=tracker.data_dir)
+        if study is not None and record.study != study:
+            os.replace(claimed, path)
+            continue
+        same = record.study == tracker.study and record.study_uid == tracker.uid
+        target = tracker if same else Tracker(tracker.uri, study=record.study, uid=record.study_uid, data_dir=tracker.data_dir)
         try:
             record.parent_run_id = record.parent_run_id or target.parent_run_id()
-            _send(target.client, target.experiment_id(), record)
+            _send(target.client, target.experiment_id(), record, replay=True)
         except Exception as e:  # noqa: BLE001
-            target._went_offline(e)
-            path.write_text(json.dumps(record.__dict__))  # keep what was sent so far
-            break
-        path.unlink()
+            outage = target._went_offline(e)
+            # keep what was sent so far; a record the store refuses goes aside
+            _write_outbox(tracker.outbox if outage else tracker.outbox / "failed", record, path if outage else None)
+            claimed.unlink(missing_ok=True)
+            if outage:
+                break
+            continue
+        claimed.unlink(missing_ok=True)
         sent += 1
     return sent
 
 
 def close_stale_trial_run(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
     """Storage callback: a trial whose worker died ends FAILED in MLflow too."""
-    run_id = trial.user_attrs.get("hposvc.mlflow_run_id")
     tracker = _TRACKERS.get(study.study_name)
-    if not run_id or tracker is None:
+    if tracker is None:
         return
     reason = "worker died: no heartbeat within the grace period; the trial is retried"
     try:
         from mlflow.entities import RunTag
 
+        run_id = trial.user_attrs.get("hposvc.mlflow_run_id") or _find_trial_run(
+            tracker.client, tracker.experiment_id(), uid=tracker.uid, trial_number=trial.number
+        )
+        if run_id is None:
+            return
         tracker.client.log_batch(run_id, tags=[RunTag("hposvc.state", "FAIL"), RunTag("hposvc.reason", reason)])
         tracker.client.set_terminated(run_id, "FAILED")
     except Exception as e:  # noqa: BLE001
         tracker._went_offline(e)
+
+
+def _is_outage(e: BaseException) -> bool:
+    """Whether an MLflow error means "cannot reach the store now" (retry later)."""
+    import requests
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return True
+        text = str(e).lower()
+        if any(s in text for s in ("connection", "max retries", "timed out", "database is locked", "503", "502", "504", "500 server error", "unavailable")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _log_study_plots(client: "MlflowClient", run_id: str, study: "optuna.Study") -> None:

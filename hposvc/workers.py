@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from hposvc.storage import resolve_storage_url, resolve_tracking_uri
-from hposvc.study import DONE_STATES, Interrupted, StudyRun, _counts, prepare_study
+from hposvc.study import DONE_STATES, Interrupted, StudyRun, _counts, open_tracker, prepare_study
 
 if TYPE_CHECKING:
     import optuna
@@ -64,7 +64,6 @@ def run_parallel(
 ) -> StudyRun:
     """Create or resume the study, run one worker process per slot, wait for them."""
     from hposvc.devices import plan_slots
-    from hposvc.tracking import Tracker
 
     url = resolve_storage_url(storage, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
@@ -72,7 +71,7 @@ def run_parallel(
     study = prepare_study(spec, storage=url, warm_start=warm_start)
     # Create the tracking store, experiment and parent run here, once: workers starting
     # together would otherwise race to create the embedded store's tables.
-    Tracker(uri, study=study.study_name, data_dir=data_dir, tags={"hposvc.spec_hash": spec.spec_hash, "hposvc.task": spec.task_key}).start_study(spec=spec.to_dict())
+    open_tracker(study, spec, tracking_uri=uri, data_dir=data_dir)
     return run_slots(study, slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=spec.population, drain=drain, progress=progress)
 
 
@@ -111,6 +110,8 @@ def run_slots(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for slot in slots:
+            if stop_signal:
+                break
             cmd = worker_command(study.study_name, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, slot=slot, population=population)
             # Own session: a terminal's Ctrl-C reaches this process only, which forwards it
             # once, so a worker never sees the signal twice. Workers' stdout is not data.
@@ -120,8 +121,8 @@ def run_slots(
             while any(p.poll() is None for p in procs):
                 time.sleep(REFRESH_SECONDS)
                 bar.update()
-                if stop_signal and deadline is None:
-                    deadline = time.monotonic() + STOP_GRACE_SECONDS
+                if stop_signal and deadline is None and not drain:
+                    deadline = time.monotonic() + STOP_GRACE_SECONDS  # draining waits for the trials
                 if deadline is not None and time.monotonic() > deadline:
                     for p in procs:
                         if p.poll() is None:

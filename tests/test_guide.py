@@ -215,6 +215,7 @@ def test_report_structure(guide: GuideRun):
     data = json.loads((report.out_dir / "report.json").read_text())
     assert [s.claim.number for s in report.sections] == [c.number for c in CLAIMS]
     assert data["verdicts"] == report.verdicts and set(report.verdicts.values()) <= set(VERDICTS)
+    assert data["mlflow_runs"] == dict(report.mlflow_runs) and all(report.mlflow_runs.values())
     referenced = set(re.findall(r'<img src="([^"]+)"', html))
     written = {p.name for p in report.out_dir.glob("*.png")} - {"screenshot.png"}
     assert referenced == written and len(written) >= len(CLAIMS)

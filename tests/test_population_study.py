@@ -82,7 +82,13 @@ def test_population_matches_sequential_with_own_trials_and_runs(tmp_path: Path) 
 
 
 def test_population_worker_killed_trials_are_retried(tmp_path: Path) -> None:
-    spec_dict = {**SPEC, "study": {**SPEC["study"], "name": "popkill", "n_trials": 4}, "train": {"epochs": 60, "batch_size": 64}}
+    # One structure (only lr varies), so the worker trains all four as one population.
+    spec_dict = {
+        **SPEC,
+        "study": {**SPEC["study"], "name": "popkill", "n_trials": 4},
+        "train": {"epochs": 60, "batch_size": 64},
+        "space": {"optimizer": "momentum", "lr": {"low": 1e-3, "high": 1e-1, "log": True}, "norm": "none", "activation": "relu"},
+    }
     spec = parse_spec(spec_dict)
     storage = f"sqlite:///{tmp_path / 'hposvc.db'}"
     prepare_study(spec, storage=storage)

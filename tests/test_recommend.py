@@ -397,3 +397,73 @@ def test_warm_start_configs_fit_the_spec_space(survey_db: str) -> None:
     assert [c.optimizer for c in configs] == ["adam", "sgd"]  # momentum is outside the space
     assert all(config_in_space(c, spec) for c in configs)
     assert 1e-3 <= configs[0].lr <= 0.1
+
+
+def test_warm_start_configs_accept_the_storage_url(survey_db: str) -> None:
+    from hposvc.spec import parse_spec
+
+    spec = parse_spec({"study": {"name": "moons", "task": "moons"}, "space": {"optimizer": ["sgd", "momentum"]}})
+    configs = warm_start_configs(spec, storage=survey_db)  # a URL: no study object needed
+    # Ranked among the allowed optimizers only, over the *other* studies (not "moons").
+    assert [c.optimizer for c in configs] == ["momentum", "sgd"]
+
+
+def test_defaults_come_from_the_data_dir(survey_template: Path, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import mlflow
+
+    # Nothing given: $HPOSVC_DATA_DIR (set per test by conftest) holds all three stores.
+    data_dir.mkdir(parents=True)
+    shutil.copy(survey_template, data_dir / "hposvc.db")
+    rec = recommend(budget=2, n_bootstrap=20)
+    assert recommendation_history()["id"].tolist() == [rec.id]
+    run = mlflow.MlflowClient(f"sqlite:///{data_dir / 'mlflow.db'}").get_run(rec.mlflow_run_id)
+    assert run.info.artifact_uri.startswith((data_dir / "mlruns").as_uri())
+
+    # An explicit data_dir wins over the environment, for storage, tracking and artifacts.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(survey_template, other / "hposvc.db")
+    monkeypatch.setenv("HPOSVC_DATA_DIR", str(tmp_path / "unused"))
+    rec = recommend(budget=2, n_bootstrap=20, data_dir=other)
+    assert recommendation_history(f"sqlite:///{other / 'hposvc.db'}")["id"].tolist() == [rec.id]
+    run = mlflow.MlflowClient(f"sqlite:///{other / 'mlflow.db'}").get_run(rec.mlflow_run_id)
+    assert run.info.artifact_uri.startswith((other / "mlruns").as_uri())
+    assert not (tmp_path / "unused").exists()
+
+
+def test_warm_start_hedges_over_optimizers_and_contexts() -> None:
+    from hposvc.recommendation import ranked_contexts, warm_start_configs_from_frame
+    from hposvc.space import config_in_space
+    from hposvc.spec import parse_spec
+
+    # adam > momentum > sgd; context (norm, activation): batch/tanh > batch/relu > none/*.
+    df = _frame({"sgd": 0.80, "momentum": 0.83, "adam": 0.90}, n_tasks=3, n_trials=12)
+    rng = np.random.default_rng(0)
+    df["norm"] = rng.choice(["none", "batch", "layer"], size=len(df))
+    df["activation"] = rng.choice(["relu", "tanh"], size=len(df))
+    df.loc[df.norm == "batch", "value"] += 0.2
+    df.loc[(df.norm == "batch") & (df.activation == "tanh"), "value"] += 0.05
+    spec = parse_spec(
+        {
+            "study": {"name": "new", "task": "spirals"},
+            "space": {
+                "optimizer": ["sgd", "momentum", "adam"],
+                "lr": {"low": 1e-4, "high": 1.0, "log": True},
+                "norm": ["none", "batch"],  # layer is outside the space: never proposed
+                "activation": ["relu", "tanh"],
+            },
+        }
+    )
+    contexts = ranked_contexts(df, spec)
+    assert contexts[:2] == [{"norm": "batch", "activation": "tanh"}, {"norm": "batch", "activation": "relu"}]
+    assert all(c["norm"] != "layer" for c in contexts) and len(contexts) == 4
+    configs = warm_start_configs_from_frame(df, spec, top=3)
+    assert [(c.optimizer, c.norm, c.activation) for c in configs] == [
+        ("adam", "batch", "tanh"),  # the recommendation itself, in the best context
+        ("momentum", "batch", "relu"),  # next optimizer, next context
+        ("sgd", "none", contexts[2]["activation"]),
+    ]
+    assert all(config_in_space(c, spec) for c in configs)
+    # Too few trials for any context: the old per-optimizer pick, still in the space.
+    assert ranked_contexts(df, spec, min_trials=10_000) == []
+    assert all(config_in_space(c, spec) for c in warm_start_configs_from_frame(df.head(60), spec, min_trials=3))

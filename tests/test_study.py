@@ -195,7 +195,7 @@ def test_bad_spec_as_subprocess(tmp_path: Path) -> None:
 
 
 def test_sigint_then_resume_gives_exactly_n_trials(tmp_path: Path) -> None:
-    text = CONTRACT_SPEC.replace("n_trials = 12", "n_trials = 8").replace("epochs = 10", "epochs = 15").replace('pruner = "median"', 'pruner = "none"')
+    text = CONTRACT_SPEC.replace("n_trials = 12", "n_trials = 8").replace("epochs = 10", "epochs = 60").replace('pruner = "median"', 'pruner = "none"')
     spec = _write(tmp_path, text)
     data = tmp_path / "data"
     storage = f"sqlite:///{data / 'hposvc.db'}"

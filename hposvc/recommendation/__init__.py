@@ -51,7 +51,7 @@ from hposvc.recommendation._store import (
     set_mlflow_run_id,
 )
 from hposvc.recommendation._tracking import EXPERIMENT, log_recommendation, write_plots
-from hposvc.recommendation._warm import warm_start_configs
+from hposvc.recommendation._warm import ranked_contexts, warm_start_configs, warm_start_configs_from_frame
 
 __all__ = [
     "ACTIVATION_FAMILIES",
@@ -72,11 +72,13 @@ __all__ = [
     "normalise",
     "performance_profile",
     "profile_area",
+    "ranked_contexts",
     "recommend",
     "recommend_from_frame",
     "recommendation_history",
     "save_recommendation",
     "warm_start_configs",
+    "warm_start_configs_from_frame",
     "write_plots",
 ]
 

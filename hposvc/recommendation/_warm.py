@@ -3,6 +3,15 @@
 ``hposvc.study`` calls :func:`warm_start_configs` for ``hposvc study run --warm-start``
 and keeps only the configurations ``hposvc.space.config_in_space`` accepts, so this
 module builds them to fit the spec's space but does not have to be the last word on it.
+
+The few warm trials hedge. The first is the recommendation itself: the best allowed
+optimizer with its recommended numbers, in the best *context* (the joint value of the
+spec's other searched choices, such as norm and activation). Each next one takes the next
+ranked optimizer *and* the next ranked context. Why both: on an unseen task the finished
+studies can be wrong on either axis, and in the survey data the context (norm ×
+activation) moves accuracy far more than the optimizer once its lr is tuned, so a queue
+that only varied the optimizer would spend every warm trial on the same possibly wrong
+context.
 """
 
 from __future__ import annotations
@@ -13,16 +22,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import pandas as pd
 
 from hposvc.config import ONE_SHOT_DEFAULTS, TrialConfig
 from hposvc.errors import HposvcError, StorageError
-from hposvc.recommendation._core import recommend_from_frame, top_trials
+from hposvc.recommendation._core import NUMBER_COLUMNS, _prepare, recommend_from_frame, top_trials
 from hposvc.recommendation._data import collect_trials, open_storage
 
 if TYPE_CHECKING:
     from hposvc.spec import Dim, StudySpec
 
-__all__ = ["warm_start_configs"]
+__all__ = ["ranked_contexts", "warm_start_configs", "warm_start_configs_from_frame"]
 
 
 def warm_start_configs(
@@ -35,23 +45,17 @@ def warm_start_configs(
 ) -> list[TrialConfig]:
     """Recommended configurations to run first in a new study of ``spec``, best first.
 
-    One per optimizer the spec allows, in the order of the recommendation computed over
-    every *other* study in ``storage`` (all tasks: transfer to an unseen task is the
-    point), at most ``top``. Each has the optimizer's recommended numbers, clipped and
-    snapped into the spec's ranges; other searched fields get the value most common among
-    that optimizer's top-quartile trials when the spec allows it, else the dimension's
-    first choice or the middle of its range. Nothing is stored. Empty when no other study
-    has enough data.
+    Computed from the finished trials of every *other* study in ``storage`` (all tasks:
+    transfer to an unseen task is the point) by :func:`warm_start_configs_from_frame`.
+    Nothing is stored. Empty when no other study has enough data.
 
     ``storage`` is the study database URL (None: resolved from ``data_dir`` and the
     environment by :mod:`hposvc.storage`), an optuna storage, or the new study itself.
 
     >>> configs = warm_start_configs(spec, storage="sqlite:///hposvc-data/hposvc.db")  # doctest: +SKIP
-    >>> [c.optimizer for c in configs]                                                 # doctest: +SKIP
-    ['adam', 'nesterov', 'rmsprop']
+    >>> [(c.optimizer, c.norm, c.activation) for c in configs]                         # doctest: +SKIP
+    [('nesterov', 'batch', 'tanh'), ('adam', 'batch', 'relu'), ('rmsprop', 'layer', 'tanh')]
     """
-    from hposvc.spec import CONDITIONAL
-
     store = open_storage(storage, data_dir=data_dir)
     try:
         names = [s.study_name for s in store.get_all_studies()]
@@ -60,19 +64,48 @@ def warm_start_configs(
     others = [n for n in names if n != spec.name]
     if not others:
         return []
-    df = collect_trials(store, studies=others)
-    allowed = set(spec.optimizers)
-    df = df[df["optimizer"].isin(allowed)]
+    return warm_start_configs_from_frame(collect_trials(store, studies=others), spec, top=top, min_trials=min_trials)
+
+
+def warm_start_configs_from_frame(
+    df: pd.DataFrame, spec: "StudySpec", *, top: int = 3, min_trials: int = 3
+) -> list[TrialConfig]:
+    """Warm-start configurations for ``spec`` from a frame of finished trials.
+
+    - Optimizers: the allowed ones, ranked by the recommendation computed over the
+      allowed optimizers only; one with enough trials but nothing to rank it against
+      ("no comparison") comes after the ranked ones. Each gets its recommended numbers
+      (medians of its top-quartile trials), clipped and snapped into the spec's ranges;
+      numbers the spec does not search keep the one-shot defaults.
+    - Contexts: :func:`ranked_contexts` (all trials, any optimizer). The i-th
+      configuration pairs the i-th optimizer with the i-th context (cycling when there
+      are fewer contexts than optimizers).
+    - Any other searched field: the recommended value when the spec allows it, else the
+      value most common among that optimizer's top-quartile trials, else the dimension's
+      first choice or the middle of its range.
+
+    At most ``top`` configurations, one per optimizer.
+
+    >>> warm_start_configs_from_frame(collect_trials(url), spec)  # doctest: +SKIP
+    """
+    from hposvc.spec import CONDITIONAL
+
+    contexts = ranked_contexts(df, spec, min_trials=min_trials)
+    df = df[df["optimizer"].isin(set(spec.optimizers))]
     if df.empty:
         return []
     rec = recommend_from_frame(df, n_bootstrap=0, min_trials=min_trials)
     best_rows = top_trials(df, min_trials=min_trials)
     fixed = spec.implicit_values()
     configs: list[TrialConfig] = []
-    for opt in rec.table.loc[rec.table["status"] == "ok", "optimizer"]:
+    status = rec.table["status"]
+    order = [*rec.table.loc[status == "ok", "optimizer"], *rec.table.loc[status == "no comparison", "optimizer"]]
+    for opt in order:
         if len(configs) >= top:
             break
         values: dict[str, Any] = {**fixed, "optimizer": opt}
+        if contexts:
+            values.update(contexts[len(configs) % len(contexts)])
         numbers = rec.numbers.get(opt, {})
         for param, (_, dim) in spec.optimizer_space(opt).items():
             values[param] = _fit(dim, numbers.get(param, ONE_SHOT_DEFAULTS[opt][param]))
@@ -90,6 +123,56 @@ def warm_start_configs(
         except HposvcError:
             continue  # a combination TrialConfig rejects is simply not offered
     return configs
+
+
+def ranked_contexts(df: pd.DataFrame, spec: "StudySpec", *, min_trials: int = 3) -> list[dict[str, Any]]:
+    """The joint values of the spec's searched context choices, best first.
+
+    Context fields: the spec's searched choice dimensions other than the optimizer, its
+    numbers, the schedule (part of the recommended numbers) and conditional fields, e.g.
+    norm and activation. A context's score is the mean, over all trials that used it (any
+    optimizer, any task), of the trial's percentile rank among the trials of its task, so
+    tasks with different accuracy levels weigh alike and no optimizer is needed to
+    compare. Only contexts the spec allows and with at least ``min_trials`` trials are
+    ranked; ties go to more trials. Empty when no context qualifies.
+
+    >>> ranked_contexts(collect_trials(url), spec)  # doctest: +SKIP
+    [{'norm': 'batch', 'activation': 'tanh'}, {'norm': 'batch', 'activation': 'relu'}, ...]
+    """
+    from hposvc.spec import CONDITIONAL
+
+    names = [
+        name
+        for name, dim in spec.dims.items()
+        if dim.kind == "choice"
+        and name != "optimizer"
+        and name not in _ALL_OPT_PARAMS
+        and name not in NUMBER_COLUMNS
+        and name not in CONDITIONAL
+        and name in df.columns
+    ]
+    if not names or df.empty:
+        return []
+    f = _prepare(df)
+    f = f.assign(pct=f.groupby("unit")["score"].rank(pct=True, method="average"))
+    for name in names:
+        f = f[f[name].map(lambda v, dim=spec.dims[name]: v is not None and _allowed(dim, v))]
+    if f.empty:
+        return []
+    g = f.groupby(names, sort=False)["pct"].agg(["mean", "size"]).reset_index()
+    g = g[g["size"] >= min_trials].sort_values(["mean", "size"], ascending=False, kind="stable")
+    return [{n: _plain(row[n]) for n in names} for _, row in g.iterrows()]
+
+
+def _allowed(dim: "Dim", value: Any) -> bool:
+    try:
+        return bool(dim.contains(_plain(value)))
+    except (TypeError, ValueError):
+        return False
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
 
 
 _ALL_OPT_PARAMS = frozenset(p for params in ONE_SHOT_DEFAULTS.values() for p in params)

@@ -192,13 +192,18 @@ def build_report(
 
     report = Report(title=title, out_dir=out, storage=_redact(url), sections=tuple(sections), mlflow_runs={})
     (out / "index.html").write_text(render(report), encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
+    _write_json(report)
     if log_to_mlflow:
         from hposvc.storage import resolve_tracking_uri
 
         runs = log_report(report, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir))
         report = Report(title=report.title, out_dir=out, storage=report.storage, sections=report.sections, mlflow_runs=runs)
+        _write_json(report)  # the local copy also says where the report was logged
     return report
+
+
+def _write_json(report: Report) -> None:
+    (report.out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str), encoding="utf-8")
 
 
 def _load(name: str, url: str) -> StudyData:

@@ -59,7 +59,6 @@ __all__ = [
     "Verdict",
     "claim_for_study",
     "combine",
-    "evaluate_claim",
 ]
 
 # -- decision thresholds (fixed before running the studies) ---------------------------------
@@ -139,11 +138,6 @@ def combine(verdicts: Sequence[str]) -> str:
     return INCONCLUSIVE
 
 
-def evaluate_claim(claim: Claim, data: Mapping[str, StudyData]) -> ClaimResult:
-    """Evaluate ``claim`` on the studies in ``data`` (name -> StudyData)."""
-    return claim.evaluate(data)
-
-
 # -- helpers --------------------------------------------------------------------------------
 
 
@@ -214,10 +208,6 @@ def _missing(key: str, hypothesis: str, statistic: str, note: str) -> Verdict:
     return Verdict(key=key, hypothesis=hypothesis, verdict=INCONCLUSIVE, statistic=statistic, rule="-", note=note)
 
 
-def _only(data: Mapping[str, StudyData], name: str) -> StudyData | None:
-    return data.get(name)
-
-
 def _table(frame: pd.DataFrame, index: list[str], columns: list[str] | None = None, *, value: str = "score") -> pd.DataFrame:
     """Mean ``value`` and trial count per cell, as a flat frame."""
     keys = index + (columns or [])
@@ -232,7 +222,7 @@ NO_DATA = "the study has no usable trials (run it first)"
 
 
 def _eval_zero_init(data: Mapping[str, StudyData]) -> ClaimResult:
-    d = _only(data, "guide-zero-init")
+    d = data.get("guide-zero-init")
     verdicts: list[Verdict] = []
     if d is None or _usable(d.trials).empty:
         return ClaimResult(INCONCLUSIVE, (_missing("zero-init", "zero vs random init", "-", NO_DATA),), pd.DataFrame())
@@ -322,7 +312,7 @@ def _log_ratio(stds: Any) -> float:
 
 
 def _eval_init_deep(data: Mapping[str, StudyData]) -> ClaimResult:
-    d = _only(data, "guide-init-deep")
+    d = data.get("guide-init-deep")
     if d is None or _usable(d.trials).empty:
         return ClaimResult(INCONCLUSIVE, (_missing("init-deep", "Xavier vs He in a deep MLP", "-", NO_DATA),), pd.DataFrame())
     f = _usable(d.trials).assign(family=lambda x: x.init.map(_family))
@@ -409,7 +399,7 @@ def target_accuracy(chance: float | None) -> float:
 
 
 def _eval_bn_lr(data: Mapping[str, StudyData]) -> ClaimResult:
-    d = _only(data, "guide-bn-lr")
+    d = data.get("guide-bn-lr")
     if d is None or _usable(d.trials).empty:
         return ClaimResult(INCONCLUSIVE, (_missing("bn-lr", "batch norm and learning rate", "-", NO_DATA),), pd.DataFrame())
     f = _usable(d.trials)
@@ -470,7 +460,7 @@ def _eval_bn_lr(data: Mapping[str, StudyData]) -> ClaimResult:
 
 
 def _eval_norm_batch(data: Mapping[str, StudyData]) -> ClaimResult:
-    d = _only(data, "guide-norm-batch")
+    d = data.get("guide-norm-batch")
     if d is None or _usable(d.trials).empty:
         return ClaimResult(INCONCLUSIVE, (_missing("norm-batch", "norms and batch size", "-", NO_DATA),), pd.DataFrame())
     f = _usable(d.trials)
@@ -507,7 +497,7 @@ def _eval_norm_batch(data: Mapping[str, StudyData]) -> ClaimResult:
 
 
 def _eval_activations(data: Mapping[str, StudyData]) -> ClaimResult:
-    d = _only(data, "guide-activations")
+    d = data.get("guide-activations")
     if d is None or _usable(d.trials).empty:
         return ClaimResult(INCONCLUSIVE, (_missing("activations", "activations across depths", "-", NO_DATA),), pd.DataFrame())
     f = _usable(d.trials)
@@ -564,7 +554,7 @@ def _late_gain(curve: Sequence[float]) -> float:
 
 
 def _eval_adaptive_lr(data: Mapping[str, StudyData]) -> ClaimResult:
-    d = _only(data, "guide-adaptive-lr")
+    d = data.get("guide-adaptive-lr")
     if d is None or _usable(d.trials).empty:
         return ClaimResult(INCONCLUSIVE, (_missing("adaptive-lr", "Adagrad and Adam", "-", NO_DATA),), pd.DataFrame())
     f = _usable(d.trials)
@@ -607,7 +597,7 @@ def _eval_adaptive_lr(data: Mapping[str, StudyData]) -> ClaimResult:
 
 
 def _eval_adadelta(data: Mapping[str, StudyData]) -> ClaimResult:
-    d = _only(data, "guide-adadelta")
+    d = data.get("guide-adadelta")
     if d is None or _usable(d.trials).empty:
         return ClaimResult(INCONCLUSIVE, (_missing("adadelta", "Adadelta vs SGD sensitivity", "-", NO_DATA),), pd.DataFrame())
     f = _usable(d.trials)
@@ -709,7 +699,7 @@ def _seed_spread(stds: Sequence[Any]) -> float:
 
 
 def _eval_zero(data: Mapping[str, StudyData]) -> ClaimResult:
-    d = _only(data, "guide-zero")
+    d = data.get("guide-zero")
     if d is None or _usable(d.trials).empty:
         return ClaimResult(INCONCLUSIVE, (_missing("zero", "ZerO init", "-", NO_DATA),), pd.DataFrame())
     f = _usable(d.trials)
