@@ -139,6 +139,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 
 def _setup_logging(verbose: bool) -> None:
+    # MLflow configures its own loggers when it is imported (later, lazily): tell it first.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         stream=sys.stderr,
