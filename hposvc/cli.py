@@ -135,6 +135,16 @@ def _population(value: str | None) -> int | str | None:
     raise click.BadParameter(f"must be a positive integer or 'auto'. Got {value!r} instead.", param_hint="'--population'")
 
 
+def spec_override_options(fn: Callable) -> Callable:
+    fn = click.option("--name", help="Study name (overrides [study] name).")(fn)
+    return click.option("--n-trials", type=click.IntRange(min=1), help="Finished trials the study should have (overrides the spec).")(fn)
+
+
+def emit_run(result: Any, *, as_json: bool, title: str) -> None:
+    """A StudyRun as a key/value table or JSON."""
+    emit({k: getattr(result, k) for k in result.__dataclass_fields__}, as_json=as_json, title=title)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
@@ -202,8 +212,7 @@ def study_validate(spec: str, as_json: bool) -> None:
 
 @study.command("run")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--n-trials", type=click.IntRange(min=1), help="Finished trials the study should have (overrides the spec).")
-@click.option("--name", help="Study name (overrides [study] name).")
+@spec_override_options
 @storage_options
 @tracking_option
 @click.option("--device", default="auto", show_default=True, help="Device for in-process trials: auto, cpu, cuda:N.")
@@ -244,14 +253,12 @@ def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, d
             drain=drain,
             progress=not quiet,
         )
-    out = {k: getattr(result, k) for k in result.__dataclass_fields__}
-    emit(out, as_json=as_json, title=f"study {result.study_name}")
+    emit_run(result, as_json=as_json, title=f"study {result.study_name}")
 
 
 @study.command("create")
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--n-trials", type=click.IntRange(min=1), help="Finished trials the study should have (overrides the spec).")
-@click.option("--name", help="Study name (overrides [study] name).")
+@spec_override_options
 @storage_options
 @tracking_option
 @click.option("--warm-start", is_flag=True, help="Queue the current recommended configurations as the first trials.")
@@ -409,7 +416,7 @@ def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | No
 
         slots = plan_slots(devices, trials_per_device=trials_per_device, workers=workers)
         result = run_slots(load_study(name, storage=storage), slots, storage=storage, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), data_dir=data_dir, population=population, progress=not quiet)
-        emit({k: getattr(result, k) for k in result.__dataclass_fields__}, as_json=as_json, title=f"workers on {name}")
+        emit_run(result, as_json=as_json, title=f"workers on {name}")
         return
     apply_slot_threads()
     result = run_worker(
@@ -424,7 +431,7 @@ def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | No
         population=population,
         progress=not quiet,
     )
-    emit({k: getattr(result, k) for k in result.__dataclass_fields__}, as_json=as_json, title=f"worker on {name}")
+    emit_run(result, as_json=as_json, title=f"worker on {name}")
 
 
 @main.command("sync")
