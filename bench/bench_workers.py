@@ -41,7 +41,7 @@ Optuna SQLite storage calls one trial makes (claim, attributes, 10 reports, hear
 tell), from 1 process and from 2 processes at once, i.e. SQLite contention.
 
     python bench/bench_workers.py [--specs digits,moons] [--trials 48] [--repeats 2]
-        [--workers 1,2] [--investigate] [--wait-idle S] [--keep DIR] [--timeout 900]
+        [--workers 1,2] [--investigate | --one-core] [--wait-idle S] [--keep DIR] [--timeout 900]
 """
 
 from __future__ import annotations
@@ -429,16 +429,27 @@ def fmt(r: RunStats) -> str:
     )
 
 
+# Runs during which other processes kept fewer cores than this busy count as quiet.
+QUIET_CORES = 0.3
+
+
 def print_ratios(results: dict, specs: list[str], pairs: list[tuple[str, str]]) -> None:
-    """Throughput ratios top/base for wall and steady trials per minute."""
-    print("\nratios (best of the repeats; median in brackets):")
+    """Throughput ratios top/base for wall and steady trials per minute.
+
+    Best of the repeats, the medians, and the quiet runs only (others < QUIET_CORES cores;
+    the most trustworthy on a shared machine, when each side has one).
+    """
+    print(f"\nratios: best of the repeats, [median], {{quiet runs only: others < {QUIET_CORES} cores}}")
     for spec in specs:
         for top, base in pairs:
             a, b = results[(spec, top)], results[(spec, base)]
             for metric in ("wall_tpm", "steady_tpm"):
                 best = max(getattr(r, metric) for r in a) / max(getattr(r, metric) for r in b)
                 med = statistics.median(getattr(r, metric) for r in a) / statistics.median(getattr(r, metric) for r in b)
-                print(f"  {spec:<7} {metric:<10} {top:>18} / {base:<18} {best:5.2f}x  [{med:.2f}x]", flush=True)
+                qa = [getattr(r, metric) for r in a if r.others_cores < QUIET_CORES]
+                qb = [getattr(r, metric) for r in b if r.others_cores < QUIET_CORES]
+                quiet = f"{{{statistics.median(qa) / statistics.median(qb):.2f}x}}" if qa and qb else "{n/a}"
+                print(f"  {spec:<7} {metric:<10} {top:>18} / {base:<18} {best:5.2f}x  [{med:.2f}x]  {quiet}", flush=True)
 
 
 def _probe_main(argv: list[str]) -> int:
@@ -466,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=48, help="trials per run (--n-trials)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (interleaved)")
     parser.add_argument("--workers", default="1,2", help="worker slot counts to compare; the ratio is last/first")
-    parser.add_argument("--investigate", action="store_true", help="add the 1-core and no-MLflow runs (see the docstring)")
+    parser.add_argument("--investigate", action="store_true", help="add the 1-core and no-MLflow runs and the component probes (see the docstring)")
+    parser.add_argument("--one-core", action="store_true", help="add only the '1 slot, 1 core' run")
     parser.add_argument("--components-only", action="store_true", help="only the component probes (see the docstring)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                         help="before each run wait up to S seconds for other processes to use < 0.3 cores")
@@ -478,9 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     specs = [Path(s) if s.endswith(".toml") else SURVEY / f"{s}.toml" for s in args.specs.split(",")]
     counts = [int(w) for w in args.workers.split(",")]
     configs: list[tuple[str, int, dict]] = [(f"{w} slot{'s' if w > 1 else ''}", w, {}) for w in counts]
+    if args.investigate or args.one_core:
+        configs.append(("1 slot, 1 core", 1, {"prefix": ["taskset", "-c", "0"]}))
     if args.investigate:
         configs += [
-            ("1 slot, 1 core", 1, {"prefix": ["taskset", "-c", "0"]}),
             ("1 slot, no MLflow", 1, {"extra": ["--tracking-uri", CLOSED_TRACKING_URI]}),
             (f"{counts[-1]} slots, no MLflow", counts[-1], {"extra": ["--tracking-uri", CLOSED_TRACKING_URI]}),
         ]
@@ -506,9 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(fmt(r), flush=True)
             base_label, top_label = configs[0][0], configs[len(counts) - 1][0]
             pairs = [(top_label, base_label)]
+            if args.investigate or args.one_core:
+                pairs += [(top_label, "1 slot, 1 core"), (base_label, "1 slot, 1 core")]
             if args.investigate:
-                pairs += [(top_label, "1 slot, 1 core"), (base_label, "1 slot, 1 core"),
-                          (f"{counts[-1]} slots, no MLflow", "1 slot, no MLflow")]
+                pairs.append((f"{counts[-1]} slots, no MLflow", "1 slot, no MLflow"))
             print_ratios(results, [s.stem for s in specs], pairs)
         if args.investigate or args.components_only:
             components(root)

@@ -34,6 +34,7 @@ step ran out of time.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import re
 import shutil
@@ -64,12 +65,23 @@ SAMPLE_SECONDS = 1.0
 
 @dataclass
 class Samples:
-    """Utilisation (%) and memory used (MiB) per GPU index, one value per sample."""
+    """``(time, gpu index, utilisation %, memory used MiB)`` rows, one per GPU per sample."""
 
-    util: dict[str, list[float]] = field(default_factory=dict)
-    mem: dict[str, list[float]] = field(default_factory=dict)
+    rows: list[tuple[dt.datetime, str, float | None, float | None]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    n: int = 0
+    n: int = 0  # samples taken
+
+    def window(self, start: dt.datetime | None, end: dt.datetime | None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Utilisation and memory per GPU index, from samples taken in [start, end]."""
+        util: dict[str, list[float]] = {}
+        mem: dict[str, list[float]] = {}
+        for when, index, u, m in self.rows:
+            if (start is None or when >= start) and (end is None or when <= end):
+                if u is not None:
+                    util.setdefault(index, []).append(u)
+                if m is not None:
+                    mem.setdefault(index, []).append(m)
+        return util, mem
 
 
 def parse_smi_csv(text: str) -> list[tuple[str, float | None, float | None]]:
@@ -117,11 +129,8 @@ class Sampler:
             try:
                 out = subprocess.run(self.command, capture_output=True, text=True, timeout=5)
                 if out.returncode == 0:
-                    for index, util, mem in parse_smi_csv(out.stdout):
-                        if util is not None:
-                            self.samples.util.setdefault(index, []).append(util)
-                        if mem is not None:
-                            self.samples.mem.setdefault(index, []).append(mem)
+                    now = dt.datetime.now()  # naive local time, as Optuna stores trial times
+                    self.samples.rows += [(now, index, util, mem) for index, util, mem in parse_smi_csv(out.stdout)]
                     self.samples.n += 1
                 elif len(self.samples.errors) < 3:
                     self.samples.errors.append(f"exit {out.returncode}: {out.stderr.strip()[:200]}")
@@ -278,6 +287,11 @@ def per_gpu_table(trials: list[TrialRow], slot_gpu: dict[int, str], samples: Sam
         slot = int(m.group(1))
         by_slot[slot] += 1
         by_gpu[slot_gpu[slot]].append(t)
+    # Utilisation while trials ran: worker start-up (imports, CUDA init) would dilute it.
+    finished = [t for t in trials if t.start is not None and t.complete is not None]
+    start = min((t.start for t in finished), default=None)
+    end = max((t.complete for t in finished), default=None)
+    util_by, mem_by = samples.window(start, end)
     lines = [f"  {'GPU':<5} {'slots':<10} {'trials':>6} {'devices recorded':<18} {'s/trial':>7} {'util % mean/max':>16} {'mem MiB mean/max':>17}"]
     for g in gpus:
         rows = by_gpu[g]
@@ -285,7 +299,7 @@ def per_gpu_table(trials: list[TrialRow], slot_gpu: dict[int, str], samples: Sam
         devices = ",".join(sorted({str(t.attrs.get("hposvc.device", "?")) for t in rows})) or "-"
         durations = [t.duration for t in rows if t.duration is not None]
         idx = smi_index(g, inventory)
-        util, mem = samples.util.get(idx, []), samples.mem.get(idx, [])
+        util, mem = util_by.get(idx, []), mem_by.get(idx, [])
         u = f"{statistics.fmean(util):.0f}/{max(util):.0f}" if util else "n/a"
         mm = f"{statistics.fmean(mem):.0f}/{max(mem):.0f}" if mem else "n/a"
         s = f"{statistics.fmean(durations):.2f}" if durations else "-"
@@ -293,7 +307,7 @@ def per_gpu_table(trials: list[TrialRow], slot_gpu: dict[int, str], samples: Sam
     return lines, {"by_gpu": {g: len(r) for g, r in by_gpu.items()}, "by_slot": by_slot, "unmatched": unmatched}
 
 
-def study_step(args: argparse.Namespace, *, work: Path, inventory: list[dict[str, str]], n_gpus: int, deadline: float) -> list[str]:
+def study_step(args: argparse.Namespace, *, work: Path, inventory: list[dict[str, str]], deadline: float) -> list[str]:
     """Run the study on all GPUs (or CPU slots in the dry run); return failed checks."""
     from hposvc.devices import plan_slots
 
@@ -342,7 +356,8 @@ def study_step(args: argparse.Namespace, *, work: Path, inventory: list[dict[str
     print(f"    {wall:.1f} s wall, {60 * done / wall:.1f} trials/min; states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())), flush=True)
     if sampler.samples.errors:
         print(f"    utilisation sampling errors: {sampler.samples.errors}", flush=True)
-    print(f"    {sampler.samples.n} utilisation sample(s), one per {SAMPLE_SECONDS:.0f} s" + (" (CPU cores standing in for GPUs)" if args.cpu_dry_run else ""), flush=True)
+    print(f"    {sampler.samples.n} utilisation sample(s), one per {SAMPLE_SECONDS:.0f} s; util/mem below: samples taken "
+          "between the first trial's start and the last trial's end" + (" (CPU cores standing in for GPUs)" if args.cpu_dry_run else ""), flush=True)
     lines, counts = per_gpu_table(trials, slot_gpu, sampler.samples, inventory)
     print("\n".join(lines), flush=True)
     if not args.cpu_dry_run and inventory:
@@ -455,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     timed_out = False
     try:
         try:
-            failed += study_step(args, work=work, inventory=inventory, n_gpus=n_gpus, deadline=deadline)
+            failed += study_step(args, work=work, inventory=inventory, deadline=deadline)
         except OutOfTime as e:
             timed_out = True
             failed.append(f"study: {e}")

@@ -119,9 +119,13 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, postgres_url:
         return any(t.state.name == "RUNNING" and t.user_attrs.get("hposvc.worker") == "victim" and t.intermediate_values for t in _states(postgres_url))
 
     _wait_for(victim_running, timeout=120, what="the victim worker to be in the middle of a trial")
-    killed = next(t for t in _states(postgres_url) if t.state.name == "RUNNING" and t.user_attrs.get("hposvc.worker") == "victim")
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
+    # The trial it was running when it died (read after the kill: it may have finished one
+    # more trial between our look and the signal).
+    running = [t for t in _states(postgres_url) if t.state.name == "RUNNING"]  # the victim was the only worker
+    assert len(running) == 1, running
+    killed = running[0]
 
     survivor = subprocess.run(_cli("worker", "workers", *args, "--worker-id", "survivor"), env=_env(), capture_output=True, text=True, timeout=400)
     assert survivor.returncode == 0, survivor.stderr
