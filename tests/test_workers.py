@@ -62,9 +62,11 @@ def _states(storage: str, name: str = "workers") -> list[optuna.trial.FrozenTria
     return optuna.load_study(study_name=name, storage=storage).trials
 
 
-def _wait_for(pred: Callable[[], bool], *, timeout: float, what: str) -> None:
+def _wait_for(pred: Callable[[], bool], *, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) while waiting for {what}: {proc.stderr.read().decode() if proc.stderr else ''}")
         try:
             if pred():
                 return
@@ -118,7 +120,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, postgres_url:
     def victim_running() -> bool:
         return any(t.state.name == "RUNNING" and t.user_attrs.get("hposvc.worker") == "victim" and t.intermediate_values for t in _states(postgres_url))
 
-    _wait_for(victim_running, timeout=120, what="the victim worker to be in the middle of a trial")
+    _wait_for(victim_running, timeout=120, what="the victim worker to be in the middle of a trial", proc=victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     # The trial it was running when it died (read after the kill: it may have finished one
