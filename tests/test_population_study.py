@@ -94,7 +94,7 @@ def test_population_worker_killed_trials_are_retried(tmp_path: Path) -> None:
     prepare_study(spec, storage=storage)
     env = {**os.environ, "HPOSVC_HEARTBEAT_INTERVAL": "1", "HPOSVC_GRACE_PERIOD": "3"}
     cmd = [sys.executable, "-m", "hposvc.cli", "worker", "popkill", "--storage", storage, "--data-dir", str(tmp_path), "--quiet"]
-    victim = subprocess.Popen([*cmd, "--population", "4", "--worker-id", "victim"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = subprocess.Popen([*cmd, "--population", "4", "--worker-id", "victim"], env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "victim.stderr", "wb"))
     import time
 
     deadline = time.monotonic() + 120

@@ -54,6 +54,15 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, **FAST_HEARTBEAT, "OMP_NUM_THREADS": "1", **extra}
 
 
+def _log(tmp_path: Path, name: str):
+    """A file for a long-running process's stderr: a pipe nobody reads can fill and block it."""
+    return open(tmp_path / f"{name}.stderr", "wb")
+
+
+def _read(tmp_path: Path, name: str) -> str:
+    return (tmp_path / f"{name}.stderr").read_text(errors="replace")
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hposvc.cli", *args]
 
@@ -66,7 +75,7 @@ def _wait_for(pred: Callable[[], bool], *, timeout: float, what: str, proc: subp
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process exited ({proc.returncode}) while waiting for {what}: {proc.stderr.read().decode() if proc.stderr else ''}")
+            raise AssertionError(f"the process exited ({proc.returncode}) while waiting for {what}; see its .stderr file in the test's tmp dir")
         try:
             if pred():
                 return
@@ -115,7 +124,7 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, postgres_url:
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     prepare_study(spec, storage=postgres_url)
     args = ("--storage", postgres_url, "--tracking-uri", tracking, "--quiet")
-    victim = subprocess.Popen(_cli("worker", "workers", *args, "--worker-id", "victim"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_cli("worker", "workers", *args, "--worker-id", "victim"), env=_env(), stdout=subprocess.DEVNULL, stderr=_log(tmp_path, "victim"))
 
     def victim_running() -> bool:
         return any(t.state.name == "RUNNING" and t.user_attrs.get("hposvc.worker") == "victim" and t.intermediate_values for t in _states(postgres_url))
@@ -150,14 +159,14 @@ def test_mlflow_outage_loses_nothing(tmp_path: Path, mlflow_server) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = subprocess.Popen(
         _cli("study", "run", str(spec), "--storage", storage, "--tracking-uri", mlflow_server.uri, "--quiet"),
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=_env(), stdout=subprocess.DEVNULL, stderr=_log(tmp_path, "run"),
     )
     _wait_for(lambda: _n_done(storage) >= 2, timeout=180, what="two trials")
     mlflow_server.stop()
     _wait_for(lambda: _n_done(storage) >= 5, timeout=180, what="trials during the outage")
     mlflow_server.start()
-    _, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err.decode()
+    proc.wait(timeout=400)
+    assert proc.returncode == 0, _read(tmp_path, "run")
     done = [t for t in _states(storage) if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(done) == 8
     # Whatever the end of the run could not send, `hposvc sync` sends.
@@ -178,12 +187,12 @@ def test_postgres_restart_during_study(tmp_path: Path, postgres_url: str, pg_ser
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.Popen(
         _cli("study", "run", str(spec), "--workers", "2", "--storage", postgres_url, "--tracking-uri", tracking, "--quiet"),
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=_env(), stdout=subprocess.DEVNULL, stderr=_log(tmp_path, "run"),
     )
     _wait_for(lambda: _n_done(postgres_url) >= 1, timeout=180, what="a first trial")
     pg_server.restart()
-    _, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err.decode()
+    proc.wait(timeout=400)
+    assert proc.returncode == 0, _read(tmp_path, "run")
     trials = _states(postgres_url)
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 6
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
@@ -194,11 +203,11 @@ def test_sigterm_stops_cleanly_and_rerun_completes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     storage = f"sqlite:///{data / 'hposvc.db'}"
     cmd = _cli("study", "run", str(spec), "--workers", "2", "--data-dir", str(data), "--quiet")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=_log(tmp_path, "run"))
     _wait_for(lambda: any(t.state.name == "RUNNING" and t.intermediate_values for t in _states(storage)), timeout=180, what="a trial in flight")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err.decode()
+    proc.wait(timeout=120)
+    assert proc.returncode == 143, _read(tmp_path, "run")
     trials = _states(storage)
     assert not [t for t in trials if t.state.name == "RUNNING"]
     interrupted = [t for t in trials if t.state.name == "FAIL"]
