@@ -124,6 +124,27 @@ def read_trials(db_path: str | os.PathLike[str], study_name: str | None = None) 
     return [TrialRow(n, state, _parse_time(s), _parse_time(c), attrs.get(tid, {})) for tid, n, state, s, c in rows]
 
 
+def duplicate_runs(mlflow_db: str | os.PathLike[str]) -> int | None:
+    """Trial numbers with more than one MLflow trial run: trials that two workers both ran.
+
+    None when the store is missing or has no runs table (e.g. tracking was offline).
+    """
+    if not Path(mlflow_db).exists():
+        return None
+    con = sqlite3.connect(f"file:{mlflow_db}?mode=ro", uri=True, timeout=60)
+    try:
+        rows = con.execute(
+            "SELECT t.value, COUNT(*) FROM tags t JOIN tags r ON r.run_uuid = t.run_uuid "
+            "WHERE t.key = 'hposvc.trial_number' AND r.key = 'hposvc.role' AND r.value = 'trial' "
+            "GROUP BY t.value HAVING COUNT(*) > 1"
+        ).fetchall()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        con.close()
+    return len(rows)
+
+
 @dataclass(frozen=True)
 class RunStats:
     """What one ``hposvc study run`` measured."""
@@ -142,6 +163,8 @@ class RunStats:
     load_before: float  # 1-minute load average when the run started
     load_after: float
     others_cores: float  # cores other processes kept busy during the run, on average
+    n_trials: int = 0  # the study's target; n_done above it means trials ran twice
+    dup_runs: int | None = None  # trials with two MLflow runs (see duplicate_runs)
 
     @property
     def wall_tpm(self) -> float:
@@ -259,6 +282,8 @@ def run_cli(
         load_before=load_before,
         load_after=os.getloadavg()[0],
         others_cores=others,
+        n_trials=n_trials,
+        dup_runs=duplicate_runs(data_dir / "mlflow.db"),
         **s,
     )
 
@@ -417,7 +442,7 @@ def components(root: Path, *, task: str = "digits", n_ops: int = 40) -> None:
 
 HEADER = (
     f"{'spec':<7} {'config':<18} {'load':>5} {'others':>6} {'done':>4} {'wall s':>7} {'wall t/min':>10} "
-    f"{'steady t/min':>12} {'s/trial':>7} {'cpu s/trial':>11} {'start s':>7} {'tail s':>6}  per worker"
+    f"{'steady t/min':>12} {'s/trial':>7} {'cpu s/trial':>11} {'start s':>7} {'tail s':>6} {'dup':>3}  per worker"
 )
 
 
@@ -425,7 +450,7 @@ def fmt(r: RunStats) -> str:
     workers = ",".join(str(n) for n in r.per_worker.values())
     return (
         f"{r.spec:<7} {r.label:<18} {r.load_before:>5.2f} {r.others_cores:>6.2f} {r.n_done:>4} {r.wall_s:>7.1f} {r.wall_tpm:>10.1f} "
-        f"{r.steady_tpm:>12.1f} {r.mean_trial_s:>7.3f} {r.cpu_per_trial:>11.3f} {r.startup_s:>7.1f} {r.tail_s:>6.1f}  {workers}"
+        f"{r.steady_tpm:>12.1f} {r.mean_trial_s:>7.3f} {r.cpu_per_trial:>11.3f} {r.startup_s:>7.1f} {r.tail_s:>6.1f} {'-' if r.dup_runs is None else r.dup_runs:>3}  {workers}"
     )
 
 
@@ -517,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                         r = run_cli(spec, w, n_trials=args.trials, data_dir=data_dir, label=label, timeout=args.timeout, **kw)
                         results.setdefault((spec.stem, label), []).append(r)
                         print(fmt(r), flush=True)
+                        if r.n_done != r.n_trials or r.dup_runs:
+                            print(f"  ^ {r.n_done} finished trials for n_trials={r.n_trials}; {r.dup_runs} trial(s) with two MLflow runs "
+                                  "(claimed by two workers)", flush=True)
             base_label, top_label = configs[0][0], configs[len(counts) - 1][0]
             pairs = [(top_label, base_label)]
             if args.investigate or args.one_core:
