@@ -32,13 +32,29 @@ code changed):
   the second intra-op thread does for these small models;
 - ``no MLflow``: the tracking URI points at a closed local port, so the workers' MLflow
   writer threads go offline after one failed call and keep records in the outbox instead
-  (cheap JSON files): the difference is what MLflow's SQLite store costs in CPU.
+  (cheap JSON files): the difference in steady rate and CPU per trial is what MLflow's
+  SQLite store costs. (Its start-up and tail include the failed connection attempts, about
+  3 s, so compare those columns only between runs with MLflow.)
+
+The "dup" column counts trials with two MLflow trial runs, i.e. trials that two workers
+both claimed and trained; a "done" above the study's n_trials is flagged as well.
 
 Then it measures the parts separately (each in its own subprocess, so thread settings and
 imports are fresh): import times; ``train()`` of survey configs with 1 vs 2 torch threads;
 the embedded MLflow store (creation, one trial's writes, the study's final plots); and the
 Optuna SQLite storage calls one trial makes (claim, attributes, 10 reports, heartbeat,
 tell), from 1 process and from 2 processes at once, i.e. SQLite contention.
+
+Findings on the 2-core development machine (Nov 2026, commits 269a38e..1c0c284; quiet runs,
+i.e. other processes < 0.3 cores): digits, 96 trials, steady 2 slots / 1 slot 2.08x and
+2 slots / (1 slot on 1 core) 1.80x; wall only 1.45x / 1.30x, because start-up (~7-8 s:
+imports, MLflow store creation, then worker imports) and tail (~5-6 s: final plots,
+process exits) are as long as the ~10 s of training. One trial trains in ~0.08 s; the
+Optuna SQLite calls of a trial take ~0.024 s (0.028 s with 2 processes: little
+contention), MLflow's ~0.02-0.04 s on the writer thread. A lone CPU slot gets both cores
+as torch threads: no faster than 1 thread for these models when the machine is idle, twice
+the CPU, and 5-20x slower when anything else runs. About 1 % of trials were claimed by
+both workers (SQLite claim race; see the "dup" column).
 
     python bench/bench_workers.py [--specs digits,moons] [--trials 48] [--repeats 2]
         [--workers 1,2] [--investigate | --one-core] [--wait-idle S] [--keep DIR] [--timeout 900]

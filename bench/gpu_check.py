@@ -14,8 +14,8 @@ What it does, each step time-bounded (``--budget`` seconds in all):
    ``CUDA_VISIBLE_DEVICES`` by :func:`hposvc.devices.plan_slots`, the plan the study run
    uses), the device each trial recorded (``hposvc.device``), mean seconds per trial, and
    utilisation and memory (mean / max over the samples taken while the study ran).
-   Checks: the study finished all its trials, none failed, every slot and every GPU ran
-   trials, and every trial trained on CUDA.
+   Checks: the study finished all its trials, none failed, none was run by two workers,
+   every slot and every GPU ran trials, and every trial trained on CUDA.
 4. Runs ``bench/bench_population.py --device cuda`` (sequential vs population trials per
    minute, same trials, same process) pinned to the first GPU.
 
@@ -54,7 +54,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.append(str(ROOT))  # hposvc itself when it is not installed
 
-from bench_workers import TrialRow, read_trials  # noqa: E402
+from bench_workers import TrialRow, duplicate_runs, read_trials  # noqa: E402
 
 NVIDIA_SMI_QUERY = ["--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
 SAMPLE_SECONDS = 1.0
@@ -368,6 +368,9 @@ def study_step(args: argparse.Namespace, *, work: Path, inventory: list[dict[str
 
     if late is not None:
         raise late
+    dups = duplicate_runs(data_dir / "mlflow.db")
+    if dups:
+        failed.append(f"{dups} trial(s) were claimed and trained by two workers (two MLflow runs each)")
     if done < n_trials:
         failed.append(f"{done} of {n_trials} trials finished")
     if states.get("FAIL", 0):

@@ -115,6 +115,8 @@ def _sqlite_path(url: str) -> Path | None:
 def _on_sqlite_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 (DB-API objects)
     # WAL lets readers and one writer work at once; the busy timeout makes a second writer
     # wait instead of failing. synchronous=NORMAL is durable across process crashes in WAL.
+    # hposvc issues BEGIN itself (see _begin_immediate); the driver must not.
+    dbapi_connection.isolation_level = None
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
@@ -213,8 +215,16 @@ def open_storage(url: str, *, heartbeat: bool = True) -> "optuna.storages.RDBSto
         ) from e
     if path is not None:
         event.listen(storage.engine, "connect", _on_sqlite_connect)
+        event.listen(storage.engine, "begin", _begin_immediate)
         storage.engine.dispose()  # later connections get the pragmas
     return storage
+
+
+def _begin_immediate(conn) -> None:  # noqa: ANN001 (SQLAlchemy connection)
+    # SQLite ignores SELECT ... FOR UPDATE, and Python's sqlite3 only begins a transaction at
+    # the first write: two workers could both read a trial as WAITING and both claim it.
+    # BEGIN IMMEDIATE takes the write lock at the start, so claims are serialised.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _redact(url: str) -> str:

@@ -559,8 +559,17 @@ class _TrialJob:
 
     def fail(self, e: BaseException) -> str:
         """The trial ends FAIL with the reason (interruptions, OOM and errors)."""
+        import optuna
+
         from hposvc.devices import free_device_memory, is_out_of_memory
 
+        if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
+            # Another process finished this trial (e.g. failed it as stale): its state is
+            # final and its retry, if any, is queued already.
+            log.warning("trial %s was finished elsewhere: %s", self.trial.number, e)
+            if self.run is not None:
+                self.run.end("FAIL", reason=f"finished elsewhere: {e}")
+            return "FAIL"
         if isinstance(e, (KeyboardInterrupt, Interrupted)):
             reason = "interrupted: " + (str(e) or "SIGINT")
         elif is_out_of_memory(e):
@@ -572,9 +581,10 @@ class _TrialJob:
         _tell_fail(self.study, self.trial, reason)
         if self.run is not None:
             self.run.end("FAIL", reason=reason)
-        if not isinstance(e, (KeyboardInterrupt, Interrupted)):
+        frozen = self.trial.storage.get_trial(self.trial._trial_id)  # noqa: SLF001
+        if frozen.state.name == "FAIL" and not isinstance(e, (KeyboardInterrupt, Interrupted)):
             # an interrupted study is re-queued by the next run's top-up instead
-            requeue(self.study, self.trial.storage.get_trial(self.trial._trial_id))  # noqa: SLF001
+            requeue(self.study, frozen)
         return "FAIL"
 
 
