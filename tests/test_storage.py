@@ -1,0 +1,51 @@
+"""The embedded SQLite storage under parallel workers: WAL, and one claim per trial."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from hposvc.errors import InvalidInputError
+from hposvc.storage import open_storage, resolve_storage_url
+
+
+def _claim_all(url: str, queue: "mp.Queue[list[int]]") -> None:
+    study = optuna.load_study(study_name="claims", storage=open_storage(url, heartbeat=False))
+    got = []
+    while (trial_id := study._pop_waiting_trial_id()) is not None:  # what workers claim with
+        got.append(trial_id)
+    queue.put(got)
+
+
+def test_two_processes_never_claim_the_same_trial(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'claims.db'}"
+    study = optuna.create_study(study_name="claims", storage=open_storage(url, heartbeat=False))
+    study.add_trials([create_trial(state=TrialState.WAITING) for _ in range(300)])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(url, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    claims = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert len(claims[0]) + len(claims[1]) == 300
+    assert not set(claims[0]) & set(claims[1]), "a trial was claimed by both workers"
+
+
+def test_embedded_database_runs_in_wal_mode(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'wal.db'}"
+    optuna.create_study(study_name="w", storage=open_storage(url))
+    with sqlite3.connect(tmp_path / "wal.db") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_bad_storage_url_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="SQLAlchemy URL"):
+        resolve_storage_url("foo://nowhere")
+    assert resolve_storage_url(data_dir=tmp_path) == f"sqlite:///{tmp_path.absolute() / 'hposvc.db'}"
