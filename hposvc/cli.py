@@ -193,9 +193,11 @@ def study_validate(spec: str, as_json: bool) -> None:
 
     Example: hposvc study validate studies/quickstart.toml
     """
+    from hposvc.space import check_grid_budget
     from hposvc.spec import load_spec
 
     parsed = load_spec(spec)
+    check_grid_budget(parsed)
     summary = {
         "name": parsed.name,
         "task": parsed.task,

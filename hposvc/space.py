@@ -236,6 +236,23 @@ def grid_search_space(spec: StudySpec) -> dict[str, list]:
     return out
 
 
+def check_grid_budget(spec: StudySpec) -> None:
+    """A grid study may not ask for more trials than its grid has points: past them the
+    grid sampler re-runs configurations it already ran. Raises :class:`SpecError`."""
+    if spec.sampler != "grid":
+        return
+    size = math.prod(len(values) for values in grid_search_space(spec).values())
+    if spec.n_trials > size:
+        raise invalid(
+            "study.n_trials",
+            spec.n_trials,
+            f"at most {size}, the number of points of this grid",
+            source=spec.source,
+            hint="Lower n_trials (or --n-trials), or add values to the grid.",
+            cls=SpecError,
+        )
+
+
 def build_sampler(spec: StudySpec, *, seed: int | None = None) -> optuna.samplers.BaseSampler:
     """The spec's sampler, seeded with ``seed`` (default ``spec.seed``).
 

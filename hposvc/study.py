@@ -108,8 +108,9 @@ def prepare_study(
     """
     import optuna
 
-    from hposvc.space import build_pruner, build_sampler
+    from hposvc.space import build_pruner, build_sampler, check_grid_budget
 
+    check_grid_budget(spec)  # before anything is written
     rdb = open_storage(storage)
     study = with_retries(
         lambda: optuna.create_study(

@@ -166,6 +166,10 @@ BAD_SPECS = {
     "empty range": (CONTRACT_SPEC.replace("low = 1e-4, high = 0.5", "low = 0.5, high = 0.5"), ["lr", "0.5"]),
     "lr <= 0": (CONTRACT_SPEC.replace("low = 1e-4, high = 0.5, log = true", "low = -1.0, high = 0.5"), ["lr", "-1.0"]),
     "toml syntax": (CONTRACT_SPEC.replace("n_trials = 12", "n_trials = = 12"), ["line"]),
+    "grid smaller than n_trials": (
+        CONTRACT_SPEC.replace('sampler = "tpe"', 'sampler = "grid"').replace("lr = { low = 1e-4, high = 0.5, log = true }", "lr = [0.01, 0.1]").replace("n_trials = 12", "n_trials = 5000"),
+        ["n_trials", "5000", "points of this grid"],
+    ),
 }
 
 
