@@ -12,7 +12,6 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-import hposvc
 from hposvc.config import TrialConfig
 from hposvc.spec import parse_spec
 from hposvc.study import prepare_study, run_worker
