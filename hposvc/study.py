@@ -306,6 +306,8 @@ def run_worker(
             c = _counts(study)
             if sum(c.get(s, 0) for s in DONE_STATES) >= n_trials or _grid_exhausted(study):
                 break  # also when --n-trials was lowered on resume: extra queued trials stay
+            if _pending_interrupt:
+                raise _pending_interrupt[0]
             want = k if max_trials is None else min(k, max_trials - ran)
             claimed: list[optuna.Trial] = []
             try:
@@ -531,6 +533,8 @@ class _TrialJob:
         value = getattr(m, self.spec.metric)
         with_retries(lambda: self.trial.report(value, m.epoch), what="reporting an epoch")
         self.run.log_epoch({"train_loss": m.train_loss, "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr}, step=m.epoch)
+        if _pending_interrupt:  # a signal some library caught and wrapped: stop here
+            raise _pending_interrupt[0]
         return self.prunes and with_retries(self.trial.should_prune, what="asking the pruner")
 
     def finish(self, result: Any) -> str:
@@ -631,6 +635,9 @@ def run_trial(
             job.fail(e)
             raise
         except Exception as e:  # noqa: BLE001 (one trial's error must not stop the worker)
+            if (stop := _interruption(e)) is not None:
+                job.fail(stop)
+                raise stop from e
             return job.fail(e)
 
 
@@ -668,6 +675,8 @@ def run_population(
                 except (KeyboardInterrupt, Interrupted):
                     raise
                 except Exception as e:  # noqa: BLE001
+                    if (stop := _interruption(e)) is not None:
+                        raise stop from e
                     states[job.trial.number] = job.fail(e)
             for group in group_configs([c for _, c in started]):
                 members = [started[i] for i in group]
@@ -686,6 +695,8 @@ def run_population(
                 except (KeyboardInterrupt, Interrupted):
                     raise
                 except Exception as e:  # noqa: BLE001 (the group fails, the worker goes on)
+                    if (stop := _interruption(e)) is not None:
+                        raise stop from e
                     for job, _ in members:
                         states[job.trial.number] = job.fail(e)
                     continue
@@ -693,6 +704,8 @@ def run_population(
                     try:
                         states[job.trial.number] = job.finish(result)
                     except Exception as e:  # noqa: BLE001
+                        if (stop := _interruption(e)) is not None:
+                            raise stop from e
                         states[job.trial.number] = job.fail(e)
         except (KeyboardInterrupt, Interrupted) as e:
             for job in jobs:
@@ -713,18 +726,29 @@ def _tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> Non
 
 
 
+# The interruption a signal raised in this process, kept because the exception itself can
+# land inside a library that wraps it: SIGTERM arriving in the middle of a SQLAlchemy commit
+# comes out of Optuna as a StorageInternalError, which alone would read as one trial's
+# storage error and let the worker go on with the next trial.
+_pending_interrupt: list[BaseException] = []
+
+
 @contextmanager
 def _signals_raise(drain: threading.Event) -> Iterator[None]:
-    """Turn SIGTERM into :class:`Interrupted` (SIGINT already raises KeyboardInterrupt);
-    SIGUSR1 asks the worker to finish its current trial and stop (``--drain``)."""
+    """Turn SIGTERM into :class:`Interrupted` and SIGINT into KeyboardInterrupt, both
+    remembered (see :func:`_interruption`); SIGUSR1 asks the worker to finish its current
+    trial and stop (``--drain``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum)
+        e: BaseException = KeyboardInterrupt() if signum == signal.SIGINT else Interrupted(signum)
+        _pending_interrupt.append(e)
+        raise e
 
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    _pending_interrupt.clear()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     if hasattr(signal, "SIGUSR1"):
         previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, lambda *_: drain.set())
     try:
@@ -732,6 +756,20 @@ def _signals_raise(drain: threading.Event) -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def _interruption(e: BaseException) -> BaseException | None:
+    """The interruption behind ``e``, if a signal arrived or ``e`` wraps one."""
+    if _pending_interrupt:
+        return _pending_interrupt[0]
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (KeyboardInterrupt, Interrupted)):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 class _Progress:

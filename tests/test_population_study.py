@@ -85,7 +85,7 @@ def test_population_worker_killed_trials_are_retried(tmp_path: Path) -> None:
     spec_dict = {
         **SPEC,
         "study": {**SPEC["study"], "name": "popkill", "n_trials": 4},
-        "train": {"epochs": 60, "batch_size": 64},
+        "train": {"epochs": 250, "batch_size": 64},  # long enough to be seen in flight
         "space": {"optimizer": "momentum", "lr": {"low": 1e-3, "high": 1e-1, "log": True}, "norm": "none", "activation": "relu"},
     }
     spec = parse_spec(spec_dict)
@@ -99,6 +99,7 @@ def test_population_worker_killed_trials_are_retried(tmp_path: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.3)
+        assert victim.poll() is None, "the victim finished before it could be killed; make its trials longer"
         running = [t for t in optuna.load_study(study_name="popkill", storage=storage).trials if t.state.name == "RUNNING" and t.intermediate_values]
         if len(running) >= 2:
             break

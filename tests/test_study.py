@@ -199,7 +199,7 @@ def test_bad_spec_as_subprocess(tmp_path: Path) -> None:
 
 
 def test_sigint_then_resume_gives_exactly_n_trials(tmp_path: Path) -> None:
-    text = CONTRACT_SPEC.replace("n_trials = 12", "n_trials = 8").replace("epochs = 10", "epochs = 60").replace('pruner = "median"', 'pruner = "none"')
+    text = CONTRACT_SPEC.replace("n_trials = 12", "n_trials = 8").replace("epochs = 10", "epochs = 150").replace('pruner = "median"', 'pruner = "none"')
     spec = _write(tmp_path, text)
     data = tmp_path / "data"
     storage = f"sqlite:///{data / 'hposvc.db'}"
@@ -210,6 +210,7 @@ def test_sigint_then_resume_gives_exactly_n_trials(tmp_path: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.3)
+        assert proc.poll() is None, "the study finished before it could be interrupted; make its trials longer"
         if (data / "hposvc.db").exists():
             try:
                 done = [t for t in optuna.load_study(study_name="digits-quick", storage=storage).trials if t.state.name in ("COMPLETE", "PRUNED")]
@@ -273,6 +274,47 @@ def test_python_api_round_trip(tmp_path: Path) -> None:
     t.optimizer.step()
     summary = hposvc.studies(storage=run.storage)
     assert list(summary["name"]) == ["api"]
+
+
+def test_a_signal_a_library_wraps_still_stops_the_worker(tmp_path: Path) -> None:
+    # SIGTERM can land inside a storage write and come out of SQLAlchemy and Optuna as a
+    # StorageInternalError (seen in CI). That must stop the worker like any SIGTERM, not
+    # fail one trial as a storage error and go on with the next.
+    import sqlalchemy
+    from sqlalchemy import event
+
+    from hposvc.storage import open_storage
+    from hposvc.study import Interrupted
+
+    spec = {
+        "study": {"name": "wrapped", "task": "moons", "n_trials": 4, "sampler": "random", "pruner": "none", "seed": 1},
+        "train": {"epochs": 6},
+        "space": {"optimizer": ["adam", "sgd"], "lr": {"low": 1e-3, "high": 1e-1, "log": True}},
+    }
+    storage = f"sqlite:///{tmp_path / 'hposvc.db'}"
+    reports = []
+
+    def signal_inside_the_write(conn, cursor, statement, *args) -> None:
+        if statement.startswith("INSERT INTO trial_intermediate_values"):
+            reports.append(statement)
+            if len(reports) == 3:
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(5)  # the handler raises Interrupted here
+                except Interrupted:
+                    raise sqlalchemy.exc.OperationalError(statement, None, Exception("disk I/O error")) from None
+
+    engine = open_storage(storage).engine
+    event.listen(engine, "after_cursor_execute", signal_inside_the_write)
+    try:
+        with pytest.raises(Interrupted):
+            hposvc.run_study(spec, storage=storage, data_dir=tmp_path)
+    finally:
+        event.remove(engine, "after_cursor_execute", signal_inside_the_write)
+    started = [t for t in optuna.load_study(study_name="wrapped", storage=storage).trials if t.state.name != "WAITING"]
+    assert [t.state.name for t in started] == ["FAIL"], "the worker went on after SIGTERM"
+    assert started[0].user_attrs["hposvc.reason"].startswith("interrupted")
+    assert len(reports) == 3
 
 
 def test_ui_serves_the_configured_store(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_two_workers_on_postgres_and_mlflow_server(tmp_path: Path, postgres_url:
 
 
 def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, postgres_url: str) -> None:
-    spec = load_spec(_spec(tmp_path, n_trials=4, epochs=30))
+    spec = load_spec(_spec(tmp_path, n_trials=4, epochs=150))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     prepare_study(spec, storage=postgres_url)
     args = ("--storage", postgres_url, "--tracking-uri", tracking, "--quiet")
@@ -154,15 +154,15 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, postgres_url:
 
 
 def test_mlflow_outage_loses_nothing(tmp_path: Path, mlflow_server) -> None:
-    spec = _spec(tmp_path, n_trials=8, epochs=10)
+    spec = _spec(tmp_path, n_trials=8, epochs=60)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     proc = subprocess.Popen(
         _cli("study", "run", str(spec), "--storage", storage, "--tracking-uri", mlflow_server.uri, "--quiet"),
         env=_env(), stdout=subprocess.DEVNULL, stderr=_log(tmp_path, "run"),
     )
-    _wait_for(lambda: _n_done(storage) >= 2, timeout=180, what="two trials")
+    _wait_for(lambda: _n_done(storage) >= 2, timeout=180, what="two trials", proc=proc)
     mlflow_server.stop()
-    _wait_for(lambda: _n_done(storage) >= 5, timeout=180, what="trials during the outage")
+    _wait_for(lambda: _n_done(storage) >= 5, timeout=180, what="trials during the outage", proc=proc)
     mlflow_server.start()
     proc.wait(timeout=400)
     assert proc.returncode == 0, _read(tmp_path, "run")
@@ -182,13 +182,13 @@ def test_mlflow_outage_loses_nothing(tmp_path: Path, mlflow_server) -> None:
 
 
 def test_postgres_restart_during_study(tmp_path: Path, postgres_url: str, pg_server) -> None:
-    spec = _spec(tmp_path, n_trials=6, epochs=10)
+    spec = _spec(tmp_path, n_trials=6, epochs=40)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.Popen(
         _cli("study", "run", str(spec), "--workers", "2", "--storage", postgres_url, "--tracking-uri", tracking, "--quiet"),
         env=_env(), stdout=subprocess.DEVNULL, stderr=_log(tmp_path, "run"),
     )
-    _wait_for(lambda: _n_done(postgres_url) >= 1, timeout=180, what="a first trial")
+    _wait_for(lambda: _n_done(postgres_url) >= 1, timeout=180, what="a first trial", proc=proc)
     pg_server.restart()
     proc.wait(timeout=400)
     assert proc.returncode == 0, _read(tmp_path, "run")
@@ -198,12 +198,14 @@ def test_postgres_restart_during_study(tmp_path: Path, postgres_url: str, pg_ser
 
 
 def test_sigterm_stops_cleanly_and_rerun_completes(tmp_path: Path) -> None:
-    spec = _spec(tmp_path, n_trials=6, epochs=40)
+    # Trials of a few seconds each, so the poll below reliably sees one in flight even on
+    # a fast machine (at 40 epochs a trial lasted under half a second and CI missed it).
+    spec = _spec(tmp_path, n_trials=6, epochs=300)
     data = tmp_path / "data"
     storage = f"sqlite:///{data / 'hposvc.db'}"
     cmd = _cli("study", "run", str(spec), "--workers", "2", "--data-dir", str(data), "--quiet")
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=_log(tmp_path, "run"))
-    _wait_for(lambda: any(t.state.name == "RUNNING" and t.intermediate_values for t in _states(storage)), timeout=180, what="a trial in flight")
+    _wait_for(lambda: any(t.state.name == "RUNNING" and t.intermediate_values for t in _states(storage)), timeout=180, what="a trial in flight", proc=proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert proc.returncode == 143, _read(tmp_path, "run")
