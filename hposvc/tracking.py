@@ -472,23 +472,44 @@ def sync_outbox(tracker: Tracker, *, study: str | None = None) -> int:
 
 
 def close_stale_trial_run(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
-    """Storage callback: a trial whose worker died ends FAILED in MLflow too."""
+    """Storage callback: a trial whose worker died ends FAILED in MLflow too.
+
+    The closing goes through the same record as any trial's end: sent now, or kept in the
+    outbox during an MLflow outage and sent by the next sync, so no run stays RUNNING. A
+    trial whose run never reached MLflow gets one, FAILED with the reason.
+    """
     tracker = _TRACKERS.get(study.study_name)
     if tracker is None:
         return
-    reason = "worker died: no heartbeat within the grace period; the trial is retried"
-    try:
-        from mlflow.entities import RunTag
-
-        run_id = trial.user_attrs.get("hposvc.mlflow_run_id") or _find_trial_run(
-            tracker.client, tracker.experiment_id(), uid=tracker.uid, trial_number=trial.number
-        )
-        if run_id is None:
+    start = trial.datetime_start.timestamp() * 1000 if trial.datetime_start else _now_ms()
+    record = _Record(
+        study=tracker.study,
+        trial_number=trial.number,
+        parent_run_id=tracker._parent_run_id,
+        run_name=f"trial-{trial.number}",
+        study_uid=tracker.uid,
+        run_id=trial.user_attrs.get("hposvc.mlflow_run_id"),
+        start_time=int(start),
+        tags={
+            "hposvc.role": "trial",
+            "hposvc.study": tracker.study,
+            "hposvc.trial_number": str(trial.number),
+            "hposvc.state": "FAIL",
+            "hposvc.reason": "worker died: no heartbeat within the grace period; the trial is retried",
+        },
+        status="FAILED",
+        end_time=_now_ms(),
+    )
+    folder = tracker.outbox
+    if tracker.online:
+        try:
+            record.parent_run_id = record.parent_run_id or tracker.parent_run_id()
+            _send(tracker.client, tracker.experiment_id(), record, replay=True)
             return
-        tracker.client.log_batch(run_id, tags=[RunTag("hposvc.state", "FAIL"), RunTag("hposvc.reason", reason)])
-        tracker.client.set_terminated(run_id, "FAILED")
-    except Exception as e:  # noqa: BLE001
-        tracker._went_offline(e)
+        except Exception as e:  # noqa: BLE001
+            if not tracker._went_offline(e):
+                folder = folder / "failed"
+    _write_outbox(folder, record)
 
 
 def _is_outage(e: BaseException) -> bool:
