@@ -754,6 +754,7 @@ def _signals_raise(drain: threading.Event) -> Iterator[None]:
     try:
         yield
     finally:
+        _pending_interrupt.clear()  # handled by now; must not stop a later run
         for signum, old in previous.items():
             signal.signal(signum, old)
 
