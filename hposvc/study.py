@@ -502,6 +502,7 @@ class _TrialJob:
         self.study, self.trial, self.spec, self.tracker = study, trial, spec, tracker
         self.device, self.worker_id = device, worker_id
         self.run: Any = None
+        self.ended = False
         self.prunes = spec.pruner != "none"  # no pruner: skip the per-epoch storage read
 
     def start(self, task: "Task") -> "TrialConfig":
@@ -559,14 +560,26 @@ class _TrialJob:
             with_retries(lambda: self.trial.set_user_attr("hposvc.reason", reason), what="storing the prune reason")
             with_retries(lambda: self.study.tell(self.trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True), what="storing the trial's result")
         self.run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in result.final.items()})
+        self.ended = True
         return state
 
     def fail(self, e: BaseException) -> str:
-        """The trial ends FAIL with the reason (interruptions, OOM and errors)."""
+        """The trial ends FAIL with the reason (interruptions, OOM and errors).
+
+        An error that hides an interruption (a signal a library caught and wrapped) fails
+        the trial as interrupted and raises the interruption, so the worker stops. A job
+        that has ended already is left as it is.
+        """
         import optuna
 
         from hposvc.devices import free_device_memory, is_out_of_memory
 
+        if self.ended:
+            return "FAIL"
+        if (stop := _interruption(e)) is not None and stop is not e:
+            self.fail(stop)
+            raise stop from e
+        self.ended = True
         if isinstance(e, optuna.exceptions.UpdateFinishedTrialError):
             # Another process finished this trial (e.g. failed it as stale): its state is
             # final and its retry, if any, is queued already.
@@ -635,9 +648,6 @@ def run_trial(
             job.fail(e)
             raise
         except Exception as e:  # noqa: BLE001 (one trial's error must not stop the worker)
-            if (stop := _interruption(e)) is not None:
-                job.fail(stop)
-                raise stop from e
             return job.fail(e)
 
 
@@ -675,8 +685,6 @@ def run_population(
                 except (KeyboardInterrupt, Interrupted):
                     raise
                 except Exception as e:  # noqa: BLE001
-                    if (stop := _interruption(e)) is not None:
-                        raise stop from e
                     states[job.trial.number] = job.fail(e)
             for group in group_configs([c for _, c in started]):
                 members = [started[i] for i in group]
@@ -695,8 +703,6 @@ def run_population(
                 except (KeyboardInterrupt, Interrupted):
                     raise
                 except Exception as e:  # noqa: BLE001 (the group fails, the worker goes on)
-                    if (stop := _interruption(e)) is not None:
-                        raise stop from e
                     for job, _ in members:
                         states[job.trial.number] = job.fail(e)
                     continue
@@ -704,8 +710,6 @@ def run_population(
                     try:
                         states[job.trial.number] = job.finish(result)
                     except Exception as e:  # noqa: BLE001
-                        if (stop := _interruption(e)) is not None:
-                            raise stop from e
                         states[job.trial.number] = job.fail(e)
         except (KeyboardInterrupt, Interrupted) as e:
             for job in jobs:

@@ -209,28 +209,49 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
         on_created: Callable[[str], None] | None = None,
     ) -> "TrialRun":
-        record = _Record(
+        record = self._trial_record(
+            trial_number,
+            start_time=_now_ms(),
+            tags={"hposvc.state": "RUNNING", "hposvc.host": socket.gethostname(), **dict(tags or {})},
+        )
+        record.params = config.flat_params()
+        record.artifacts = {"config.json": config.to_json()}
+        run = TrialRun(self, record)
+        run.open(on_created)
+        return run
+
+    def _trial_record(self, trial_number: int, *, start_time: int, tags: Mapping[str, str]) -> _Record:
+        """A trial run's record with the tags every trial run carries (the study uid among
+        them, which replays and queries find the run by)."""
+        return _Record(
             study=self.study,
             trial_number=trial_number,
             parent_run_id=self._parent_run_id,
             run_name=f"trial-{trial_number}",
             study_uid=self.uid,
-            start_time=_now_ms(),
+            start_time=start_time,
             tags={
                 "hposvc.role": "trial",
                 "hposvc.study": self.study,
                 "hposvc.trial_number": str(trial_number),
-                "hposvc.state": "RUNNING",
-                "hposvc.host": socket.gethostname(),
                 **{k: v for k, v in self.study_tags.items() if k.startswith("hposvc.")},
-                **dict(tags or {}),
+                **tags,
             },
-            params=config.flat_params(),
-            artifacts={"config.json": config.to_json()},
         )
-        run = TrialRun(self, record)
-        run.open(on_created)
-        return run
+
+    def _deliver(self, record: _Record, *, replay: bool = False) -> None:
+        """Send a finished record now, or keep it in the outbox (``failed/`` when the store
+        refused it rather than being unreachable)."""
+        folder = self.outbox
+        if self.online:
+            try:
+                record.parent_run_id = record.parent_run_id or self.parent_run_id()
+                _send(self.client, self.experiment_id(), record, replay=replay)
+                return
+            except Exception as e:  # noqa: BLE001
+                if not self._went_offline(e):
+                    folder = folder / "failed"
+        _write_outbox(folder, record)
 
     def _submit(self, fn: Callable[[], None]) -> None:
         if self._writer is None:
@@ -342,15 +363,7 @@ class TrialRun:
         self.record.metrics.extend(final)
         self.record.status = RUN_STATUS.get(state, "FAILED")
         self.record.end_time = now
-        folder = self.tracker.outbox
-        if self.tracker.online:
-            try:
-                _send(self.tracker.client, self.tracker.experiment_id(), self.record)
-                return
-            except Exception as e:  # noqa: BLE001
-                if not self.tracker._went_offline(e):
-                    folder = folder / "failed"
-        _write_outbox(folder, self.record)
+        self.tracker._deliver(self.record)
 
 
 def _log_failure(future: Any) -> None:
@@ -482,34 +495,14 @@ def close_stale_trial_run(study: "optuna.Study", trial: "optuna.trial.FrozenTria
     if tracker is None:
         return
     start = trial.datetime_start.timestamp() * 1000 if trial.datetime_start else _now_ms()
-    record = _Record(
-        study=tracker.study,
-        trial_number=trial.number,
-        parent_run_id=tracker._parent_run_id,
-        run_name=f"trial-{trial.number}",
-        study_uid=tracker.uid,
-        run_id=trial.user_attrs.get("hposvc.mlflow_run_id"),
+    record = tracker._trial_record(
+        trial.number,
         start_time=int(start),
-        tags={
-            "hposvc.role": "trial",
-            "hposvc.study": tracker.study,
-            "hposvc.trial_number": str(trial.number),
-            "hposvc.state": "FAIL",
-            "hposvc.reason": "worker died: no heartbeat within the grace period; the trial is retried",
-        },
-        status="FAILED",
-        end_time=_now_ms(),
+        tags={"hposvc.state": "FAIL", "hposvc.reason": "worker died: no heartbeat within the grace period; the trial is retried"},
     )
-    folder = tracker.outbox
-    if tracker.online:
-        try:
-            record.parent_run_id = record.parent_run_id or tracker.parent_run_id()
-            _send(tracker.client, tracker.experiment_id(), record, replay=True)
-            return
-        except Exception as e:  # noqa: BLE001
-            if not tracker._went_offline(e):
-                folder = folder / "failed"
-    _write_outbox(folder, record)
+    record.run_id = trial.user_attrs.get("hposvc.mlflow_run_id")
+    record.status, record.end_time = "FAILED", _now_ms()
+    tracker._deliver(record, replay=True)
 
 
 def _is_outage(e: BaseException) -> bool:

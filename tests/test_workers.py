@@ -228,7 +228,7 @@ def test_a_dead_workers_run_is_closed_through_an_mlflow_outage(tmp_path: Path, m
     from hposvc.tracking import Tracker, close_stale_trial_run, sync_outbox
 
     study = optuna.create_study(study_name="stale", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    tracker = Tracker(mlflow_server.uri, study="stale", data_dir=tmp_path)
+    tracker = Tracker(mlflow_server.uri, study="stale", uid="u1", data_dir=tmp_path)
     tracker.start_study(spec={})
     died_with_run, died_before_run = study.ask(), study.ask()
     run = tracker.start_trial(died_with_run.number, TrialConfig(optimizer="adam", lr=1e-3))
@@ -236,16 +236,17 @@ def test_a_dead_workers_run_is_closed_through_an_mlflow_outage(tmp_path: Path, m
     assert run.run_id is not None
 
     mlflow_server.stop()
-    for t in (died_with_run, died_before_run):
-        close_stale_trial_run(study, study._storage.get_trial(t._trial_id))
+    for t in study.trials:
+        close_stale_trial_run(study, t)
     assert len(list((tmp_path / "outbox").glob("*.json"))) == 2
     mlflow_server.start()
 
-    assert sync_outbox(Tracker(mlflow_server.uri, study="stale", data_dir=tmp_path)) == 2
+    assert sync_outbox(Tracker(mlflow_server.uri, study="stale", uid="u1", data_dir=tmp_path)) == 2
     runs = {int(r.data.tags["hposvc.trial_number"]): r for r in _trial_runs(mlflow_server.uri, "stale")}
     assert sorted(runs) == [died_with_run.number, died_before_run.number]
     assert runs[died_with_run.number].info.run_id == run.run_id  # closed, not duplicated
     for r in runs.values():
         assert r.info.status == "FAILED"
         assert r.data.tags["hposvc.state"] == "FAIL" and "no heartbeat" in r.data.tags["hposvc.reason"]
+        assert r.data.tags["hposvc.study_uid"] == "u1"  # how replays and queries find it
     assert not list((tmp_path / "outbox").glob("*.json"))
