@@ -48,8 +48,8 @@ from hposvc.report.stats import (
     Estimate,
     bootstrap,
     decide,
-    expected_best_of_k,
 )
+from hposvc.stats import expected_best_of_k
 
 __all__ = [
     "CLAIMS",

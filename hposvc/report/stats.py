@@ -1,5 +1,6 @@
-"""The statistics behind a verdict: bootstrap intervals, best-of-k budgets and the rules
-that turn an interval into *supported*, *not supported* or *inconclusive*.
+"""The statistics behind a verdict: bootstrap intervals and the rules that turn an
+interval into *supported*, *not supported* or *inconclusive*. (Best-of-k budgets are
+:func:`hposvc.stats.expected_best_of_k`, shared with the recommendation.)
 
 Every interval here is a percentile bootstrap: the values of each group (the trials of
 one arm of the design, e.g. one optimizer on one task; or the per-seed differences of a
@@ -25,7 +26,6 @@ the result *inconclusive*.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +42,6 @@ __all__ = [
     "VERDICTS",
     "bootstrap",
     "decide",
-    "expected_best_of_k",
 ]
 
 SUPPORTED = "supported"
@@ -176,32 +175,3 @@ def decide(
     if est.low >= less_than:
         return NOT_SUPPORTED
     return INCONCLUSIVE
-
-
-def expected_best_of_k(values: Sequence[float], k: int, *, maximize: bool = True) -> float:
-    """Expected best of ``k`` trials drawn without replacement from ``values`` (the
-    outcome of a random search with budget k, estimated from the trials that ran).
-
-    With the values sorted worst first, the i-th (1-based) is the best of the draw with
-    probability C(i-1, k-1) / C(n, k). nan when ``k`` exceeds the number of values.
-
-    >>> expected_best_of_k([0.1, 0.5, 0.9], 1)
-    0.5
-    >>> expected_best_of_k([0.1, 0.5, 0.9], 3)
-    0.9
-    >>> round(expected_best_of_k([0.1, 0.5, 0.9], 2), 4)  # pairs: .5, .9, .9
-    0.7667
-    """
-    v = np.sort(np.asarray([x for x in values if math.isfinite(x)], dtype=float))
-    if not maximize:
-        v = v[::-1]
-    n = len(v)
-    if k < 1 or k > n:
-        return math.nan
-    return float(np.dot(_best_of_k_weights(n, k), v))
-
-
-@functools.lru_cache(maxsize=4096)
-def _best_of_k_weights(n: int, k: int) -> np.ndarray:
-    total = math.comb(n, k)
-    return np.array([math.comb(i - 1, k - 1) / total for i in range(1, n + 1)])
