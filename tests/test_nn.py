@@ -1,4 +1,5 @@
-"""hposvc.nn: init statistics, ZerO, norm axes, pretrained loading, every model variant."""
+"""hposvc.nn: init statistics, ZerO, norm axes, pretrained loading, every model variant,
+the 2-D families. Converting a user's model is tested in test_convert.py."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ from hposvc.errors import InvalidInputError
 from hposvc.tasks import Task
 from hposvc.nn import (
     CNN1d,
+    CNN2d,
+    ResNet,
+    activation_layer,
     build_model,
+    check_family,
     count_parameters,
+    group_count,
     init_weights,
-    make_activation,
-    make_norm,
+    norm_layer,
     zero_init_matrix,
 )
 
@@ -226,32 +231,37 @@ NORM_CASES = {
     ("cnn1d", "instance"): lambda x: _manual_norm(x, (2,)),  # per sample and channel, over L
     ("cnn1d", "layer"): lambda x: _manual_norm(x, (1, 2)),  # per sample, over C and L
     ("cnn1d", "group"): lambda x: _grouped(x, 3, (2, 3)),  # per sample and group, over C/G and L
+    ("cnn2d", "batch"): lambda x: _manual_norm(x, (0, 2, 3)),  # per channel, over N, H and W
+    ("cnn2d", "instance"): lambda x: _manual_norm(x, (2, 3)),  # per sample and channel, over H, W
+    ("cnn2d", "layer"): lambda x: _manual_norm(x, (1, 2, 3)),  # per sample, over C, H and W
+    ("cnn2d", "group"): lambda x: _grouped(x, 3, (2, 3, 4)),  # per sample and group, over C/G, H, W
 }
+DIMS = {"mlp": 0, "cnn1d": 1, "cnn2d": 2}  # spatial axes of each family's hidden activations
 
 
 @pytest.mark.parametrize(("family", "kind"), sorted(NORM_CASES))
 def test_norm_normalises_over_the_right_axes(family: str, kind: str) -> None:
     torch.manual_seed(0)
-    shape = (8, 12) if family == "mlp" else (8, 12, 10)
+    shape = {"mlp": (8, 12), "cnn1d": (8, 12, 10), "cnn2d": (8, 12, 5, 6)}[family]
     # A different scale and offset along every axis, so averaging over a wrong axis shows.
     x = torch.randn(shape)
     for axis, size in enumerate(shape):
         view = [1] * len(shape)
         view[axis] = size
         x = x * (0.5 + 2 * torch.rand(view)) + 3 * torch.randn(view)
-    norm = make_norm(kind, 12, family=family, groups=3)
+    norm = norm_layer(kind, 12, DIMS[family], groups=3)
     norm.train()
     assert torch.allclose(norm(x), NORM_CASES[(family, kind)](x), atol=1e-4)
 
 
 def test_norm_none_is_identity() -> None:
-    for family in ("mlp", "cnn1d"):
-        assert isinstance(make_norm("none", 4, family=family), nn.Identity)
+    for dims in range(4):
+        assert isinstance(norm_layer("none", 4, dims), nn.Identity)
 
 
 def test_instance_norm_on_mlp_explains_what_works() -> None:
     with pytest.raises(InvalidInputError) as err:
-        make_norm("instance", 8, family="mlp")
+        norm_layer("instance", 8, 0)
     message = str(err.value)
     assert "the 'norm' parameter must be" in message and "Got 'instance' instead." in message
     for words in ("spatial axis", "one value per channel per sample", "'layer'", "'group'", "'batch'", "mnist1d"):
@@ -260,9 +270,12 @@ def test_instance_norm_on_mlp_explains_what_works() -> None:
         build_model(make_task("mlp", (5,)), cfg(norm="instance", depth=1, width=8))
 
 
-def test_group_norm_needs_a_dividing_group_count() -> None:
-    with pytest.raises(InvalidInputError, match=r"'norm_groups' parameter must be a divisor of the width \(10\). Got 3"):
-        make_norm("group", 10, family="cnn1d", groups=3)
+def test_group_norm_uses_the_largest_divisor_at_most_the_requested_groups() -> None:
+    assert [group_count(c, 4) for c in (4, 6, 7, 8, 9, 10, 12, 64)] == [4, 3, 1, 4, 3, 2, 4, 4]
+    assert group_count(10, 3) == 2 and group_count(3, 32) == 3
+    assert norm_layer("group", 10, 1, groups=3).num_groups == 2
+    with pytest.raises(InvalidInputError, match="'norm_groups' parameter must be an integer >= 1. Got 0"):
+        group_count(8, 0)
 
 
 # -- pretrained ------------------------------------------------------------------------
@@ -344,18 +357,18 @@ def test_every_activation_norm_family_runs_forward_and_backward(activation: str,
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert any(torch.count_nonzero(p.grad) for p in model.parameters())
-    expected_norm = nn.Identity if norm == "none" else type(make_norm(norm, 8, family=family, groups=2))
+    expected_norm = nn.Identity if norm == "none" else type(norm_layer(norm, 8, DIMS[family], groups=2))
     assert type(model.hidden[0].norm) is expected_norm
 
 
 def test_activations_are_the_named_modules() -> None:
-    assert make_activation("leaky_relu").negative_slope == 0.01
-    assert isinstance(make_activation("prelu"), nn.PReLU)
+    assert activation_layer("leaky_relu").negative_slope == 0.01
+    assert isinstance(activation_layer("prelu"), nn.PReLU)
     x = torch.linspace(-3, 3, 7)
-    assert torch.allclose(make_activation("softsign")(x), x / (1 + x.abs()))
-    assert torch.allclose(make_activation("mish")(x), x * torch.tanh(nn.functional.softplus(x)))
+    assert torch.allclose(activation_layer("softsign")(x), x / (1 + x.abs()))
+    assert torch.allclose(activation_layer("mish")(x), x * torch.tanh(nn.functional.softplus(x)))
     with pytest.raises(InvalidInputError, match="'activation' parameter must be one of"):
-        make_activation("swish")
+        activation_layer("swish")
 
 
 # -- structure -------------------------------------------------------------------------

@@ -1,0 +1,318 @@
+"""hposvc's built-in model families and :func:`build_model`."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from hposvc.config import TrialConfig
+from hposvc.errors import invalid
+from hposvc.nn._init import initialise
+from hposvc.nn._layers import DEFAULT_NORM_GROUPS, activation_layer, norm_layer
+
+if TYPE_CHECKING:
+    from hposvc.tasks import Task
+
+__all__ = [
+    "CNN1d",
+    "CNN2d",
+    "CNN_KERNEL_SIZE",
+    "CNN2D_KERNEL_SIZE",
+    "CNN_MIN_DOWNSAMPLE_LENGTH",
+    "MLP",
+    "MODEL_FAMILIES",
+    "ResNet",
+    "ResidualBlock",
+    "build_model",
+    "check_family",
+    "count_parameters",
+]
+
+MODEL_FAMILIES = ("mlp", "cnn1d", "cnn2d", "resnet")
+CNN_KERNEL_SIZE = 5  # cnn1d; odd, so padding k // 2 keeps the length and ZerO has a kernel centre
+CNN2D_KERNEL_SIZE = 3  # cnn2d and resnet: 3×3, as in VGG and ResNet
+CNN_MIN_DOWNSAMPLE_LENGTH = 8  # a conv block halves each spatial axis only while it is at least this long
+
+
+def _layers(norm: str, norm_groups: int | None, activation: str, channels: int, dims: int) -> dict[str, nn.Module]:
+    return {
+        "norm": norm_layer(norm, channels, dims, groups=norm_groups or DEFAULT_NORM_GROUPS),
+        "act": activation_layer(activation),
+    }
+
+
+class MLP(nn.Module):
+    """``[Linear → norm → activation] × depth → Linear head`` on ``(N, features)`` inputs
+    (any trailing shape is flattened)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        n_outputs: int,
+        *,
+        depth: int,
+        width: int,
+        norm: str = "none",
+        norm_groups: int | None = None,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        blocks = []
+        fan_in = in_features
+        for _ in range(depth):
+            linear = nn.Linear(fan_in, width)
+            blocks.append(nn.Sequential(OrderedDict(linear=linear, **_layers(norm, norm_groups, activation, width, 0))))
+            fan_in = width
+        self.hidden = nn.Sequential(*blocks)
+        self.head = nn.Linear(fan_in, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(x.flatten(1)))
+
+
+class _ConvNet(nn.Module):
+    """``[ConvNd → norm → activation] × depth → flatten → Linear head``; a block uses
+    stride 2 while its input is at least :data:`CNN_MIN_DOWNSAMPLE_LENGTH` long on every
+    spatial axis, so compute shrinks with depth while the head still sees where features
+    are (it flattens rather than pooling globally)."""
+
+    _dims: int
+    _kernel: int
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        n_outputs: int,
+        *,
+        depth: int,
+        width: int,
+        norm: str = "none",
+        norm_groups: int | None = None,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.in_shape = tuple(in_shape)  # flat square inputs (digits' 64 pixels) are reshaped to it
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[self._dims]
+        channels, spatial = in_shape[0], list(in_shape[1:])
+        blocks = []
+        for _ in range(depth):
+            stride = 2 if min(spatial) >= CNN_MIN_DOWNSAMPLE_LENGTH else 1
+            layer = conv(channels, width, self._kernel, stride=stride, padding=self._kernel // 2)
+            blocks.append(nn.Sequential(OrderedDict(conv=layer, **_layers(norm, norm_groups, activation, width, self._dims))))
+            channels = width
+            spatial = [(s - 1) // stride + 1 for s in spatial]  # output size with padding k // 2
+        self.hidden = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels * math.prod(spatial), n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unflatten(1, self.in_shape)
+        return self.head(self.hidden(x).flatten(1))
+
+
+class CNN1d(_ConvNet):
+    """The 1-D CNN (``(N, channels, length)`` inputs, kernel 5): mnist1d's 40 → 20 → 10 →
+    5 → 5 keeps the positions the head needs.
+
+    >>> CNN1d(1, 40, 10, depth=2, width=4).head
+    Linear(in_features=40, out_features=10, bias=True)
+    """
+
+    _dims, _kernel = 1, CNN_KERNEL_SIZE
+
+    def __init__(self, in_channels: int, length: int, n_outputs: int, **kw) -> None:
+        super().__init__((in_channels, length), n_outputs, **kw)
+
+
+class CNN2d(_ConvNet):
+    """The plain 2-D CNN (``(N, C, H, W)`` inputs, 3×3 kernels): 32×32 images go 16 → 8
+    → 8 ..., digits' 8×8 go 4 → 4 ...
+
+    >>> CNN2d((3, 32, 32), 10, depth=2, width=8).head
+    Linear(in_features=512, out_features=10, bias=True)
+    """
+
+    _dims, _kernel = 2, CNN2D_KERNEL_SIZE
+
+
+class ResidualBlock(nn.Module):
+    """He et al. (2016)'s basic block: ``conv3×3 → norm → act → conv3×3 → norm``, plus
+    the shortcut (identity, or a 1×1 conv and norm where the shape changes), then act."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, *, norm: str, norm_groups: int | None, activation: str) -> None:
+        super().__init__()
+        bias = norm == "none"  # a norm's shift makes a conv bias redundant
+        groups = norm_groups or DEFAULT_NORM_GROUPS
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=bias)
+        self.norm1 = norm_layer(norm, channels, 2, groups=groups)
+        self.act1 = activation_layer(activation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=bias)
+        self.norm2 = norm_layer(norm, channels, 2, groups=groups)
+        if stride != 1 or in_channels != channels:
+            self.shortcut: nn.Module = nn.Sequential(
+                OrderedDict(
+                    conv=nn.Conv2d(in_channels, channels, 1, stride=stride, bias=bias),
+                    norm=norm_layer(norm, channels, 2, groups=groups),
+                )
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.act2 = activation_layer(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet (He et al. 2016, §4.2): a 3×3 stem with ``width`` channels,
+    three stages of ``depth`` :class:`ResidualBlock` each with ``width``, ``2·width`` and
+    ``4·width`` channels (the 2nd and 3rd stage halve the image), global average pooling
+    and a linear head: ``6·depth + 2`` weight layers (depth 3 is ResNet-20).
+
+    >>> model = ResNet((3, 32, 32), 10, depth=1, width=8, norm="batch")
+    >>> model(torch.randn(2, 3, 32, 32)).shape, model.head
+    (torch.Size([2, 10]), Linear(in_features=32, out_features=10, bias=True))
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        n_outputs: int,
+        *,
+        depth: int,
+        width: int,
+        norm: str = "none",
+        norm_groups: int | None = None,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.in_shape = tuple(in_shape)  # flat square inputs (digits' 64 pixels) are reshaped to it
+        kw = dict(norm=norm, norm_groups=norm_groups, activation=activation)
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_shape[0], width, 3, padding=1, bias=norm == "none"),
+                **_layers(norm, norm_groups, activation, width, 2),
+            )
+        )
+        stages, channels = [], width
+        for i, out in enumerate((width, 2 * width, 4 * width)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(ResidualBlock(channels, out, 2 if (i > 0 and j == 0) else 1, **kw))
+                channels = out
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(channels, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unflatten(1, self.in_shape)
+        return self.head(self.pool(self.stages(self.stem(x))).flatten(1))
+
+    @torch.no_grad()
+    def zero_init_residual_(self) -> None:
+        """Start every residual branch at 0, so each block begins as its shortcut (Goyal
+        et al. 2017): the last norm's weight is 0, or, without norm, the last conv's."""
+        for block in self.modules():
+            if isinstance(block, ResidualBlock):
+                last = block.norm2 if getattr(block.norm2, "weight", None) is not None else block.conv2
+                nn.init.zeros_(last.weight)
+
+
+def check_family(family: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The per-sample shape ``family`` reads for a task with ``input_shape``, or an error
+    naming both. The 2-D families take ``(C, H, W)`` images, or flat square vectors as
+    one-channel images (digits' 64 features are its 1×8×8 pixels).
+
+    >>> check_family("resnet", (64,)), check_family("cnn1d", (1, 40))
+    ((1, 8, 8), (1, 40))
+    """
+    if family not in MODEL_FAMILIES:
+        raise invalid("family", family, MODEL_FAMILIES)
+    shape = tuple(int(d) for d in input_shape)
+    if family == "mlp":
+        return shape
+    if family == "cnn1d" and len(shape) == 2:
+        return shape
+    if family in ("cnn2d", "resnet"):
+        if len(shape) == 3:
+            return shape
+        side = math.isqrt(shape[0]) if len(shape) == 1 else 0
+        if side and side * side == shape[0]:
+            return (1, side, side)
+    wants = {
+        "cnn1d": "(channels, length)",
+        "cnn2d": "(channels, height, width), or a flat square vector (64 → 1×8×8)",
+        "resnet": "(channels, height, width), or a flat square vector (64 → 1×8×8)",
+    }[family]
+    fitting = [f for f in MODEL_FAMILIES if f != family and _fits(f, shape)]
+    raise invalid(
+        "family",
+        family,
+        f"a family that fits the task's input shape {shape}",
+        hint=f"{family!r} needs per-sample inputs {wants}; this task fits {', '.join(map(repr, fitting))}.",
+    )
+
+
+def _fits(family: str, shape: tuple[int, ...]) -> bool:
+    try:
+        check_family(family, shape)
+    except ValueError:
+        return False
+    return True
+
+
+def build_model(task: Task, config: TrialConfig, *, family: str | None = None, zero_init_residual: bool = False) -> nn.Module:
+    """The network for ``task`` with ``config``'s depth, width, norm and activation,
+    initialised by ``config.init``. ``family`` overrides the task's own (``task.family``:
+    ``mlp`` or ``cnn1d``) with any of :data:`MODEL_FAMILIES`; ``zero_init_residual``
+    starts every residual branch of a ``resnet`` at 0. Random schemes draw from torch's
+    global generator, so the caller seeds torch first.
+
+    >>> from hposvc.tasks import load_task
+    >>> task = load_task("digits")  # 64 features, 10 classes
+    >>> model = build_model(task, TrialConfig(depth=2, width=32, init="zero"))
+    >>> [name for name, _ in model.named_parameters()][:2], count_parameters(model)
+    (['hidden.0.linear.weight', 'hidden.0.linear.bias'], 3466)
+    >>> resnet = build_model(task, TrialConfig(depth=1, width=8, norm="batch"), family="resnet")
+    >>> resnet(task.x_val[:2]).shape  # digits' 64 pixels as 1×8×8 images
+    torch.Size([2, 10])
+    """
+    family = family or task.family
+    shape = check_family(family, task.input_shape)
+    sizes = dict(
+        depth=config.depth,
+        width=config.width,
+        norm=config.norm,
+        norm_groups=config.norm_groups,
+        activation=config.activation,
+    )
+    if family == "mlp":
+        model: nn.Module = MLP(math.prod(shape), task.n_outputs, **sizes)
+    elif family == "cnn1d":
+        model = CNN1d(shape[0], shape[1], task.n_outputs, **sizes)
+    elif family == "cnn2d":
+        model = CNN2d(shape, task.n_outputs, **sizes)
+    else:
+        model = ResNet(shape, task.n_outputs, **sizes)
+    if zero_init_residual and not isinstance(model, ResNet):
+        raise invalid("zero_init_residual", True, f"False for the {family!r} family", hint="Only 'resnet' has residual blocks.")
+    initialise(model, config.init, activation=config.activation, std=config.init_std, pretrained_path=config.pretrained_path)
+    if zero_init_residual and config.init != "pretrained":
+        model.zero_init_residual_()
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (buffers such as running statistics excluded).
+
+    >>> count_parameters(torch.nn.Linear(3, 2))
+    8
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
