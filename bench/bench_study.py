@@ -67,7 +67,8 @@ def run_bare(cfgs: list[TrialConfig], task) -> float:
 
 def run_hposvc(cfgs: list[TrialConfig], folder: Path) -> tuple[float, float]:
     """Total seconds, and the seconds inside trials (claim to result, per Optuna's clock)."""
-    from hposvc.study import prepare_study, run_worker
+    from hposvc.study import prepare_study
+    from hposvc.worker import run_worker
 
     s = parse_spec(spec(len(cfgs), cfgs[0].epochs))
     storage = f"sqlite:///{folder / 'hposvc.db'}"

@@ -18,11 +18,12 @@ import importlib
 from typing import Any
 
 from hposvc.config import TrialConfig
-from hposvc.errors import HposvcError, InvalidInputError, SpecError, StorageError, TrackingError, TrainingError
+from hposvc.errors import HposvcError, Interrupted, InvalidInputError, SpecError, StorageError, TrackingError, TrainingError
 
 __all__ = [
     "Best",
     "HposvcError",
+    "Interrupted",
     "InvalidInputError",
     "SpecError",
     "StorageError",
@@ -41,6 +42,7 @@ __all__ = [
     "studies",
     "top_k",
     "trials",
+    "warm_start_configs",
 ]
 
 # public name -> module that defines it; imported on first attribute access
@@ -51,13 +53,14 @@ _LAZY = {
     "studies": "hposvc.results",
     "top_k": "hposvc.results",
     "trials": "hposvc.results",
-    "StudyRun": "hposvc.study",
+    "StudyRun": "hposvc.records",
     "run_study": "hposvc.study",
-    "run_worker": "hposvc.study",
+    "run_worker": "hposvc.worker",
     "StudySpec": "hposvc.spec",
     "load_spec": "hposvc.spec",
     "load_task": "hposvc.tasks",
     "recommend": "hposvc.recommendation",
+    "warm_start_configs": "hposvc.recommendation",
 }
 
 

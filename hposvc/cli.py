@@ -26,7 +26,7 @@ class _Group(click.Group):
     """Turns hposvc errors into CLI messages and exit codes, once for every command."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from hposvc.study import Interrupted
+        from hposvc.errors import Interrupted
 
         try:
             return super().invoke(ctx)
@@ -119,11 +119,26 @@ def tracking_option(fn: Callable) -> Callable:
     return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: SQLite store in the data directory).")(fn)
 
 
-def _load_spec(path: str, **overrides: Any) -> Any:
-    """Parse a spec file and apply the [study] overrides that were given on the CLI."""
+def _load_spec(spec: str, **overrides: Any) -> Any:
+    """Parse a spec (a file, or a built-in spec's name) and apply the [study] overrides
+    that were given on the CLI; says on stderr which file a built-in name meant."""
+    from hposvc.builtin import find_spec
     from hposvc.spec import load_spec
 
+    path, note = find_spec(spec)
+    if note:
+        click.echo(note, err=True)
     return load_spec(path).with_overrides(**overrides)  # None values leave settings as they are
+
+
+def _warm_start(flag: bool) -> Any:
+    """``--warm-start``: the recommendation's configurations, computed when a fresh study
+    is created (the core never imports the recommendation itself)."""
+    if not flag:
+        return None
+    from hposvc.recommendation import warm_start_configs
+
+    return warm_start_configs
 
 
 def _population(value: str | None) -> int | str | None:
@@ -163,15 +178,31 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--version: hposvc and the libraries that decide what a study produces."""
+    if not value or ctx.resilient_parsing:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("hposvc", "torch", "optuna", "mlflow"):
+        try:
+            click.echo(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            click.echo(f"{package} (not installed)")
+    click.echo(f"python {platform.python_version()}")
+    ctx.exit()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log to stderr at INFO level.")
-@click.version_option(package_name="hposvc")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version, help="Show the hposvc, torch, optuna, mlflow and Python versions and exit.")
 def main(verbose: bool) -> None:
     """hposvc: hyperparameter optimisation of neural-network training choices.
 
     \b
     Example:
-      hposvc study run studies/quickstart.toml
+      hposvc study run quickstart     (a spec that ships with hposvc; or a file: studies/quickstart.toml)
       hposvc best quickstart
     """
     _setup_logging(verbose)
@@ -189,14 +220,14 @@ def study() -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @json_option
 def study_validate(spec: str, as_json: bool) -> None:
-    """Check a study spec without running it (exit 2 when it is invalid).
+    """Check a study spec (a file, or a built-in spec's name) without running it (exit 2
+    when it is invalid).
 
     Example: hposvc study validate studies/quickstart.toml
     """
     from hposvc.space import check_grid_budget
-    from hposvc.spec import load_spec
 
-    parsed = load_spec(spec)
+    parsed = _load_spec(spec)
     check_grid_budget(parsed)
     summary = {
         "name": parsed.name,
@@ -227,21 +258,24 @@ def study_validate(spec: str, as_json: bool) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @json_option
 def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, data_dir: str | None, tracking_uri: str | None, device: str, workers: str | None, devices: str, trials_per_device: int, drain: bool, warm_start: bool, population: int | str | None, quiet: bool, as_json: bool) -> None:
-    """Run a study, or resume it: only the missing trials are run.
+    """Run a study, or resume it: only the missing trials are run. SPEC is a file or the
+    name of a spec that ships with hposvc (`hposvc study list-builtin`); a file wins.
 
     \b
     Examples:
       hposvc study run studies/quickstart.toml --n-trials 20
+      hposvc study run quickstart
       hposvc study run studies/survey/digits.toml --workers auto
     """
+    from hposvc.launcher import run_parallel
     from hposvc.study import run_study
-    from hposvc.workers import run_parallel
 
     parsed = _load_spec(spec, n_trials=n_trials, name=name, population=population)
+    warm = _warm_start(warm_start)
     if workers is None:
         if drain or trials_per_device != 1 or devices != "auto":
             raise InvalidInputError("the '--drain', '--devices' and '--trials-per-device' options need --workers N or --workers auto.")
-        result = run_study(parsed, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, device=device, warm_start=warm_start, progress=not quiet)
+        result = run_study(parsed, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, device=device, warm_start=warm, progress=not quiet)
     else:
         result = run_parallel(
             parsed,
@@ -251,7 +285,7 @@ def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, d
             storage=storage,
             tracking_uri=tracking_uri,
             data_dir=data_dir,
-            warm_start=warm_start,
+            warm_start=warm,
             drain=drain,
             progress=not quiet,
         )
@@ -272,14 +306,33 @@ def study_create(spec: str, n_trials: int | None, name: str | None, storage: str
 
     Example: hposvc study create studies/survey/digits.toml --storage postgresql+psycopg://db/hposvc
     """
+    from hposvc.records import counts
     from hposvc.storage import resolve_tracking_uri
-    from hposvc.study import _counts, open_tracker, prepare_study
+    from hposvc.study import prepare_study
+    from hposvc.tracking import open_tracker
 
     parsed = _load_spec(spec, n_trials=n_trials, name=name)
-    study = prepare_study(parsed, storage=storage, warm_start=warm_start)
+    study = prepare_study(parsed, storage=storage, warm_start=_warm_start(warm_start))
     # the MLflow experiment and parent run too, so workers starting together share them
-    open_tracker(study, parsed, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), data_dir=data_dir).drain()
-    emit({"name": study.study_name, "storage": storage, "n_trials": parsed.n_trials, **{k.lower(): v for k, v in _counts(study).items()}}, as_json=as_json, title="study created")
+    open_tracker(study, spec=parsed.to_dict(), tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), data_dir=data_dir).drain()
+    emit({"name": study.study_name, "storage": storage, "n_trials": parsed.n_trials, **{k.lower(): v for k, v in counts(study).by_state.items()}}, as_json=as_json, title="study created")
+
+
+@study.command("list-builtin")
+@json_option
+def study_list_builtin(as_json: bool) -> None:
+    """List the study specs that ship with hposvc; run one by its name from any folder.
+
+    Example: hposvc study run guide/zero-init
+    """
+    from hposvc.builtin import builtin_specs
+    from hposvc.spec import load_spec
+
+    rows = []
+    for builtin in builtin_specs():
+        parsed = load_spec(builtin.path)
+        rows.append({"name": builtin.name, "study": parsed.name, "task": parsed.task, "n_trials": parsed.n_trials, "path": str(builtin.path)})
+    emit(rows, as_json=as_json, columns=["name", "study", "task", "n_trials"], title="built-in specs (hposvc study run NAME)")
 
 
 @study.command("list")
@@ -352,8 +405,7 @@ def study_delete(name: str, yes: bool, storage: str, data_dir: str | None) -> No
     """Delete a study and its trials from the storage (MLflow runs are kept)."""
     import optuna
 
-    from hposvc.storage import open_storage
-    from hposvc.study import load_study
+    from hposvc.storage import load_study, open_storage
 
     load_study(name, storage=storage)  # clear error when it does not exist
     if not yes:
@@ -407,14 +459,15 @@ def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | No
       hposvc worker digits-quick --storage URL --tracking-uri http://mlflow:5000 --workers auto
     """
     from hposvc.devices import apply_slot_threads
-    from hposvc.study import load_study, run_worker
+    from hposvc.storage import load_study
+    from hposvc.worker import run_worker
 
     if workers is not None:
         if max_trials or timeout or worker_id:
             raise InvalidInputError("the '--max-trials', '--timeout' and '--worker-id' options apply to one worker; drop them with --workers.")
         from hposvc.devices import plan_slots
         from hposvc.storage import resolve_tracking_uri
-        from hposvc.workers import run_slots
+        from hposvc.launcher import run_slots
 
         slots = plan_slots(devices, trials_per_device=trials_per_device, workers=workers)
         result = run_slots(load_study(name, storage=storage), slots, storage=storage, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), data_dir=data_dir, population=population, progress=not quiet)
@@ -450,6 +503,32 @@ def sync(data_dir: str | None, tracking_uri: str | None) -> None:
     click.echo(f"sent {n} trial record(s); {left} left in {tracker.outbox}", err=True)
     if left:
         sys.exit(1)
+
+
+# -- storage proxy --
+
+
+@main.group("storage")
+def storage_group() -> None:
+    """The study storage: serve it to many workers through Optuna's gRPC proxy."""
+
+
+@storage_group.command("serve")
+@storage_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; a non-loopback one needs --allow-remote.")
+@click.option("--port", default=13000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host. The proxy has no authentication: private networks only.")
+def storage_serve(storage: str, data_dir: str | None, host: str, port: int, allow_remote: bool) -> None:
+    """Serve the study database to workers as grpc://HOST:PORT until stopped.
+
+    \b
+    Example:
+      hposvc storage serve --storage postgresql+psycopg://hposvc@db/hposvc --port 13000
+      hposvc worker NAME --storage grpc://127.0.0.1:13000
+    """
+    from hposvc.proxy import serve
+
+    serve(storage, host=host, port=port, allow_remote=allow_remote)
 
 
 @main.command("ui")

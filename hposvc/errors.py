@@ -9,10 +9,12 @@ hposvc, so the original traceback is kept.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 __all__ = [
     "HposvcError",
+    "Interrupted",
     "InvalidInputError",
     "SpecError",
     "StorageError",
@@ -44,6 +46,18 @@ class TrackingError(HposvcError):
 
 class TrainingError(HposvcError):
     """A trial could not be trained (e.g. out of device memory)."""
+
+
+class Interrupted(HposvcError):
+    """SIGTERM (or another stop signal) arrived; ``exit_code`` is 128 + the signal number.
+
+    SIGINT stays Python's KeyboardInterrupt; both stop a worker (see :mod:`hposvc.interrupts`).
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 def _describe(allowed: Any) -> str:

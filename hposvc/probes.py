@@ -34,11 +34,13 @@ import math
 import torch
 from torch import nn
 
+from hposvc import records
+
 __all__ = ["ACTIVATION_STD_ATTR", "PROBE_SAMPLES", "UNIT_SYMMETRY_ATTR", "activation_std_per_layer", "hidden_blocks", "unit_symmetry"]
 
-# Trial user attribute names the study service stores the probes under.
-ACTIVATION_STD_ATTR = "hposvc.probe.activation_std"
-UNIT_SYMMETRY_ATTR = "hposvc.probe.unit_symmetry"
+# Trial user attribute names the study service stores the probes under (hposvc.records).
+ACTIVATION_STD_ATTR = records.ACTIVATION_STD
+UNIT_SYMMETRY_ATTR = records.UNIT_SYMMETRY
 # The activation-std probe runs on the first PROBE_SAMPLES validation samples: a batch that
 # depends on the task alone, so a deterministic init gives the same numbers for every seed.
 PROBE_SAMPLES = 256

@@ -13,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hposvc import records
 from hposvc.config import TrialConfig
 from hposvc.errors import InvalidInputError
+from hposvc.records import best_trial
+from hposvc.storage import load_study
 
 if TYPE_CHECKING:
     import optuna
@@ -51,40 +54,22 @@ class Best:
         }
 
 
-def best_trial(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
-    """The best COMPLETE trial, or None when there is none yet (Optuna raises instead)."""
-    from optuna.trial import TrialState
-
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if not done:
-        return None
-    if len(study.directions) != 1:
-        return None  # multi-objective: no single best (not an hposvc study)
-    pick = max if study.direction.name == "MAXIMIZE" else min
-    return pick(done, key=lambda t: t.value)
-
-
-def _load(name: str, storage: str | None) -> "optuna.Study":
-    from hposvc.study import load_study
-
-    return load_study(name, storage=storage)
-
-
 def best_config(name: str, *, storage: str | None = None) -> Best:
     """The best configuration found by study ``name`` (a :class:`Best`)."""
-    study = _load(name, storage)
+    study = load_study(name, storage=storage)
     t = best_trial(study)
     if t is None:
         raise InvalidInputError(f"study {name!r} has no completed trial yet; run it first (`hposvc study run SPEC`).")
-    if "hposvc.config" not in t.user_attrs:
-        raise InvalidInputError(f"study {name!r} was not written by hposvc (its trials have no hposvc.config); read it with Optuna.")
+    config = records.trial_config(t)
+    if config is None:
+        raise InvalidInputError(f"study {name!r} was not written by hposvc (its trials have no {records.CONFIG}); read it with Optuna.")
     return Best(
         study=name,
-        metric=study.user_attrs.get("hposvc.metric", "value"),
+        metric=records.study_info(study).metric or "value",
         value=float(t.value),
         trial_number=t.number,
-        config=TrialConfig.from_dict(t.user_attrs["hposvc.config"]),
-        mlflow_run_id=t.user_attrs.get("hposvc.mlflow_run_id"),
+        config=config,
+        mlflow_run_id=t.user_attrs.get(records.RUN_ID),
     )
 
 
@@ -93,7 +78,7 @@ def trials(name: str, *, storage: str | None = None, states: tuple[str, ...] | N
     worker, then every TrialConfig field as its own column (``optimizer``, ``lr``, ...)."""
     import pandas as pd
 
-    study = _load(name, storage)
+    study = load_study(name, storage=storage)
     rows = []
     for t in study.get_trials(deepcopy=False):
         if states is not None and t.state.name not in states:
@@ -104,11 +89,11 @@ def trials(name: str, *, storage: str | None = None, states: tuple[str, ...] | N
             "state": t.state.name,
             "value": t.value,
             "duration_s": duration,
-            "reason": t.user_attrs.get("hposvc.reason"),
-            "device": t.user_attrs.get("hposvc.device"),
-            "worker": t.user_attrs.get("hposvc.worker"),
+            "reason": t.user_attrs.get(records.REASON),
+            "device": t.user_attrs.get(records.DEVICE),
+            "worker": t.user_attrs.get(records.WORKER),
         }
-        config = t.user_attrs.get("hposvc.config") or {}
+        config = t.user_attrs.get(records.CONFIG) or {}
         row.update({k: v for k, v in config.items() if k != "extra"})
         rows.append(row)
     columns = list(TRIAL_COLUMNS) + [f for f in TrialConfig.__dataclass_fields__ if f != "extra"]
@@ -117,7 +102,7 @@ def trials(name: str, *, storage: str | None = None, states: tuple[str, ...] | N
 
 def top_k(name: str, k: int = 5, *, storage: str | None = None) -> "pd.DataFrame":
     """The ``k`` best COMPLETE trials of study ``name``, best first."""
-    study = _load(name, storage)
+    study = load_study(name, storage=storage)
     df = trials(name, storage=storage, states=("COMPLETE",))
     ascending = study.direction.name == "MINIMIZE"
     return df.sort_values("value", ascending=ascending).head(k).reset_index(drop=True)
@@ -134,22 +119,20 @@ def studies(*, storage: str | None = None) -> "pd.DataFrame":
     rows = []
     for s in optuna.get_all_study_summaries(rdb, include_best_trial=False):
         study = optuna.load_study(study_name=s.study_name, storage=rdb)
-        counts: dict[str, int] = {}
-        for t in study.get_trials(deepcopy=False):
-            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        info, counts = records.study_info(study), records.counts(study)
         best = best_trial(study)
         rows.append(
             {
                 "name": s.study_name,
-                "task": s.user_attrs.get("hposvc.task"),
-                "metric": s.user_attrs.get("hposvc.metric"),
+                "task": info.task,
+                "metric": info.metric,
                 "direction": "/".join(d.name.lower() for d in s.directions),
-                "n_trials": s.user_attrs.get("hposvc.n_trials"),
-                "complete": counts.get("COMPLETE", 0),
-                "pruned": counts.get("PRUNED", 0),
-                "failed": counts.get("FAIL", 0),
-                "running": counts.get("RUNNING", 0),
-                "waiting": counts.get("WAITING", 0),
+                "n_trials": info.n_trials,
+                "complete": counts["COMPLETE"],
+                "pruned": counts["PRUNED"],
+                "failed": counts["FAIL"],
+                "running": counts["RUNNING"],
+                "waiting": counts["WAITING"],
                 "best_value": None if best is None else best.value,
                 "created": s.datetime_start,
             }

@@ -23,7 +23,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from hposvc.errors import InvalidInputError, StorageError
 
@@ -34,7 +34,9 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "HEARTBEAT_INTERVAL",
     "artifact_location",
+    "load_study",
     "open_storage",
+    "redact",
     "resolve_data_dir",
     "resolve_storage_url",
     "resolve_tracking_uri",
@@ -42,8 +44,8 @@ __all__ = [
 ]
 
 DEFAULT_DATA_DIR = "hposvc-data"
-# Workers record a heartbeat for their running trial this often (seconds); a trial whose
-# heartbeat is older than the grace period is failed and retried by whoever notices.
+
+
 def _env_seconds(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
     if not value.strip().isdigit() or int(value) < 1:
@@ -51,12 +53,12 @@ def _env_seconds(name: str, default: int) -> int:
     return int(value)
 
 
+# Workers record a heartbeat for their running trial this often (seconds); a trial whose
+# heartbeat is older than the grace period is failed and retried by whoever notices.
 HEARTBEAT_INTERVAL = _env_seconds("HPOSVC_HEARTBEAT_INTERVAL", 10)
 # Long enough to outlast a database restart or a busy SQLite writer, so a live trial is
 # not failed while its heartbeat waits.
 GRACE_PERIOD = _env_seconds("HPOSVC_GRACE_PERIOD", max(6 * HEARTBEAT_INTERVAL, 60))
-# A trial killed with its worker is retried this many times with the same parameters.
-MAX_RETRY = 2
 # SQLite waits this long (seconds) for a competing writer before "database is locked".
 SQLITE_BUSY_TIMEOUT = 120
 
@@ -165,13 +167,13 @@ def _is_connection_error(e: BaseException) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def open_storage(url: str, *, heartbeat: bool = True) -> "optuna.storages.RDBStorage":
+def open_storage(url: str) -> "optuna.storages.RDBStorage":
     """Open (and create if needed) the Optuna RDB storage at ``url``.
 
     One storage object per URL and process: creating it checks the schema version, which is
-    too slow to repeat per trial. With ``heartbeat`` the storage fails the trials of dead
-    workers after a grace period and re-queues them with the same parameters (at most
-    :data:`MAX_RETRY` times), closing their MLflow runs (see :mod:`hposvc.tracking`).
+    too slow to repeat per trial. Heartbeats are configured (:data:`HEARTBEAT_INTERVAL`,
+    :data:`GRACE_PERIOD`) but no stale-trial callback: the worker that fails a dead
+    worker's trials re-queues them itself (:func:`hposvc.queue.fail_stale`).
     """
     import optuna
     from sqlalchemy import event
@@ -184,33 +186,21 @@ def open_storage(url: str, *, heartbeat: bool = True) -> "optuna.storages.RDBSto
 
         with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT) as con:
             con.execute("PRAGMA journal_mode=WAL")
-    kwargs = {}
-    if heartbeat:
-        from hposvc.study import requeue
-        from hposvc.tracking import close_stale_trial_run
-
-        def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            close_stale_trial_run(study, trial)
-            requeue(study, trial)
-
-        kwargs = {
-            "heartbeat_interval": HEARTBEAT_INTERVAL,
-            "grace_period": GRACE_PERIOD,
-            "heartbeat_stale_trial_callback": on_stale,
-        }
 
     def create() -> optuna.storages.RDBStorage:
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable API, old label
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs(url), heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD
+            )
 
     try:
-        storage = with_retries(create, what=f"opening the study storage {_redact(url)}")
+        storage = with_retries(create, what=f"opening the study storage {redact(url)}")
     except ImportError as e:
         raise InvalidInputError(
-            f"the storage URL {_redact(url)!r} needs a database driver that is not installed ({e}). "
+            f"the storage URL {redact(url)!r} needs a database driver that is not installed ({e}). "
             "For PostgreSQL: pip install 'hposvc[postgres]'."
         ) from e
     if path is not None:
@@ -220,6 +210,22 @@ def open_storage(url: str, *, heartbeat: bool = True) -> "optuna.storages.RDBSto
     return storage
 
 
+def load_study(name: str, *, storage: str | None = None, sampler: Any = None, pruner: Any = None) -> "optuna.Study":
+    """Load an existing study by name; a missing one is an error listing the others."""
+    import optuna
+
+    url = resolve_storage_url(storage)
+    rdb = open_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=rdb, sampler=sampler, pruner=pruner)
+    except KeyError as e:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(rdb, include_best_trial=False))
+        raise InvalidInputError(
+            f"the 'study' parameter must name a study in {redact(url)}. Got {name!r} instead. "
+            f"Studies there: {', '.join(names) or '(none)'}."
+        ) from e
+
+
 def _begin_immediate(conn) -> None:  # noqa: ANN001 (SQLAlchemy connection)
     # SQLite ignores SELECT ... FOR UPDATE, and Python's sqlite3 only begins a transaction at
     # the first write: two workers could both read a trial as WAITING and both claim it.
@@ -227,7 +233,8 @@ def _begin_immediate(conn) -> None:  # noqa: ANN001 (SQLAlchemy connection)
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """``url`` with its password hidden, for messages and records."""
     from sqlalchemy.engine import make_url
 
     try:

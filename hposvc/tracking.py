@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from hposvc import records
 from hposvc.errors import TrackingError
 from hposvc.storage import artifact_location, resolve_data_dir
 
@@ -33,7 +34,17 @@ if TYPE_CHECKING:
 
     from hposvc.config import TrialConfig
 
-__all__ = ["Tracker", "TrialRun", "close_stale_trial_run", "experiment_name", "sync_outbox"]
+__all__ = [
+    "Tracker",
+    "TrialRun",
+    "ensure_experiment",
+    "experiment_artifact_location",
+    "experiment_name",
+    "find_study_run",
+    "mlflow_client",
+    "open_tracker",
+    "sync_outbox",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +55,90 @@ FLUSH_SECONDS = 10.0
 # After a failed call the tracker stays offline this long (seconds) before trying again,
 # so an outage costs one timeout, not one per trial.
 OFFLINE_BACKOFF = 20.0
-# Trackers by study name, so the storage's stale-trial callback can close MLflow runs.
-_TRACKERS: dict[str, "Tracker"] = {}
 
 
 def experiment_name(study_name: str) -> str:
+    """The MLflow experiment of study ``study_name``."""
     return f"hposvc/{study_name}"
 
 
 def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
+
+
+def mlflow_client(uri: str) -> "MlflowClient":
+    """An MlflowClient for ``uri``; an embedded SQLite store's folder is created first."""
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(uri)
+
+
+def experiment_artifact_location(uri: str, data_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """Where an experiment hposvc creates keeps its artifacts.
+
+    A tracking server decides itself (None). Otherwise ``<data dir>/mlruns``; when no data
+    directory is given and the store is an SQLite file, the data directory is the folder
+    that file is in, so ``--tracking-uri sqlite:///D/mlflow.db`` keeps its artifacts in
+    ``D/mlruns`` instead of scattering them under the current directory.
+    """
+    if _is_http(uri):
+        return None
+    if data_dir is None and uri.startswith("sqlite:///"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(uri).database
+        if database and database != ":memory:":
+            return artifact_location(Path(database).parent)
+    return artifact_location(data_dir)
+
+
+def ensure_experiment(
+    client: "MlflowClient", name: str, *, uri: str, data_dir: str | os.PathLike[str] | None = None, tags: Mapping[str, str] | None = None
+) -> str:
+    """The id of experiment ``name``, created (with hposvc's artifact location) if missing.
+
+    A deleted experiment of that name is an error that says how to restore or purge it;
+    another process creating it at the same moment is not.
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"the MLflow experiment {name!r} is deleted. Restore it (`mlflow experiments restore "
+            f"--experiment-id {exp.experiment_id}`) or delete it permanently (`mlflow gc`) and run again."
+        )
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=experiment_artifact_location(uri, data_dir), tags=dict(tags or {}))
+    except Exception:  # noqa: BLE001 (another process created it first)
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_study_run(client: "MlflowClient", study: str, *, uid: str) -> "Any | None":
+    """The parent run of study ``study`` with study uid ``uid`` (None if there is none).
+
+    Always by uid: a re-created study of the same name must never land on the parent run
+    of the deleted one. If two workers raced to create it, the first one is the run.
+    """
+    exp = client.get_experiment_by_name(experiment_name(study))
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`hposvc.role` = 'study'{_uid_filter(uid)}",
+        max_results=1,
+        order_by=["attributes.start_time ASC"],
+    )
+    return runs[0] if runs else None
+
+
+def _uid_filter(uid: str) -> str:
+    return f" and tags.`hposvc.study_uid` = '{uid}'" if uid else ""
 
 
 @dataclass
@@ -104,6 +189,7 @@ class Tracker:
         self._parent_run_id: str | None = parent_run_id
         self._writer = None  # single writer thread, created on first trial
         self._offline_until = 0.0
+        self._others: dict[tuple[str, str], Tracker] = {}  # namesakes met while syncing
         # MLflow prints run URLs to stdout (and fetches the run to do it); stdout is for data.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         if _is_http(tracking_uri):
@@ -111,18 +197,13 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        _TRACKERS[study] = self
 
     # -- connection ------------------------------------------------------------------
 
     @property
     def client(self) -> "MlflowClient":
         if self._client is None:
-            from mlflow import MlflowClient
-
-            if self.uri.startswith("sqlite:///"):
-                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(self.uri)
+            self._client = mlflow_client(self.uri)
         return self._client
 
     @property
@@ -145,47 +226,24 @@ class Tracker:
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            name = experiment_name(self.study)
-            exp = self.client.get_experiment_by_name(name)
-            if exp is not None and exp.lifecycle_stage == "deleted":
-                raise TrackingError(
-                    f"the MLflow experiment {name!r} is deleted. Restore it (`mlflow experiments restore "
-                    f"--experiment-id {exp.experiment_id}`) or delete it permanently (`mlflow gc`) and run again."
-                )
-            if exp is None:
-                location = None if _is_http(self.uri) else artifact_location(self.data_dir)
-                try:
-                    self._experiment_id = self.client.create_experiment(name, artifact_location=location, tags=self.study_tags)
-                except Exception:  # noqa: BLE001 (another worker created it first)
-                    exp = self.client.get_experiment_by_name(name)
-                    if exp is None:
-                        raise
-                    self._experiment_id = exp.experiment_id
-            else:
-                self._experiment_id = exp.experiment_id
+            self._experiment_id = ensure_experiment(
+                self.client, experiment_name(self.study), uri=self.uri, data_dir=self.data_dir, tags=self.study_tags
+            )
         return self._experiment_id
 
     def parent_run_id(self) -> str:
         """The study's parent run, created on first use and reused on resume."""
         if self._parent_run_id is None:
-            runs = self.client.search_runs(
-                [self.experiment_id()],
-                filter_string=f"tags.`hposvc.role` = 'study'{self._uid_filter()}",
-                max_results=1,
-                order_by=["attributes.start_time ASC"],  # if two workers raced, all use the first
-            )
-            if runs:
-                self._parent_run_id = runs[0].info.run_id
-                if runs[0].info.status != "RUNNING":
+            experiment_id = self.experiment_id()
+            run = find_study_run(self.client, self.study, uid=self.uid)
+            if run is not None:
+                self._parent_run_id = run.info.run_id
+                if run.info.status != "RUNNING":
                     self.client.update_run(self._parent_run_id, status="RUNNING")
             else:
                 tags = {"hposvc.role": "study", "hposvc.study": self.study, **self.study_tags}
-                run = self.client.create_run(self.experiment_id(), tags=tags, run_name=self.study)
-                self._parent_run_id = run.info.run_id
+                self._parent_run_id = self.client.create_run(experiment_id, tags=tags, run_name=self.study).info.run_id
         return self._parent_run_id
-
-    def _uid_filter(self) -> str:
-        return f" and tags.`hposvc.study_uid` = '{self.uid}'" if self.uid else ""
 
     def start_study(self, *, spec: Mapping[str, Any]) -> str | None:
         """Open the parent run and attach the spec; None when the store is unreachable."""
@@ -269,26 +327,56 @@ class Tracker:
         """Replay outbox records of this study; returns how many were sent."""
         return sync_outbox(self, study=self.study)
 
+    def sync_soon(self) -> None:
+        """Replay this study's outbox on the writer thread (in order with its other work),
+        when there is anything to replay and the store looks reachable."""
+        if self.online and self.outbox.is_dir() and any(self.outbox.glob("*.json")):
+            self._submit(self.sync)
+
+    def tracker_for(self, study: str, uid: str) -> "Tracker":
+        """A tracker of the same store for study ``study`` / ``uid`` (this one if it is it).
+
+        Outbox records of a namesake study (an older study of the same name, deleted and
+        re-created) are sent under their own uid by their own tracker, never this one.
+        """
+        if (study, uid) == (self.study, self.uid):
+            return self
+        key = (study, uid)
+        if key not in self._others:
+            self._others[key] = Tracker(self.uri, study=study, uid=uid, data_dir=self.data_dir)
+        return self._others[key]
+
+    def close_stale_trial(self, trial: "optuna.trial.FrozenTrial") -> None:
+        """A trial whose worker died ends FAILED in MLflow too.
+
+        The closing goes through the same record as any trial's end: sent now, or kept in
+        the outbox during an MLflow outage and sent by the next sync, so no run stays
+        RUNNING. A trial whose run never reached MLflow gets one, FAILED with the reason.
+        """
+        start = trial.datetime_start.timestamp() * 1000 if trial.datetime_start else _now_ms()
+        record = self._trial_record(
+            trial.number,
+            start_time=int(start),
+            tags={"hposvc.state": "FAIL", "hposvc.reason": "worker died: no heartbeat within the grace period; the trial is retried"},
+        )
+        record.run_id = trial.user_attrs.get(records.RUN_ID)
+        record.status, record.end_time = "FAILED", _now_ms()
+        self._deliver(record, replay=True)
+
     def finish_study(self, study: "optuna.Study", *, plots: bool = True) -> None:
         """End the parent run with the best value, best config and plots."""
         if not self.online:
             return
         try:
-            run_id = self.parent_run_id()
-            from hposvc.results import best_trial
-
-            best = best_trial(study)
-            metrics, counts = [], {}
-            for t in study.get_trials(deepcopy=False):
-                counts[t.state.name] = counts.get(t.state.name, 0) + 1
             from mlflow.entities import Metric
 
+            run_id = self.parent_run_id()
+            best = records.best_trial(study)
             now = _now_ms()
-            for state, n in counts.items():
-                metrics.append(Metric(f"n_{state.lower()}", float(n), now, 0))
+            metrics = [Metric(f"n_{state.lower()}", float(n), now, 0) for state, n in records.counts(study).by_state.items()]
             if best is not None:
                 metrics.append(Metric("best_value", float(best.value), now, 0))
-                self.client.log_dict(run_id, best.user_attrs.get("hposvc.config", {}), "best_config.json")
+                self.client.log_dict(run_id, best.user_attrs.get(records.CONFIG, {}), "best_config.json")
                 self.client.set_tag(run_id, "hposvc.best_trial", str(best.number))
             self.client.log_batch(run_id, metrics=metrics)
             if plots and best is not None:
@@ -372,10 +460,9 @@ def _log_failure(future: Any) -> None:
 
 
 def _find_trial_run(client: "MlflowClient", experiment_id: str, *, uid: str, trial_number: int) -> str | None:
-    uid_filter = f" and tags.`hposvc.study_uid` = '{uid}'" if uid else ""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`hposvc.role` = 'trial' and tags.`hposvc.trial_number` = '{trial_number}'{uid_filter}",
+        filter_string=f"tags.`hposvc.role` = 'trial' and tags.`hposvc.trial_number` = '{trial_number}'{_uid_filter(uid)}",
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
@@ -466,8 +553,7 @@ def sync_outbox(tracker: Tracker, *, study: str | None = None) -> int:
         if study is not None and record.study != study:
             os.replace(claimed, path)
             continue
-        same = record.study == tracker.study and record.study_uid == tracker.uid
-        target = tracker if same else Tracker(tracker.uri, study=record.study, uid=record.study_uid, data_dir=tracker.data_dir)
+        target = tracker.tracker_for(record.study, record.study_uid)
         try:
             record.parent_run_id = record.parent_run_id or target.parent_run_id()
             _send(target.client, target.experiment_id(), record, replay=True)
@@ -484,25 +570,25 @@ def sync_outbox(tracker: Tracker, *, study: str | None = None) -> int:
     return sent
 
 
-def close_stale_trial_run(study: "optuna.Study", trial: "optuna.trial.FrozenTrial") -> None:
-    """Storage callback: a trial whose worker died ends FAILED in MLflow too.
+def open_tracker(study: "optuna.Study", *, spec: Mapping[str, Any], tracking_uri: str, data_dir: str | os.PathLike[str] | None = None) -> Tracker:
+    """The study's tracker, with its experiment and parent run created once.
 
-    The closing goes through the same record as any trial's end: sent now, or kept in the
-    outbox during an MLflow outage and sent by the next sync, so no run stays RUNNING. A
-    trial whose run never reached MLflow gets one, FAILED with the reason.
+    The parent run id is stored on the study, so every worker on every host logs its
+    trials under the same parent instead of racing to create one each.
     """
-    tracker = _TRACKERS.get(study.study_name)
-    if tracker is None:
-        return
-    start = trial.datetime_start.timestamp() * 1000 if trial.datetime_start else _now_ms()
-    record = tracker._trial_record(
-        trial.number,
-        start_time=int(start),
-        tags={"hposvc.state": "FAIL", "hposvc.reason": "worker died: no heartbeat within the grace period; the trial is retried"},
+    info = records.study_info(study)
+    tracker = Tracker(
+        tracking_uri,
+        study=info.name,
+        uid=info.uid,
+        parent_run_id=info.parent_run_id,
+        data_dir=data_dir,
+        tags={"hposvc.spec_hash": info.spec_hash or "", "hposvc.task": info.task or ""},
     )
-    record.run_id = trial.user_attrs.get("hposvc.mlflow_run_id")
-    record.status, record.end_time = "FAILED", _now_ms()
-    tracker._deliver(record, replay=True)
+    parent = tracker.start_study(spec=spec)
+    if parent and info.parent_run_id != parent:
+        study.set_user_attr(records.PARENT_RUN_ID, parent)
+    return tracker
 
 
 def _is_outage(e: BaseException) -> bool:

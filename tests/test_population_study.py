@@ -14,7 +14,8 @@ from mlflow import MlflowClient
 
 from hposvc.config import TrialConfig
 from hposvc.spec import parse_spec
-from hposvc.study import prepare_study, run_worker
+from hposvc.study import prepare_study
+from hposvc.worker import run_worker
 from hposvc.tracking import experiment_name
 
 SPEC = {

@@ -14,17 +14,19 @@ from hposvc.errors import InvalidInputError
 from hposvc.storage import open_storage, resolve_storage_url
 
 
-def _claim_all(url: str, queue: "mp.Queue[list[int]]") -> None:
-    study = optuna.load_study(study_name="claims", storage=open_storage(url, heartbeat=False))
+def _claim_all(url: str, out: "mp.Queue[list[int]]") -> None:
+    from hposvc.queue import claim
+
+    study = optuna.load_study(study_name="claims", storage=open_storage(url))
     got = []
-    while (trial_id := study._pop_waiting_trial_id()) is not None:  # what workers claim with
-        got.append(trial_id)
-    queue.put(got)
+    while (trial := claim(study)) is not None:  # what workers claim with
+        got.append(trial.number)
+    out.put(got)
 
 
 def test_two_processes_never_claim_the_same_trial(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'claims.db'}"
-    study = optuna.create_study(study_name="claims", storage=open_storage(url, heartbeat=False))
+    study = optuna.create_study(study_name="claims", storage=open_storage(url))
     study.add_trials([create_trial(state=TrialState.WAITING) for _ in range(300)])
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -284,7 +284,7 @@ def test_a_signal_a_library_wraps_still_stops_the_worker(tmp_path: Path) -> None
     from sqlalchemy import event
 
     from hposvc.storage import open_storage
-    from hposvc.study import Interrupted
+    from hposvc.errors import Interrupted
 
     spec = {
         "study": {"name": "wrapped", "task": "moons", "n_trials": 4, "sampler": "random", "pruner": "none", "seed": 1},

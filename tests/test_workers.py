@@ -225,7 +225,7 @@ def test_a_dead_workers_run_is_closed_through_an_mlflow_outage(tmp_path: Path, m
     # The survivor finds the dead worker's trial stale while MLflow is down: the closing
     # waits in the outbox and the next sync sends it, so the run does not stay RUNNING.
     from hposvc.config import TrialConfig
-    from hposvc.tracking import Tracker, close_stale_trial_run, sync_outbox
+    from hposvc.tracking import Tracker, sync_outbox
 
     study = optuna.create_study(study_name="stale", storage=f"sqlite:///{tmp_path / 'study.db'}")
     tracker = Tracker(mlflow_server.uri, study="stale", uid="u1", data_dir=tmp_path)
@@ -237,7 +237,7 @@ def test_a_dead_workers_run_is_closed_through_an_mlflow_outage(tmp_path: Path, m
 
     mlflow_server.stop()
     for t in study.trials:
-        close_stale_trial_run(study, t)
+        tracker.close_stale_trial(t)
     assert len(list((tmp_path / "outbox").glob("*.json"))) == 2
     mlflow_server.start()
 

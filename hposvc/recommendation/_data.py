@@ -21,24 +21,16 @@ import pandas as pd
 
 from hposvc.config import TrialConfig
 from hposvc.errors import HposvcError, StorageError, invalid
-from hposvc.storage import open_storage as _open_storage
-from hposvc.storage import resolve_data_dir, resolve_storage_url
+from hposvc import records
+from hposvc import storage as _storage
+from hposvc.queue import storage_of
+from hposvc.storage import redact, resolve_data_dir, resolve_storage_url
 
-__all__ = ["CONFIG_FIELDS", "collect_trials", "default_data_dir", "default_storage_url", "open_storage", "study_storage"]
+__all__ = ["CONFIG_FIELDS", "collect_trials", "open_storage"]
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(TrialConfig.__dataclass_fields__)
 # Columns every frame from collect_trials has, before the TrialConfig fields.
 BASE_COLUMNS = ("study", "task", "number", "state", "value", "metric", "direction", "score", "cost", "reason")
-
-
-def default_data_dir() -> Path:
-    """The data directory: $HPOSVC_DATA_DIR, else ./hposvc-data (:func:`hposvc.storage.resolve_data_dir`)."""
-    return resolve_data_dir()
-
-
-def default_storage_url(data_dir: str | os.PathLike[str] | None = None) -> str:
-    """$HPOSVC_STORAGE, else ``<data dir>/hposvc.db`` (:func:`hposvc.storage.resolve_storage_url`)."""
-    return resolve_storage_url(None, data_dir=data_dir)
 
 
 # Whatever names a study storage: a URL (None: the configured default), a storage, a study.
@@ -48,47 +40,27 @@ StorageLike = str | optuna.storages.BaseStorage | optuna.Study | None
 def open_storage(storage: StorageLike, *, data_dir: str | os.PathLike[str] | None = None) -> optuna.storages.BaseStorage:
     """An Optuna storage for a URL (None: the configured default), a study, or ``storage`` itself.
 
-    URLs are opened with :func:`hposvc.storage.open_storage` without heartbeats (this
-    package only reads trials; heartbeats are for workers, and Optuna warns that they are
-    experimental): the same connection settings as the study service (SQLite in WAL mode
-    with a busy timeout, so reading while workers write does not fail with "database is
-    locked"; pooled, pre-pinged PostgreSQL). The object is cached per URL and process, so
-    the callers here never dispose its engine.
+    URLs are opened with :func:`hposvc.storage.open_storage`: the same storage object and
+    connection settings as the study service (SQLite in WAL mode with a busy timeout, so
+    reading while workers write does not fail with "database is locked"; pooled,
+    pre-pinged PostgreSQL). The object is cached per URL and process, so the callers here
+    never dispose its engine.
 
     >>> open_storage("sqlite:///hposvc-data/hposvc.db").get_all_studies()  # doctest: +SKIP
     """
     if isinstance(storage, optuna.Study):
-        return study_storage(storage)
+        return storage_of(storage)
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
     if storage is not None and (not isinstance(storage, str) or not storage):
         raise invalid("storage", storage, "an SQLAlchemy URL, an optuna storage object or an optuna study")
     url = resolve_storage_url(storage, data_dir=data_dir)
     try:
-        return _open_storage(url, heartbeat=False)
+        return _storage.open_storage(url)
     except HposvcError:
         raise
     except Exception as e:  # driver errors before with_retries (e.g. not an SQLite file), schema mismatch
-        raise StorageError(f"cannot open the study storage {_redact(url)!r}: {e}") from e
-
-
-def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
-    """The storage a study lives in.
-
-    Optuna has no public accessor for it, so this is the one place that reads the private
-    attribute; callers that have the storage URL should pass that instead.
-    """
-    return study._storage  # noqa: SLF001
-
-
-def _redact(url: str) -> str:
-    """The URL without a password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 (only used in messages)
-        return url
+        raise StorageError(f"cannot open the study storage {redact(url)!r}: {e}") from e
 
 
 def _as_list(name: str, value: str | Iterable[str] | None) -> list[str] | None:
@@ -124,7 +96,7 @@ def _pruned_value(trial: optuna.trial.FrozenTrial) -> float:
 
 
 def _config_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
-    config = trial.user_attrs.get("hposvc.config")
+    config = trial.user_attrs.get(records.CONFIG)
     if isinstance(config, str):  # tolerate a JSON string as well as a dict
         try:
             config = json.loads(config)
@@ -197,7 +169,7 @@ def _collect(
     else:
         selected = list(frozen)
     if task_names is not None:
-        known_tasks = sorted({str(s.user_attrs.get("hposvc.task", s.study_name)) for s in selected})
+        known_tasks = sorted({str(s.user_attrs.get(records.TASK, s.study_name)) for s in selected})
         for name in task_names:
             if name not in known_tasks:
                 raise invalid(
@@ -205,7 +177,7 @@ def _collect(
                     name,
                     known_tasks[:20] if known_tasks else "a task of an existing study (there are none)",
                 )
-        selected = [s for s in selected if str(s.user_attrs.get("hposvc.task", s.study_name)) in task_names]
+        selected = [s for s in selected if str(s.user_attrs.get(records.TASK, s.study_name)) in task_names]
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     rows: list[dict[str, Any]] = []
@@ -214,8 +186,8 @@ def _collect(
         if len(fs.directions) != 1:
             continue  # multi-objective studies have no single score to rank by
         direction = "maximize" if fs.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "minimize"
-        task = str(fs.user_attrs.get("hposvc.task", fs.study_name))
-        metric = str(fs.user_attrs.get("hposvc.metric", "value"))
+        task = str(fs.user_attrs.get(records.TASK, fs.study_name))
+        metric = str(fs.user_attrs.get(records.METRIC, "value"))
         try:
             study = optuna.load_study(study_name=fs.study_name, storage=store)
             trials = study.get_trials(deepcopy=False, states=states)
@@ -239,7 +211,7 @@ def _collect(
                 "direction": direction,
                 "score": score,
                 "cost": cost,
-                "reason": t.user_attrs.get("hposvc.reason"),
+                "reason": t.user_attrs.get(records.REASON),
             }
             for name in CONFIG_FIELDS:
                 row[name] = config.get(name)

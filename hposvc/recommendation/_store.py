@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from hposvc.errors import StorageError, invalid
+from hposvc.queue import backend_of
 from hposvc.recommendation._core import Recommendation
 from hposvc.recommendation._data import StorageLike, open_storage
 
@@ -73,9 +74,7 @@ def _engine(storage: StorageLike) -> sa.Engine:
     optuna RDB storage). URLs go through :func:`hposvc.storage.open_storage`, so the table
     lives in the same database with the same connection settings as Optuna's, and the
     engine is the cached one of that storage (not disposed here)."""
-    opened = open_storage(storage)
-    if isinstance(opened, optuna.storages._CachedStorage):  # noqa: SLF001 (what optuna wraps an RDBStorage in)
-        opened = opened._backend  # noqa: SLF001
+    opened = backend_of(open_storage(storage))
     if not isinstance(opened, optuna.storages.RDBStorage):
         raise invalid(
             "storage",

@@ -17,38 +17,14 @@ import numpy as np
 from hposvc.errors import TrackingError
 from hposvc.recommendation import _stats
 from hposvc.recommendation._core import Recommendation
-from hposvc.storage import artifact_location, resolve_tracking_uri
+from hposvc.storage import resolve_tracking_uri
+from hposvc.tracking import ensure_experiment, mlflow_client
 
-__all__ = ["EXPERIMENT", "default_tracking_uri", "experiment_artifact_location", "log_recommendation", "write_plots"]
+__all__ = ["EXPERIMENT", "log_recommendation", "write_plots"]
 
 EXPERIMENT = "hposvc-recommendations"
 # Per-task panels drawn beside the aggregate budget curve; more would be unreadable.
 MAX_TASK_PANELS = 8
-
-
-def default_tracking_uri(data_dir: str | os.PathLike[str] | None = None) -> str:
-    """$MLFLOW_TRACKING_URI, else ``<data dir>/mlflow.db`` (:func:`hposvc.storage.resolve_tracking_uri`)."""
-    return resolve_tracking_uri(None, data_dir=data_dir)
-
-
-def experiment_artifact_location(uri: str, data_dir: str | os.PathLike[str] | None = None) -> str | None:
-    """Where the recommendations experiment keeps its artifacts, when hposvc creates it.
-
-    A tracking server decides itself (None). Otherwise :func:`hposvc.storage.artifact_location`
-    (``<data dir>/mlruns``, as for the studies' experiments) of ``data_dir``; when no data
-    directory is given and the store is an SQLite file, the data directory is the folder
-    that file is in, so ``--tracking-uri sqlite:///D/mlflow.db`` keeps its artifacts in
-    ``D/mlruns`` instead of scattering them under the current directory.
-    """
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    if data_dir is None and uri.startswith("sqlite:///"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(uri).database
-        if database and database != ":memory:":
-            return artifact_location(Path(database).parent)
-    return artifact_location(data_dir)
 
 
 def log_recommendation(
@@ -65,25 +41,13 @@ def log_recommendation(
     >>> log_recommendation(rec, "sqlite:///hposvc-data/mlflow.db")  # doctest: +SKIP
     'a1b2c3...'
     """
-    import mlflow
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
     try:
-        client = mlflow.MlflowClient(uri)
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        if exp is None:
-            try:
-                exp_id = client.create_experiment(EXPERIMENT, artifact_location=experiment_artifact_location(uri, data_dir))
-            except MlflowException:
-                # Another process created it between our lookup and create.
-                exp = client.get_experiment_by_name(EXPERIMENT)
-                if exp is None:
-                    raise
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
+        client = mlflow_client(uri)
+        exp_id = ensure_experiment(client, EXPERIMENT, uri=uri, data_dir=data_dir)
         run = client.create_run(
             exp_id,
             run_name=f"recommend-{rec.best or 'none'}-budget{rec.budget}",

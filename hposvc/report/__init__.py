@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from hposvc.errors import InvalidInputError, TrackingError
+from hposvc.storage import redact
 from hposvc.report.claims import CLAIMS, GUIDE_STUDIES, Claim, ClaimResult, Verdict, claim_for_study
 from hposvc.report.data import StudyData, load_study_data
 from hposvc.report.figures import Figure
@@ -56,7 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCALES = ("ci", "full")  # studies/guide/*.toml (CI budget) and studies/guide/full/*.toml
-GUIDE_DIR = Path("studies") / "guide"  # where the guide specs live, relative to the repository
+GUIDE_GROUP = "guide"  # the guide's built-in specs: studies/guide/ in the repository (hposvc.builtin)
 ARTIFACT_PATH = "report"  # folder of the report inside each study's MLflow parent run
 REPORT_TITLE = "hposvc: the optimisation guide, tested"
 
@@ -190,13 +191,13 @@ def build_report(
         figures = fig.draw("curves", {name: d}, out, prefix=prefix) + fig.draw("history", {name: d}, out, prefix=prefix)
         sections.append(Section(None, (name,), None, (), _top_trials(d), tuple(figures), (_info(d),)))
 
-    report = Report(title=title, out_dir=out, storage=_redact(url), sections=tuple(sections), mlflow_runs={})
+    report = Report(title=title, out_dir=out, storage=redact(url), sections=tuple(sections), mlflow_runs={})
     (out / "index.html").write_text(render(report), encoding="utf-8")
     _write_json(report)
     if log_to_mlflow:
         from hposvc.storage import resolve_tracking_uri
 
-        runs = log_report(report, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir))
+        runs = log_report(report, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), uids={n: d.uid for n, d in data.items()})
         report = Report(title=report.title, out_dir=out, storage=report.storage, sections=report.sections, mlflow_runs=runs)
         _write_json(report)  # the local copy also says where the report was logged
     return report
@@ -215,7 +216,7 @@ def _load(name: str, url: str) -> StudyData:
             raise
         spec = claim.spec_files[claim.studies.index(name)]
         raise InvalidInputError(
-            f"guide study {name!r} is not in {_redact(url)}: run it first, e.g. `hposvc study run studies/guide/{spec}` "
+            f"guide study {name!r} is not in {redact(url)}: run it first, e.g. `hposvc study run {GUIDE_GROUP}/{spec.removesuffix('.toml')}` (it ships with hposvc: studies/{GUIDE_GROUP}/{spec} in the repository) "
             "(or every guide study: `hposvc report --guide --run --out DIR`)."
         ) from e
 
@@ -251,30 +252,21 @@ def _top_trials(d: StudyData, k: int = 10) -> pd.DataFrame:
     return f[["number", "state", "value", *varying]].reset_index(drop=True)
 
 
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 (a URL sqlalchemy cannot parse has no password to hide)
-        return url
-
 
 # -- MLflow --------------------------------------------------------------------------------
 
 
-def log_report(report: Report, *, tracking_uri: str) -> dict[str, str | None]:
+def log_report(report: Report, *, tracking_uri: str, uids: Mapping[str, str]) -> dict[str, str | None]:
     """Log the report's files to each of its studies' MLflow parent runs (under
     ``report/``) and tag the run with its claim's verdict; returns study -> run id (None
-    where the study has no parent run in this tracking store).
+    where the study has no parent run in this tracking store). ``uids``: study -> its
+    stored uid, so a re-created study's report never lands on its namesake's run.
 
     Raises :class:`~hposvc.errors.TrackingError` when the tracking store fails.
     """
-    from mlflow import MlflowClient
+    from hposvc.tracking import find_study_run, mlflow_client
 
-    from hposvc.tracking import experiment_name
-
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
     runs: dict[str, str | None] = {}
     # the report's own files only: the folder may hold other things (a screenshot, a user's files)
     names = ["index.html", "report.json", *(f.file for s in report.sections for f in s.figures)]
@@ -282,15 +274,12 @@ def log_report(report: Report, *, tracking_uri: str) -> dict[str, str | None]:
     for section in report.sections:
         for study in section.studies:
             try:
-                exp = client.get_experiment_by_name(experiment_name(study))
-                found = [] if exp is None else client.search_runs(
-                    [exp.experiment_id], filter_string="tags.`hposvc.role` = 'study'", max_results=1
-                )
-                if not found:
+                found = find_study_run(client, study, uid=uids.get(study, ""))
+                if found is None:
                     log.warning("study %s has no MLflow parent run in %s; report not logged there", study, tracking_uri)
                     runs[study] = None
                     continue
-                run_id = found[0].info.run_id
+                run_id = found.info.run_id
                 for path in files:
                     client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_PATH)
                 if section.verdict is not None:
@@ -306,20 +295,22 @@ def log_report(report: Report, *, tracking_uri: str) -> dict[str, str | None]:
 
 def guide_spec_paths(*, scale: str = "ci", guide_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """The guide's spec files for ``scale`` ("ci": ``studies/guide/*.toml``, the small
-    budget; "full": ``studies/guide/full/*.toml``), in claim order."""
+    budget; "full": ``studies/guide/full/*.toml``), in claim order: the ones that ship
+    with hposvc, or those in ``guide_dir`` (a folder laid out like studies/guide/)."""
+    from hposvc.builtin import builtin_spec
+
     if scale not in SCALES:
         raise InvalidInputError(f"the 'scale' parameter must be one of {', '.join(map(repr, SCALES))}. Got {scale!r} instead.")
-    base = Path(guide_dir) if guide_dir is not None else GUIDE_DIR
-    folder = base / "full" if scale == "full" else base
+    sub = "full/" if scale == "full" else ""
     paths = []
     for claim in CLAIMS:
         for spec in claim.spec_files:
-            path = folder / spec
+            if guide_dir is None:
+                paths.append(builtin_spec(f"{GUIDE_GROUP}/{sub}{spec}"))
+                continue
+            path = Path(guide_dir) / sub / spec
             if not path.is_file():
-                raise InvalidInputError(
-                    f"the guide spec {str(path)!r} does not exist. Run from the hposvc repository root "
-                    "(where studies/guide/ is), or pass guide_dir."
-                )
+                raise InvalidInputError(f"the guide spec {str(path)!r} does not exist. Pass a guide_dir laid out like studies/guide/ (full/ for the full scale), or none for the specs that ship with hposvc.")
             paths.append(path)
     return paths
 

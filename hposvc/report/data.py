@@ -42,6 +42,7 @@ class StudyData:
     chance: float | None  # accuracy of always predicting the commonest class (None: regression)
     trials: pd.DataFrame  # hposvc.trials columns + curve, activation_std, unit_symmetry, score
     spec: dict[str, Any]  # the spec the study was created from
+    uid: str = ""  # the study's uid: finds its own MLflow runs, never a deleted namesake's
 
     @property
     def maximize(self) -> bool:
@@ -112,14 +113,15 @@ def load_study_data(name: str, *, storage: str) -> StudyData:
     >>> data = load_study_data("guide-zero-init", storage="sqlite:///hposvc-data/hposvc.db")  # doctest: +SKIP
     >>> data.trials[["init", "depth", "score", "unit_symmetry"]].head()                     # doctest: +SKIP
     """
+    from hposvc.records import study_info
     from hposvc.results import trials
     from hposvc.spec import parse_spec
-    from hposvc.study import load_study
+    from hposvc.storage import load_study
 
     study = load_study(name, storage=storage)
-    attrs = study.user_attrs
-    spec_dict = attrs.get("hposvc.spec") or {}
-    metric = attrs.get("hposvc.metric", "val_accuracy")
+    info = study_info(study)
+    spec_dict = info.spec or {}
+    metric = info.metric or "val_accuracy"
     chance = None
     task = "?"
     if spec_dict:
@@ -136,8 +138,9 @@ def load_study_data(name: str, *, storage: str) -> StudyData:
         metric=metric,
         direction=study.direction.name.lower(),
         task=task,
-        task_key=attrs.get("hposvc.task", task),
+        task_key=info.task or task,
         chance=chance,
         trials=frame,
         spec=spec_dict,
+        uid=info.uid,
     )

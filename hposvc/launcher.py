@@ -1,4 +1,4 @@
-"""Local parallel runs: one ``hposvc worker`` process per device slot.
+"""The launcher: one ``hposvc worker`` process per device slot, on this machine.
 
 ``hposvc study run SPEC --workers auto`` prepares the study (creating it and topping up
 its trial queue), plans the slots (:func:`hposvc.devices.plan_slots`), and starts one
@@ -21,8 +21,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
+from hposvc import records
+from hposvc.errors import HposvcError, Interrupted
+from hposvc.records import StudyRun
 from hposvc.storage import resolve_storage_url, resolve_tracking_uri
-from hposvc.study import DONE_STATES, Interrupted, StudyRun, _counts, open_tracker, prepare_study
+from hposvc.study import WarmStart, prepare_study
+from hposvc.tracking import open_tracker
+from hposvc.worker import Progress
 
 if TYPE_CHECKING:
     import optuna
@@ -58,7 +63,7 @@ def run_parallel(
     storage: str | None = None,
     tracking_uri: str | None = None,
     data_dir: str | None = None,
-    warm_start: bool = False,
+    warm_start: WarmStart | None = None,
     drain: bool = False,
     progress: bool = False,
 ) -> StudyRun:
@@ -71,7 +76,7 @@ def run_parallel(
     study = prepare_study(spec, storage=url, warm_start=warm_start)
     # Create the tracking store, experiment and parent run here, once: workers starting
     # together would otherwise race to create the embedded store's tables.
-    open_tracker(study, spec, tracking_uri=uri, data_dir=data_dir)
+    open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir)
     return run_slots(study, slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=spec.population, drain=drain, progress=progress)
 
 
@@ -92,10 +97,9 @@ def run_slots(
     NAME --workers auto`` does on a host that joins a study (one process per GPU there).
     """
     from hposvc.devices import slot_env
-    from hposvc.study import _Progress
 
-    n_trials = int(study.user_attrs.get("hposvc.n_trials", 0))
-    before = sum(_counts(study).get(s, 0) for s in DONE_STATES)
+    n_trials = records.study_info(study).n_trials or 0
+    before = records.counts(study).done
     procs: list[subprocess.Popen[bytes]] = []
     stop_signal: list[int] = []
 
@@ -116,7 +120,7 @@ def run_slots(
             # Own session: a terminal's Ctrl-C reaches this process only, which forwards it
             # once, so a worker never sees the signal twice. Workers' stdout is not data.
             procs.append(subprocess.Popen(cmd, env={**os.environ, **slot_env(slot)}, start_new_session=True, stdout=subprocess.DEVNULL))
-        with _Progress(study, n_trials, enabled=progress) as bar:
+        with Progress(study, n_trials, enabled=progress) as bar:
             deadline = None
             while any(p.poll() is None for p in procs):
                 time.sleep(REFRESH_SECONDS)
@@ -134,10 +138,7 @@ def run_slots(
     if stop_signal:
         raise Interrupted(stop_signal[0])
     failed = [p.returncode for p in procs if p.returncode != 0]
-    c = _counts(study)
-    n_done = sum(c.get(s, 0) for s in DONE_STATES)
+    n_done = records.counts(study).done
     if failed and n_done < n_trials:
-        from hposvc.errors import HposvcError
-
         raise HposvcError(f"{len(failed)} worker(s) exited with codes {failed}; the study has {n_done} of {n_trials} trials. Re-run to resume.")
     return StudyRun.of(study, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, ran=n_done - before)

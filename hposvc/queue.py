@@ -1,0 +1,220 @@
+"""The trial queue: how ``n_trials`` stays exact with any number of workers.
+
+The process that creates (or resumes) a study tops its queue up to ``n_trials`` WAITING
+trials (counting COMPLETE, PRUNED, RUNNING and WAITING ones), and workers only ever claim
+WAITING trials with the storage's atomic WAITING → RUNNING transition, so two workers can
+never both start the "last" trial. A claimed trial carries a heartbeat; a trial whose
+heartbeat stops (its worker died) is failed by whichever worker notices and re-queued with
+the same parameters, at most :data:`MAX_RETRY` times, which keeps the count exact too.
+
+Everything here goes through Optuna's public storage API, except the few reads Optuna has
+no public accessor for, kept in the adapter at the bottom of this module (and pinned by
+``tests/test_queue.py``, which fails when Optuna changes them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from hposvc.records import DONE_STATES, REASON, counts
+from hposvc.storage import HEARTBEAT_INTERVAL, with_retries
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+__all__ = ["MAX_RETRY", "backend_of", "claim", "fail_stale", "grid_exhausted", "heartbeat", "requeue", "storage_of", "tell_fail", "top_up", "trial_id"]
+
+log = logging.getLogger(__name__)
+
+# A trial killed with its worker is retried this many times with the same parameters.
+MAX_RETRY = 2
+
+
+def top_up(study: "optuna.Study", n_trials: int) -> int:
+    """Add plain WAITING trials until the study holds ``n_trials`` live or finished ones.
+
+    The trials carry no parameters: the sampler fills them when they are claimed, so it
+    sees every result finished by then. Returns how many were added.
+    """
+    from optuna.trial import TrialState, create_trial
+
+    c = counts(study)
+    deficit = n_trials - sum(c[s] for s in (*DONE_STATES, "RUNNING", "WAITING"))
+    if deficit > 0:
+        study.add_trials([create_trial(state=TrialState.WAITING) for _ in range(deficit)])
+    return max(deficit, 0)
+
+
+def claim(study: "optuna.Study") -> "optuna.Trial | None":
+    """Atomically move one WAITING trial to RUNNING and return it, or None.
+
+    ``Study.ask`` would create a new trial when the queue is empty, which lets parallel
+    workers overshoot ``n_trials``; this is its queue half alone. The first heartbeat is
+    recorded at once: Optuna never counts a trial without one as stale, so a worker dying
+    right after the claim would otherwise leave it RUNNING forever.
+    """
+    import optuna
+
+    storage, study_id = _storage(study), _study_id(study)
+
+    def pop() -> int | None:
+        for t in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            try:
+                # False (or UpdateFinishedTrialError) when another worker got there first.
+                if storage.set_trial_state_values(_trial_id(t), state=optuna.trial.TrialState.RUNNING):
+                    return _trial_id(t)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    trial_id = with_retries(pop, what="claiming a trial")
+    if trial_id is None:
+        return None
+    with_retries(lambda: storage.record_heartbeat(trial_id), what="recording a heartbeat")
+    return optuna.Trial(study, trial_id)
+
+
+def requeue(study: "optuna.Study", trial: "FrozenTrial") -> bool:
+    """Queue a failed trial again with the same parameters, at most MAX_RETRY times.
+
+    Like Optuna's ``RetryFailedTrialCallback``, but the copy carries no user attributes:
+    they describe the failed attempt (its MLflow run, device, reason), not the new one.
+    """
+    from optuna.trial import TrialState, create_trial
+
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRY:
+        log.warning("trial %s failed %d times; not retrying it again", trial.number, len(history))
+        return False
+    system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in ("failed_trial", "retry_history")}
+    system_attrs.update({"failed_trial": history[0], "retry_history": history})
+    with_retries(
+        lambda: study.add_trial(create_trial(state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, system_attrs=system_attrs)),
+        what="re-queueing a failed trial",
+    )
+    return True
+
+
+def tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> None:
+    """End a claimed trial FAIL with ``reason`` (a trial failed elsewhere is left alone)."""
+    import optuna
+
+    try:
+        with_retries(lambda: trial.set_user_attr(REASON, reason[:2000]), what="storing the failure reason")
+        with_retries(lambda: study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True), what="failing the trial")
+    except Exception as e:  # noqa: BLE001 (the trial may already be failed as stale)
+        log.warning("could not mark trial %s failed: %s", trial.number, e)
+
+
+def fail_stale(study: "optuna.Study", *, on_stale: "Callable[[FrozenTrial], None] | None" = None) -> list[int]:
+    """Fail the trials whose heartbeat stopped, re-queue them, and call ``on_stale`` for each.
+
+    What ``optuna.storages.fail_stale_trials`` does, with the callback passed here rather
+    than fixed when the storage was opened: the worker that notices hands in its own
+    tracker, so the dead trial's MLflow run is closed under the right study. Of several
+    workers noticing at once, only the one whose FAIL transition wins acts on a trial.
+    """
+    import optuna
+
+    storage, study_id = _storage(study), _study_id(study)
+    failed: list[int] = []
+    for trial_id in with_retries(lambda: _stale_trial_ids(storage, study_id), what="finding stale trials"):
+        try:
+            if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+    for trial_id in failed:
+        frozen = storage.get_trial(trial_id)
+        if on_stale is not None:
+            on_stale(frozen)
+        requeue(study, frozen)
+    return failed
+
+
+def grid_exhausted(study: "optuna.Study") -> bool:
+    """True when a grid study has no unsampled grid point left."""
+    import optuna
+
+    return isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
+
+
+@contextmanager
+def heartbeat(trials: "Sequence[optuna.Trial]") -> Iterator[None]:
+    """Record the trials' heartbeats from a thread while they train.
+
+    Ask/tell has no heartbeat of its own (only ``Study.optimize`` starts one), so hposvc
+    beats for every trial it claimed, sequential or population.
+    """
+    beats = [(t.storage, _trial_id(t)) for t in trials]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL):
+            for storage, trial_id in beats:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as e:  # noqa: BLE001 (a missed beat is retried next interval)
+                    log.warning("heartbeat for trial %s failed: %s", trial_id, e)
+
+    for storage, trial_id in beats:
+        with_retries(lambda: storage.record_heartbeat(trial_id), what="recording a heartbeat")
+    thread = threading.Thread(target=beat, name="hposvc-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def trial_id(trial: "optuna.Trial | FrozenTrial") -> int:
+    """The storage id of a trial (what storage calls take, unlike ``trial.number``)."""
+    return _trial_id(trial)
+
+
+def storage_of(study: "optuna.Study") -> "optuna.storages.BaseStorage":
+    """The storage a study lives in (Optuna has no public accessor)."""
+    return _storage(study)
+
+
+# -- the adapter: the only reads of Optuna's private names in hposvc ------------------
+# Optuna has no public accessor for a study's storage and id, a trial's storage id, or the
+# RDBStorage inside its trial cache, and none for the stale-trial query that
+# ``fail_stale_trials`` makes. tests/test_queue.py
+# checks each against what the public API says, so an Optuna upgrade that moves them fails
+# there, not in a worker.
+
+
+def _storage(study: "optuna.Study") -> "optuna.storages.BaseStorage":
+    return study._storage  # noqa: SLF001
+
+
+def _study_id(study: "optuna.Study") -> int:
+    return study._study_id  # noqa: SLF001
+
+
+def _trial_id(trial: "optuna.Trial | FrozenTrial") -> int:
+    return trial._trial_id  # noqa: SLF001
+
+
+def _stale_trial_ids(storage: "optuna.storages.BaseStorage", study_id: int) -> list[int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" since Optuna 2.9; it is the API
+        return storage._get_stale_trial_ids(study_id)  # noqa: SLF001
+
+
+def backend_of(storage: "optuna.storages.BaseStorage") -> "optuna.storages.BaseStorage":
+    """The storage behind Optuna's trial cache (an RDBStorage, whose engine hposvc's own
+    tables share), or ``storage`` itself when it is not wrapped."""
+    import optuna
+
+    if isinstance(storage, optuna.storages._CachedStorage):  # noqa: SLF001
+        return storage._backend  # noqa: SLF001
+    return storage

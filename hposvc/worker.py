@@ -1,0 +1,213 @@
+"""The worker loop: claim trials of a study and run them until it has ``n_trials``.
+
+What ``hposvc worker NAME`` runs on every device slot and host, and what ``run_study``
+runs in-process. The loop claims one trial (or a population of K) at a time from the
+queue, runs it (:mod:`hposvc.trial`), fails and re-queues the trials of dead workers
+while it waits, and stops on SIGINT/SIGTERM (failing the trial in flight) or, with
+SIGUSR1, after the trial in flight (drain). Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from hposvc import interrupts, queue, records
+from hposvc.errors import InvalidInputError, invalid
+from hposvc.records import StudyRun
+from hposvc.storage import load_study, resolve_storage_url, resolve_tracking_uri
+from hposvc.tracking import Tracker, open_tracker
+
+if TYPE_CHECKING:
+    import optuna
+
+    from hposvc.spec import StudySpec
+    from hposvc.tasks import Task
+
+__all__ = ["Progress", "load_spec_of", "population_size", "run_worker"]
+
+# How often an idle worker looks for re-queued trials while others still run (seconds).
+POLL_SECONDS = 1.0
+# Population size "auto" on the CPU: enough members to amortise per-step Python work on a
+# small machine without making one epoch of the population very long.
+CPU_AUTO_POPULATION = 8
+# Population size "auto" on a GPU: a rough budget of device memory per member for
+# hposvc's small models, and a cap.
+GPU_BYTES_PER_MEMBER = 256 * 2**20
+GPU_MAX_POPULATION = 64
+
+
+def load_spec_of(name: str, *, storage: str, worker_id: str = "") -> "tuple[optuna.Study, StudySpec]":
+    """Load study ``name`` with the spec stored on it, its sampler and its pruner.
+
+    Each worker seeds its sampler differently (from ``worker_id``), or parallel workers
+    would propose the same configurations.
+    """
+    from hposvc.space import build_pruner, build_sampler
+    from hposvc.spec import parse_spec
+
+    stored = records.study_info(load_study(name, storage=storage)).spec
+    if stored is None:
+        raise InvalidInputError(f"study {name!r} was not created by hposvc (it has no stored spec); run it with Optuna directly.")
+    spec = parse_spec(stored, source=f"study {name!r}")
+    seed = (spec.seed + zlib.crc32(worker_id.encode())) % 2**31
+    return load_study(name, storage=storage, sampler=build_sampler(spec, seed=seed), pruner=build_pruner(spec)), spec
+
+
+def run_worker(
+    study: "optuna.Study | str",
+    *,
+    spec: "StudySpec | None" = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    max_trials: int | None = None,
+    timeout: float | None = None,
+    worker_id: str | None = None,
+    population: int | str | None = None,
+    progress: bool = False,
+    tracker: Tracker | None = None,
+) -> StudyRun:
+    """Run trials of an existing study until it has its ``n_trials`` finished trials.
+
+    ``study`` is a loaded study (then ``spec`` is required) or a study name (its stored
+    spec, sampler and pruner are used). ``max_trials`` and ``timeout`` bound this worker
+    alone. ``population`` (default: the spec's) claims up to that many trials at a time
+    and trains those that share a structure as one vectorised model (``"auto"``:
+    :func:`population_size`). ``tracker``: the study's tracker when the caller has one.
+
+    >>> import hposvc
+    >>> hposvc.run_worker("digits-quick", max_trials=4)  # doctest: +SKIP
+    """
+    from hposvc.tasks import load_task
+    from hposvc.trial import run_population, run_trial
+
+    url = resolve_storage_url(storage, data_dir=data_dir)
+    uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    if isinstance(study, str):
+        study, stored_spec = load_spec_of(study, storage=url, worker_id=worker_id)
+        spec = spec or stored_spec
+    elif spec is None:
+        raise InvalidInputError("run_worker needs the spec with a study object; pass the study's name to load both.")
+    n_trials = records.study_info(study).n_trials or spec.n_trials
+    tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir)
+    task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
+    k = population_size(population if population is not None else spec.population, device=device, task=task)
+
+    started = time.monotonic()
+    ran = 0
+    drain = threading.Event()
+    with interrupts.signals_raise(drain), Progress(study, n_trials, enabled=progress) as bar, _draining(tracker):
+        while (max_trials is None or ran < max_trials) and not drain.is_set():
+            if timeout is not None and time.monotonic() - started >= timeout:
+                break
+            if records.counts(study).done >= n_trials or queue.grid_exhausted(study):
+                break  # also when --n-trials was lowered on resume: extra queued trials stay
+            interrupts.check()
+            want = k if max_trials is None else min(k, max_trials - ran)
+            claimed: list[optuna.Trial] = []
+            try:
+                while len(claimed) < want and (trial := queue.claim(study)) is not None:
+                    claimed.append(trial)
+            except BaseException:
+                # Interrupted while claiming: claimed trials have no heartbeat thread yet
+                # and would wait out the grace period; fail them so a re-run replaces them.
+                for t in claimed:
+                    queue.tell_fail(study, t, "interrupted before training started")
+                raise
+            if not claimed:
+                queue.fail_stale(study, on_stale=tracker.close_stale_trial)
+                c = records.counts(study)
+                if c["WAITING"] == 0 and (c["RUNNING"] == 0 or c.done >= n_trials):
+                    break
+                time.sleep(POLL_SECONDS)
+                continue
+            if len(claimed) == 1:
+                run_trial(study, claimed[0], spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id)
+            else:
+                run_population(study, claimed, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id)
+            ran += len(claimed)
+            bar.update()
+            tracker.sync_soon()
+    c = records.counts(study)
+    if c.done >= n_trials and c["RUNNING"] == 0:
+        tracker.sync()
+        tracker.finish_study(study)
+    return StudyRun.of(study, storage=url, tracking_uri=uri, n_trials=n_trials, ran=ran)
+
+
+def population_size(value: int | str | None, *, device: str = "auto", task: "Task | None" = None) -> int:
+    """How many trials a worker claims at once: 1 (sequential), K, or ``"auto"``.
+
+    ``auto`` on the CPU is :data:`CPU_AUTO_POPULATION`; on a GPU it grows with free memory
+    (:data:`GPU_BYTES_PER_MEMBER` per member, at most :data:`GPU_MAX_POPULATION`).
+    """
+    from hposvc.devices import resolve_device
+
+    if value is None:
+        return 1
+    if value == "auto":
+        dev = resolve_device(device)
+        if dev.type != "cuda":
+            return CPU_AUTO_POPULATION
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(dev)
+        return max(1, min(GPU_MAX_POPULATION, int(free // GPU_BYTES_PER_MEMBER)))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid("population", value, "a positive integer or 'auto'")
+    return value
+
+
+@contextmanager
+def _draining(tracker: Tracker) -> Iterator[None]:
+    """However the loop ends, queued MLflow writes are sent (or kept) before we return."""
+    try:
+        yield
+    finally:
+        tracker.drain()
+
+
+class Progress:
+    """A rich progress bar on stderr: trials done of n_trials, best value, elapsed."""
+
+    def __init__(self, study: "optuna.Study", n_trials: int, *, enabled: bool) -> None:
+        self.study, self.n_trials, self.enabled = study, n_trials, enabled
+        self._progress: Any = None
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+            self._progress = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("best {task.fields[best]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.study.study_name, total=self.n_trials, best="-")
+            self.update()
+        return self
+
+    def update(self) -> None:
+        if self._progress is None:
+            return
+        best = records.best_trial(self.study)
+        self._progress.update(self._task, completed=records.counts(self.study).done, best="-" if best is None else f"{best.value:.4g}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
