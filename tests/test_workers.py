@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 
 from hposvc.spec import load_spec
 from hposvc.study import prepare_study
 from hposvc.tracking import experiment_name
+
+pytestmark = pytest.mark.slow  # every test runs real studies, most in worker processes
 
 SPEC = """\
 [study]
