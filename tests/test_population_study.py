@@ -18,6 +18,8 @@ from hposvc.study import prepare_study
 from hposvc.worker import run_worker
 from hposvc.tracking import experiment_name
 
+pytestmark = pytest.mark.slow  # every test runs a real study
+
 SPEC = {
     "study": {"name": "pop", "task": "digits", "n_trials": 8, "sampler": "random", "pruner": "none", "seed": 0},
     "train": {"epochs": 3, "batch_size": 64},
