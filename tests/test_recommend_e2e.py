@@ -23,6 +23,8 @@ from hposvc.config import TrialConfig
 from hposvc.space import config_in_space
 from hposvc.spec import load_spec
 
+pytestmark = pytest.mark.slow  # the module's fixture runs the three survey studies
+
 ROOT = Path(__file__).resolve().parents[1]
 SURVEY = ROOT / "studies" / "survey"
 # Small budgets that still give some optimizers ≥ 3 trials (min_trials) on a task: the
