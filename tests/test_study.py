@@ -42,6 +42,7 @@ def _parent_runs(client: MlflowClient, study: str) -> list:
     return client.search_runs([exp.experiment_id], filter_string="tags.`hposvc.role` = 'study'")
 
 
+@pytest.mark.slow
 def test_contract_spec_end_to_end_on_sqlite(tmp_path: Path) -> None:
     spec = _write(tmp_path, CONTRACT_SPEC)
     data = tmp_path / "data"
@@ -198,6 +199,7 @@ def test_bad_spec_as_subprocess(tmp_path: Path) -> None:
     assert _storage_snapshot(data) == []
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_gives_exactly_n_trials(tmp_path: Path) -> None:
     text = CONTRACT_SPEC.replace("n_trials = 12", "n_trials = 8").replace("epochs = 10", "epochs = 150").replace('pruner = "median"', 'pruner = "none"')
     spec = _write(tmp_path, text)
@@ -241,6 +243,7 @@ def test_sigint_then_resume_gives_exactly_n_trials(tmp_path: Path) -> None:
         assert t.user_attrs["hposvc.reason"].startswith("interrupted")
 
 
+@pytest.mark.slow
 def test_quickstart_against_mlflow_server(tmp_path: Path, mlflow_server) -> None:
     spec = _write(tmp_path, CONTRACT_SPEC.replace("n_trials = 12", "n_trials = 4").replace("epochs = 10", "epochs = 3"))
     data = tmp_path / "data"
