@@ -85,6 +85,7 @@ def guide_outputs(tmp_path_factory: pytest.TempPathFactory) -> GuideRun:
     return _SHARED["run"]
 
 
+# Runs every guide study: the tests that take it are marked slow.
 @pytest.fixture(scope="session")
 def guide(tmp_path_factory: pytest.TempPathFactory) -> GuideRun:
     return guide_outputs(tmp_path_factory)
@@ -196,6 +197,7 @@ def test_every_claim_has_a_ci_spec_and_a_full_spec_of_the_same_study():
         hposvc.load_spec(GUIDE_DIR / "full" / name)
 
 
+@pytest.mark.slow
 def test_guide_studies_ran_within_the_ci_budget(guide: GuideRun):
     studies = hposvc.studies(storage=guide.storage).set_index("name")
     assert set(GUIDE_STUDIES) <= set(studies.index)
@@ -209,6 +211,7 @@ def test_guide_studies_ran_within_the_ci_budget(guide: GuideRun):
 # --- the report ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_report_structure(guide: GuideRun):
     report = guide.report
     html = report.index.read_text()
@@ -235,6 +238,7 @@ def test_report_structure(guide: GuideRun):
         assert set(section.studies) == set(claim.studies)
 
 
+@pytest.mark.slow
 def test_robust_claims_come_out_supported(guide: GuideRun):
     r = guide.report
     # zero init: hidden units identical after training, accuracy at chance
@@ -245,6 +249,7 @@ def test_robust_claims_come_out_supported(guide: GuideRun):
     assert r.verdict("relu-xavier-signal-shrinks").verdict == SUPPORTED, r.verdict("relu-xavier-signal-shrinks")
 
 
+@pytest.mark.slow
 def test_every_other_hypothesis_has_a_verdict_with_its_statistic(guide: GuideRun):
     for section in guide.report.sections:
         for v in section.verdicts:
@@ -256,6 +261,7 @@ def test_every_other_hypothesis_has_a_verdict_with_its_statistic(guide: GuideRun
                 assert "exact check" in v.statistic, v
 
 
+@pytest.mark.slow
 def test_report_is_logged_to_each_studys_mlflow_parent_run(guide: GuideRun):
     from mlflow import MlflowClient
 
@@ -292,6 +298,7 @@ def _trial_ids(con: sqlite3.Connection, study: str, **config) -> list[int]:
     return [tid for tid, cfg in rows if all(json.loads(cfg)[k] == v for k, v in config.items())]
 
 
+@pytest.mark.slow
 def test_changing_the_stored_trials_changes_the_verdicts(guide: GuideRun, tmp_path: Path):
     url, con = _copy_db(guide, tmp_path)
     # 1) Xavier's ReLU runs now "reach" 0.95 and He's stay at 0.1
@@ -351,6 +358,7 @@ def test_verdicts_from_constructed_trials():
 # --- CLI -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_report_one_study_and_a_study_without_a_claim(guide: GuideRun, tmp_path: Path):
     other = hposvc.run_study(
         {"study": {"name": "tiny", "task": "moons", "n_trials": 2, "sampler": "random", "pruner": "none"}, "train": {"epochs": 2}},
@@ -371,6 +379,7 @@ def test_cli_report_one_study_and_a_study_without_a_claim(guide: GuideRun, tmp_p
     assert set(data["mlflow_runs"]) == {"guide-zero", "tiny"} and all(data["mlflow_runs"].values())
 
 
+@pytest.mark.slow
 def test_cli_report_bad_input_exits_2(guide: GuideRun, tmp_path: Path):
     runner = CliRunner()
     out = str(tmp_path / "out")
