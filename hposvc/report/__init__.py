@@ -216,8 +216,8 @@ def _load(name: str, url: str) -> StudyData:
             raise
         spec = claim.spec_files[claim.studies.index(name)]
         raise InvalidInputError(
-            f"guide study {name!r} is not in {redact(url)}: run it first, e.g. `hposvc study run {GUIDE_GROUP}/{spec.removesuffix('.toml')}` (it ships with hposvc: studies/{GUIDE_GROUP}/{spec} in the repository) "
-            "(or every guide study: `hposvc report --guide --run --out DIR`)."
+            f"guide study {name!r} is not in {redact(url)}: run it first, e.g. `hposvc study run {GUIDE_GROUP}/{spec.removesuffix('.toml')}` "
+            f"(studies/{GUIDE_GROUP}/{spec}, shipped with hposvc), or every guide study: `hposvc report --guide --run --out DIR`."
         ) from e
 
 
