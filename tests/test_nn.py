@@ -16,6 +16,8 @@ from hposvc.config import ACTIVATIONS, NORMS, TrialConfig
 from hposvc.errors import InvalidInputError
 from hposvc.tasks import Task
 from hposvc.nn import (
+    ACTIVATION_TYPES,
+    NORM_TYPES,
     CNN1d,
     CNN2d,
     ResNet,
@@ -402,5 +404,127 @@ def test_models_batch_with_torch_func(family: str, shape: tuple[int, ...], norm:
     params, buffers = stack_module_state(models)
     skeleton = copy.deepcopy(models[0]).to("meta")
     x = torch.randn(5, *shape)
+    out = vmap(lambda p, b: functional_call(skeleton, (p, b), (x,)))(params, buffers)
+    assert torch.allclose(out, torch.stack([m(x) for m in models]), atol=1e-5)
+
+
+# -- 2-D families ----------------------------------------------------------------------
+
+
+def build_2d(family: str, shape: tuple[int, ...], config: TrialConfig, **kw) -> nn.Module:
+    # Task.family names a task's own family (mlp / cnn1d); build_model's family picks any.
+    return build_model(make_task("mlp", shape, n_outputs=3), config, family=family, **kw)
+
+
+def test_cnn2d_downsamples_while_large_enough_and_flattens() -> None:
+    model = build_2d("cnn2d", (3, 32, 32), cfg(depth=4, width=8))  # 32 → 16 → 8 → 4 → 4
+    assert isinstance(model, CNN2d)
+    assert [block.conv.stride for block in model.hidden] == [(2, 2)] * 3 + [(1, 1)]
+    assert [block.conv.kernel_size for block in model.hidden] == [(3, 3)] * 4
+    assert model.head.in_features == 8 * 4 * 4
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_resnet_has_three_stages_of_depth_blocks(norm: str) -> None:
+    model = build_2d("resnet", (3, 32, 32), cfg(depth=2, width=8, norm=norm))
+    assert isinstance(model, ResNet)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    shortcuts = [m for m in convs if m.kernel_size == (1, 1)]
+    assert len(convs) - len(shortcuts) == 6 * 2 + 1 and len(shortcuts) == 2  # stages 2 and 3 change shape
+    assert [stage[0].conv1.out_channels for stage in model.stages] == [8, 16, 32]
+    assert [stage[0].conv1.stride for stage in model.stages] == [(1, 1), (2, 2), (2, 2)]
+    assert all((c.bias is not None) == (norm == "none") for c in convs)  # a norm's shift replaces the bias
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 3)
+    h = model.stages[:2](model.stem(x))
+    assert h.shape == (2, 16, 16, 16)
+
+
+def test_zero_init_residual_starts_each_block_as_its_shortcut() -> None:
+    torch.manual_seed(0)
+    for norm, last in (("batch", "norm2"), ("none", "conv2")):
+        model = build_2d("resnet", (3, 16, 16), cfg(depth=2, width=8, norm=norm), zero_init_residual=True)
+        blocks = [b for stage in model.stages for b in stage]
+        assert all(torch.count_nonzero(getattr(b, last).weight) == 0 for b in blocks)
+        block = model.stages[1][1].eval()  # an identity-shortcut block: output = act(x)
+        x = torch.randn(2, 16, 8, 8)
+        assert torch.equal(block(x), torch.relu(x))
+    plain = build_2d("resnet", (3, 16, 16), cfg(depth=1, width=8, norm="batch"))
+    assert torch.all(plain.stages[0][0].norm2.weight == 1)
+    with pytest.raises(InvalidInputError, match="'zero_init_residual' parameter must be False for the 'cnn2d' family"):
+        build_2d("cnn2d", (3, 16, 16), cfg(depth=1, width=8), zero_init_residual=True)
+
+
+def test_2d_families_take_digits_as_one_channel_images() -> None:
+    from hposvc.tasks import load_task
+
+    digits = load_task("digits")
+    assert check_family("resnet", digits.input_shape) == (1, 8, 8)
+    for family in ("cnn2d", "resnet"):
+        model = build_model(digits, cfg(depth=1, width=8, norm="batch"), family=family)
+        assert model.in_shape == (1, 8, 8)
+        images = digits.x_val[:4].reshape(4, 1, 8, 8)
+        assert torch.equal(model.eval()(digits.x_val[:4]), model(images))
+
+
+def test_a_family_that_does_not_fit_the_input_shape_names_both() -> None:
+    with pytest.raises(InvalidInputError) as err:
+        check_family("cnn2d", (5,))
+    assert str(err.value) == (
+        "the 'family' parameter must be a family that fits the task's input shape (5,). Got 'cnn2d' instead. "
+        "'cnn2d' needs per-sample inputs (channels, height, width), or a flat square vector (64 → 1×8×8); "
+        "this task fits 'mlp'."
+    )
+    with pytest.raises(InvalidInputError, match=r"'resnet' needs .*this task fits 'mlp', 'cnn1d'"):
+        build_model(make_task("cnn1d", (2, 12)), cfg(depth=1, width=8), family="resnet")
+    with pytest.raises(InvalidInputError, match="'family' parameter must be one of 'mlp', 'cnn1d', 'cnn2d', 'resnet'"):
+        check_family("vit", (3, 32, 32))
+
+
+def test_he_gain_follows_the_activation() -> None:
+    # fan_in 500: ReLU 2/500, PReLU (slope 0.25) 2/(1.0625·500); Xavier keeps gain 1 for both.
+    for activation, slope in (("relu", 0.0), ("prelu", 0.25), ("tanh", 0.0)):
+        torch.manual_seed(0)
+        model = build_model(make_task("mlp", (FAN_IN,)), cfg(init="he_normal", activation=activation, depth=1, width=FAN_OUT))
+        var = model.hidden[0].linear.weight.var().item()
+        assert abs(var * (1 + slope**2) * FAN_IN / 2 - 1) < VAR_RTOL, activation
+    torch.manual_seed(0)
+    model = build_model(make_task("mlp", (FAN_IN,)), cfg(init="xavier_normal", activation="prelu", depth=1, width=FAN_OUT))
+    assert abs(model.hidden[0].linear.weight.var().item() / EXPECTED_VAR["xavier_normal"] - 1) < VAR_RTOL
+
+
+def test_zero_on_a_resnet_makes_square_convs_identities() -> None:
+    model = build_2d("resnet", (3, 16, 16), cfg(depth=1, width=8, init="zero"))
+    w = model.stages[0][0].conv2.weight.detach()
+    assert torch.equal(w[:, :, 1, 1], torch.eye(8)) and torch.count_nonzero(w) == 8
+    stem = model.stem.conv.weight.detach()  # 3 → 8 channels: the scaled Hadamard corner
+    assert torch.allclose(stem[:, :, 1, 1], zero_init_matrix(8, 3))
+
+
+VARIANTS_2D = list(itertools.product(ACTIVATIONS, NORMS, ("cnn2d", "resnet")))
+
+
+@pytest.mark.parametrize(("activation", "norm", "family"), VARIANTS_2D)
+def test_every_activation_norm_runs_on_the_2d_families(activation: str, norm: str, family: str) -> None:
+    torch.manual_seed(0)
+    config = cfg(activation=activation, norm=norm, norm_groups=2 if norm == "group" else None, depth=1, width=4)
+    model = build_2d(family, (2, 8, 8), config)
+    x, y = torch.randn(6, 2, 8, 8), torch.randint(0, 3, (6,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    want = set() if norm == "none" else {type(norm_layer(norm, 4, 2, groups=2))}
+    assert {type(m) for m in model.modules() if isinstance(m, NORM_TYPES)} == want
+    assert {type(m) for m in model.modules() if isinstance(m, ACTIVATION_TYPES)} == {type(activation_layer(activation))}
+
+
+@pytest.mark.parametrize(("family", "norm", "activation"), [("cnn2d", "batch", "prelu"), ("resnet", "group", "gelu"), ("resnet", "batch", "relu")])
+def test_2d_models_batch_with_torch_func(family: str, norm: str, activation: str) -> None:
+    torch.manual_seed(0)
+    models = [build_2d(family, (2, 8, 8), cfg(depth=1, width=4, norm=norm, activation=activation)) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(5, 2, 8, 8)
     out = vmap(lambda p, b: functional_call(skeleton, (p, b), (x,)))(params, buffers)
     assert torch.allclose(out, torch.stack([m(x) for m in models]), atol=1e-5)

@@ -225,6 +225,18 @@ class ResNet(nn.Module):
                 nn.init.zeros_(last.weight)
 
 
+def _image_shape(family: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The per-sample shape ``family`` reads for inputs of ``shape``; None if it cannot."""
+    if family == "mlp":
+        return shape
+    if family == "cnn1d":
+        return shape if len(shape) == 2 else None
+    if len(shape) == 3:
+        return shape
+    side = math.isqrt(shape[0]) if len(shape) == 1 else 0
+    return (1, side, side) if side and side * side == shape[0] else None
+
+
 def check_family(family: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The per-sample shape ``family`` reads for a task with ``input_shape``, or an error
     naming both. The 2-D families take ``(C, H, W)`` images, or flat square vectors as
@@ -236,36 +248,17 @@ def check_family(family: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     if family not in MODEL_FAMILIES:
         raise invalid("family", family, MODEL_FAMILIES)
     shape = tuple(int(d) for d in input_shape)
-    if family == "mlp":
-        return shape
-    if family == "cnn1d" and len(shape) == 2:
-        return shape
-    if family in ("cnn2d", "resnet"):
-        if len(shape) == 3:
-            return shape
-        side = math.isqrt(shape[0]) if len(shape) == 1 else 0
-        if side and side * side == shape[0]:
-            return (1, side, side)
-    wants = {
-        "cnn1d": "(channels, length)",
-        "cnn2d": "(channels, height, width), or a flat square vector (64 → 1×8×8)",
-        "resnet": "(channels, height, width), or a flat square vector (64 → 1×8×8)",
-    }[family]
-    fitting = [f for f in MODEL_FAMILIES if f != family and _fits(f, shape)]
+    fitted = _image_shape(family, shape)
+    if fitted is not None:
+        return fitted
+    wants = "(channels, length)" if family == "cnn1d" else "(channels, height, width), or a flat square vector (64 → 1×8×8)"
+    fitting = [f for f in MODEL_FAMILIES if _image_shape(f, shape) is not None]
     raise invalid(
         "family",
         family,
         f"a family that fits the task's input shape {shape}",
         hint=f"{family!r} needs per-sample inputs {wants}; this task fits {', '.join(map(repr, fitting))}.",
     )
-
-
-def _fits(family: str, shape: tuple[int, ...]) -> bool:
-    try:
-        check_family(family, shape)
-    except ValueError:
-        return False
-    return True
 
 
 def build_model(task: Task, config: TrialConfig, *, family: str | None = None, zero_init_residual: bool = False) -> nn.Module:
