@@ -1,0 +1,190 @@
+"""The gRPC storage proxy: a real `hposvc storage serve` process on loopback, in front of
+a real SQLite file and a real PostgreSQL database, driven through ``grpc://`` URLs.
+
+What a worker does through the proxy (create a study, ask, report, tell, attributes, claim
+a WAITING trial) must land in the database exactly as it would directly; a non-loopback
+bind is refused without ``--allow-remote``; bad URLs and a missing proxy are named.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from optuna.trial import TrialState, create_trial
+
+from hposvc.cli import main
+from hposvc.errors import InvalidInputError, StorageError
+from hposvc.proxy import grpc_storage, is_loopback
+from hposvc.storage import open_storage
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+class Proxy:
+    """A `hposvc storage serve` subprocess; ``url`` is its grpc:// address."""
+
+    def __init__(self, storage_url: str, log_file: Path) -> None:
+        self.storage_url = storage_url
+        self.port = free_port()
+        self.url = f"grpc://127.0.0.1:{self.port}"
+        self.log_file = log_file
+        with open(log_file, "wb") as log:  # a file, not a pipe nobody reads
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hposvc.cli", "storage", "serve", "--storage", storage_url, "--port", str(self.port)],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
+
+    def storage(self) -> optuna.storages.GrpcStorageProxy:
+        deadline = time.monotonic() + 120  # imports on two busy cores take a while
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the proxy exited with {self.proc.returncode}:\n{self.log_file.read_text()}")
+            try:
+                return grpc_storage(self.url, ready_timeout=2)
+            except StorageError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the proxy did not answer in 120 s:\n{self.log_file.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def proxy(storage_url: str, tmp_path: Path) -> Iterator[Proxy]:
+    """A proxy in front of a fresh storage, once per backend (sqlite, postgres)."""
+    p = Proxy(storage_url, tmp_path / "proxy.log")
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_a_study_through_the_proxy_is_the_study_in_the_database(proxy: Proxy) -> None:
+    remote = proxy.storage()
+    study = optuna.create_study(study_name="via-proxy", storage=remote, direction="maximize")
+    study.set_user_attr("hposvc.spec", {"task": "digits", "n_trials": 3})
+    for i in range(3):
+        trial = study.ask()
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        trial.suggest_categorical("optimizer", ["sgd", "adam"])
+        for epoch in range(3):
+            trial.report(0.5 + 0.1 * epoch + 0.01 * i, epoch)
+        trial.set_user_attr("hposvc.config", {"lr": lr, "epochs": 3})
+        study.tell(trial, 0.8 + 0.01 * i)
+
+    # Read back directly from the database, bypassing the proxy and its caches.
+    direct = optuna.load_study(study_name="via-proxy", storage=open_storage(proxy.storage_url))
+    assert direct.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert direct.user_attrs == {"hposvc.spec": {"task": "digits", "n_trials": 3}}
+    assert [t.state for t in direct.trials] == [TrialState.COMPLETE] * 3
+    assert [t.value for t in direct.trials] == pytest.approx([0.80, 0.81, 0.82])
+    assert direct.best_trial.number == 2
+    assert direct.trials[1].intermediate_values == pytest.approx({0: 0.51, 1: 0.61, 2: 0.71})
+    assert direct.trials[0].user_attrs == {"hposvc.config": {"lr": direct.trials[0].params["lr"], "epochs": 3}}
+    assert set(direct.trials[0].params) == {"lr", "optimizer"}
+    # ... and through the proxy again, as `best` and `trials` would read it.
+    again = optuna.load_study(study_name="via-proxy", storage=proxy.storage())
+    assert again.best_trial.params == direct.best_trial.params
+    assert [s.study_name for s in optuna.get_all_study_summaries(remote, include_best_trial=False)] == ["via-proxy"]
+    with pytest.raises(optuna.exceptions.DuplicatedStudyError):
+        optuna.create_study(study_name="via-proxy", storage=remote)
+
+
+def test_a_waiting_trial_is_claimed_once_through_the_proxy(proxy: Proxy) -> None:
+    # The queue's claim: WAITING -> RUNNING succeeds for one caller only, even when the
+    # callers are a proxy client and a direct client of the same database.
+    remote = proxy.storage()
+    study = optuna.create_study(study_name="claims", storage=remote)
+    study.add_trials([create_trial(state=TrialState.WAITING) for _ in range(2)])
+    sid = remote.get_study_id_from_name("claims")
+    direct = open_storage(proxy.storage_url)
+    waiting = remote.get_all_trials(sid, states=(TrialState.WAITING,))
+    assert [t.number for t in waiting] == [0, 1]
+    first = waiting[0]._trial_id
+    assert remote.set_trial_state_values(first, TrialState.RUNNING) is True
+    assert direct.set_trial_state_values(first, TrialState.RUNNING) is False
+    assert remote.set_trial_state_values(first, TrialState.RUNNING) is False
+    assert [t.number for t in remote.get_all_trials(sid, states=(TrialState.WAITING,))] == [1]
+    assert direct.set_trial_state_values(waiting[1]._trial_id, TrialState.RUNNING) is True
+    assert remote.get_all_trials(sid, states=(TrialState.WAITING,)) == []
+    assert remote.set_trial_state_values(first, TrialState.COMPLETE, [1.0]) is True
+    assert direct.get_trial(first).state == TrialState.COMPLETE
+
+
+def _serve(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["storage", "serve", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_a_non_loopback_bind_is_refused_without_allow_remote(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    # Addresses on no interface first: were the check broken, binding them fails at once
+    # instead of serving (CliRunner runs in this process).
+    for host in ("192.0.2.1", "2001:db8::1", "0.0.0.0", "::"):
+        code, out = _serve("--storage", db, "--host", host)
+        assert code == 2, out
+        assert out == (
+            "Error: hposvc storage serve: the 'host' parameter must be a loopback address such as "
+            f"'127.0.0.1' unless allow_remote=True (--allow-remote). Got {host!r} instead. The storage "
+            "proxy has no authentication: bind it to another address only on a private network.\n"
+        )
+    assert not (tmp_path / "x.db").exists(), "the database was opened before the input was checked"
+    # With --allow-remote the check passes and binding is tried: 192.0.2.1 (TEST-NET-1) is on
+    # no interface here, so it fails as a failure (1), not as bad input, and nothing listens.
+    code, out = _serve("--storage", db, "--host", "192.0.2.1", "--allow-remote")
+    assert code == 1, out
+    assert out.startswith("Error: the storage proxy cannot listen on 192.0.2.1:13000: Cannot assign requested address."), out
+
+
+def test_a_busy_port_is_a_failure_not_a_second_proxy(proxy: Proxy, tmp_path: Path) -> None:
+    proxy.storage()  # listening
+    # A subprocess, not CliRunner: if the check were broken this would serve forever.
+    cmd = [sys.executable, "-m", "hposvc.cli", "storage", "serve", "--storage", f"sqlite:///{tmp_path / 'y.db'}", "--port", str(proxy.port)]
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a second proxy started on a port that was in use")
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"Error: the storage proxy cannot listen on 127.0.0.1:{proxy.port}: Address already in use. Pick another port with --port."
+    )
+
+
+def test_bad_serve_input_is_exit_2(tmp_path: Path) -> None:
+    code, out = _serve("--storage", f"sqlite:///{tmp_path / 'x.db'}", "--port", "70000")
+    assert (code, out) == (2, "Error: hposvc storage serve: the 'port' parameter must be a whole number from 1 to 65535. Got 70000 instead.\n")
+
+
+@pytest.mark.parametrize("url", ["grpc://", "grpc://host:port", "grpc://host:70000", "grpc://host:0", "grpc://host:13000/db", "grpc://u:p@host:1", "http://host:13000"])
+def test_a_malformed_grpc_url_is_named(url: str) -> None:
+    with pytest.raises(InvalidInputError) as e:
+        grpc_storage(url)
+    assert str(e.value) == (
+        f"the 'storage' parameter must be a URL of the form 'grpc://HOST:PORT', e.g. 'grpc://127.0.0.1:13000'. Got {url!r} instead."
+    )
+
+
+def test_no_proxy_at_the_url_is_a_storage_error() -> None:
+    url = f"grpc://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=rf"no storage proxy answered at {url} within 1 s\. Start one with `hposvc storage serve"):
+        grpc_storage(url, ready_timeout=1)
+    assert time.monotonic() - started < 10
+
+
+def test_loopback_hosts() -> None:
+    assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"]))
+    assert not any(map(is_loopback, ["", "0.0.0.0", "::", "192.0.2.1", "10.0.0.1"]))
