@@ -2,18 +2,19 @@
 
 They live in the repository's ``studies/`` folder, the one copy; the build installs that
 folder as the package ``hposvc._studies`` (``[tool.setuptools.package-dir]`` in
-pyproject.toml, for wheels and editable installs alike), so hposvc finds them with
+pyproject.toml, for wheels and editable installs alike; ``studies/__init__.py`` makes it a
+regular package, which editable installs need), so hposvc finds them with
 ``importlib.resources`` from any working directory.
 
 A built-in spec is named by its path under ``studies/`` without ``.toml``:
 ``quickstart``, ``guide/zero-init``, ``guide/full/zero-init``, ``survey/digits``.
 
->>> from hposvc.builtin import builtin_spec, builtin_specs, find_spec
+>>> from hposvc.builtin import builtin_spec, builtin_specs, resolve_spec
 >>> builtin_spec("quickstart").name
 'quickstart.toml'
 >>> [s.name for s in builtin_specs("survey")]
 ['survey/digits', 'survey/mnist1d', 'survey/moons']
->>> path, note = find_spec("quickstart")  # a local file named "quickstart" would win
+>>> path, note = resolve_spec("quickstart")  # a local file named "quickstart" would win
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from hposvc.errors import HposvcError, SpecError, invalid
 
-__all__ = ["BuiltinSpec", "builtin_spec", "builtin_specs", "find_spec"]
+__all__ = ["BuiltinSpec", "builtin_spec", "builtin_specs", "resolve_spec"]
 
 PACKAGE = "hposvc._studies"  # the installed studies/ folder (see the module docstring)
 SUFFIX = ".toml"
@@ -59,7 +60,7 @@ def builtin_spec(name: str) -> Path:
     raise invalid("spec", name, "the name of a built-in spec", hint=f"Built-in specs: {', '.join(s.name for s in builtin_specs())}.", cls=SpecError)
 
 
-def find_spec(arg: str | os.PathLike[str]) -> tuple[Path, str | None]:
+def resolve_spec(arg: str | os.PathLike[str]) -> tuple[Path, str | None]:
     """The spec file a user means by ``arg``, and a line saying which one it is when a
     built-in name was involved (None otherwise).
 

@@ -122,10 +122,10 @@ def tracking_option(fn: Callable) -> Callable:
 def _load_spec(spec: str, **overrides: Any) -> Any:
     """Parse a spec (a file, or a built-in spec's name) and apply the [study] overrides
     that were given on the CLI; says on stderr which file a built-in name meant."""
-    from hposvc.builtin import find_spec
+    from hposvc.builtin import resolve_spec
     from hposvc.spec import load_spec
 
-    path, note = find_spec(spec)
+    path, note = resolve_spec(spec)
     if note:
         click.echo(note, err=True)
     return load_spec(path).with_overrides(**overrides)  # None values leave settings as they are
