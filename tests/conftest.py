@@ -112,7 +112,6 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'study.db'}"
 
 
-
 # --- PostgreSQL ---------------------------------------------------------------------------------
 
 POSTGRES_URL_ENV = "HPOSVC_TEST_POSTGRES_URL"
