@@ -8,7 +8,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from hposvc.config import ACTIVATIONS, NORMS
@@ -18,6 +17,7 @@ from hposvc.nn._layers import (
     ACTIVATION_TYPES,
     DEFAULT_NORM_GROUPS,
     NORM_TYPES,
+    ChannelsLast,
     activation_layer,
     negative_slope,
     norm_layer,
@@ -171,7 +171,7 @@ def convert_with_report(
     _check_targets(model, norm=norm, activation=activation, init=init)
 
     weight_dims = [d for d in map(_output_dims, model.modules()) if d is not None]
-    previous: list[int | None] = [weight_dims[0] if weight_dims else None]  # before the first layer: the first layer's
+    previous = weight_dims[0] if weight_dims else None  # layout of the last weight layer seen (first: the first's)
     memo: dict[int, nn.Module] = {}
     norms: list[str] = []
     acts: list[str] = []
@@ -179,14 +179,15 @@ def convert_with_report(
     group_channels: dict[str, int] = {}
 
     def swap(module: nn.Module, path: str) -> nn.Module:
+        nonlocal previous
         dims = _output_dims(module)
         if dims is not None:
-            previous[0] = dims
+            previous = dims
         new = None
         if norm is not None and isinstance(module, NORM_TYPES):
-            channels, spatial, last = _norm_geometry(module, previous[0])
+            channels, spatial, last = _norm_geometry(module, previous)
             new = norm_layer(norm, channels, spatial, groups=groups, channels_last=last)
-            inner = new.norm if hasattr(new, "norm") else new
+            inner = new.norm if isinstance(new, ChannelsLast) else new
             if norm == "group":
                 used_groups[path], group_channels[path] = inner.num_groups, channels
             if type(new) is not type(module) or repr(new) != repr(module):

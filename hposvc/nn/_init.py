@@ -184,7 +184,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike | None) -> None:
     fits = "a state_dict file that fits the model"
     how = (
         "Save one with torch.save(model.state_dict(), path) from a model built the same way "
-        "(same task, depth, width, norm and activation)."
+        "(the same architecture, task, depth, width, norm and activation)."
     )
     path = None if path is None else os.fspath(path)
     if path is None or not os.path.isfile(path):
