@@ -137,7 +137,7 @@ def test_biases_start_at_zero_and_norms_at_one(init: str, family: str, shape: tu
 
 
 def _hadamard_entry(i: int, j: int) -> int:
-    # Sylvester Hadamard: H[i, j] = (-1)^popcount(i & j), computed independently of nn.py.
+    # Sylvester Hadamard: H[i, j] = (-1)^popcount(i & j), computed independently of hposvc.nn.
     return -1 if bin(i & j).count("1") % 2 else 1
 
 
