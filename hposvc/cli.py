@@ -143,11 +143,9 @@ def _warm_start(flag: bool) -> Any:
 
 def _population(value: str | None) -> int | str | None:
     """--population K | auto, checked here so a typo is exit 2 with the allowed values."""
-    if value is None or value == "auto":
-        return value
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise click.BadParameter(f"must be a positive integer or 'auto'. Got {value!r} instead.", param_hint="'--population'")
+    from hposvc.config import check_population
+
+    return check_population(int(value) if value is not None and value.isdigit() else value, key="--population")
 
 
 def spec_override_options(fn: Callable) -> Callable:

@@ -18,21 +18,26 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from hposvc.errors import invalid
 
 __all__ = [
     "ACTIVATIONS",
+    "CONDITIONAL",
     "INITS",
     "NORMS",
     "ONE_SHOT_DEFAULTS",
     "OPTIMIZERS",
     "OPTIMIZER_PARAMS",
     "SCHEDULES",
+    "TABULAR_KINDS",
     "TASKS",
     "TASK_MODEL_DEFAULTS",
+    "TASK_OPTIONS",
+    "TaskOption",
     "TrialConfig",
+    "check_population",
 ]
 
 # Every optimizer hposvc offers, with the hyper-parameters it uses and the numbers it gets
@@ -76,6 +81,41 @@ TASK_MODEL_DEFAULTS: dict[str, dict[str, int]] = {
     "spirals": {"depth": 3, "width": 64},
     "tabular": {"depth": 2, "width": 64},
 }
+TABULAR_KINDS = ("classification", "binary", "regression")  # tabular's [task] kind
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """One [task] option of a built-in task: its default and the values it takes."""
+
+    default: Any  # None: required, or detected by the task (tabular's kind)
+    check: "Callable[[Any], bool] | None"  # None: the task checks it itself (paths, columns)
+    allowed: str  # the allowed values, as error messages say them
+
+
+def _int_at_least(least: int) -> TaskOption:
+    return TaskOption(None, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least, f"an integer >= {least}")
+
+
+def _with_default(option: TaskOption, default: Any) -> TaskOption:
+    return dataclasses.replace(option, default=default)
+
+
+_NOISE = TaskOption(None, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, "a number >= 0")
+# The [task] options each built-in takes, with defaults and checks: what a spec validates
+# and what hposvc.tasks builds with. A user factory gets whatever the spec gives.
+TASK_OPTIONS: dict[str, dict[str, TaskOption]] = {
+    "digits": {},
+    "mnist1d": {"num_samples": _with_default(_int_at_least(50), 5000)},
+    "moons": {"n_samples": _with_default(_int_at_least(20), 1000), "noise": _with_default(_NOISE, 0.2)},
+    "spirals": {"n_samples": _with_default(_int_at_least(20), 1500), "arms": _with_default(_int_at_least(2), 3), "noise": _with_default(_NOISE, 0.05)},
+    "tabular": {
+        "path": TaskOption(None, None, "a path to a CSV or Parquet file"),
+        "target": TaskOption(None, None, "the name of the target column"),
+        "kind": TaskOption(None, None, "one of " + ", ".join(repr(k) for k in TABULAR_KINDS)),
+    },
+}
+
 NORMS = ("none", "batch", "instance", "layer", "group")
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "mish", "sigmoid", "tanh", "softsign")
 
@@ -87,6 +127,8 @@ _CONDITIONAL = (
     ("norm_groups", "norm", ("group",), 4),
     ("warmup", "schedule", ("warmup_cosine",), 0.1),
 )
+# The same rule by field: field -> (owner, the owner's values for which it applies).
+CONDITIONAL: dict[str, tuple[str, tuple[str, ...]]] = {name: (owner, values) for name, owner, values, _ in _CONDITIONAL}
 
 
 @dataclass(frozen=True)
@@ -247,3 +289,15 @@ class TrialConfig:
     def optimizer_params(self) -> dict[str, float]:
         """The numbers the optimizer uses, e.g. ``{"lr": 0.001, "beta1": 0.9, ...}``."""
         return {name: getattr(self, name) for name in ONE_SHOT_DEFAULTS[self.optimizer]}
+
+
+def check_population(value: Any, *, key: str = "population", source: str | None = None, cls: Any = None) -> int | str | None:
+    """How many trials train together: None (one at a time), a positive integer or "auto".
+
+    The one check for a spec's ``population``, ``--population`` and the API argument.
+    """
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(key, value, "an integer >= 1 or 'auto'", source=source, **({"cls": cls} if cls else {}))
+    return value

@@ -27,9 +27,9 @@ from typing import Any
 
 import optuna
 
-from hposvc.config import ONE_SHOT_DEFAULTS, OPTIMIZER_PARAMS, TrialConfig
+from hposvc.config import CONDITIONAL, ONE_SHOT_DEFAULTS, OPTIMIZER_PARAMS, TrialConfig
 from hposvc.errors import InvalidInputError, SpecError, invalid
-from hposvc.spec import CONDITIONAL, PRUNERS, SAMPLERS, Dim, StudySpec
+from hposvc.spec import PRUNERS, SAMPLERS, Dim, StudySpec
 
 __all__ = [
     "build_pruner",

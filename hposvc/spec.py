@@ -67,15 +67,19 @@ from typing import Any
 
 from hposvc.config import (
     ACTIVATIONS,
+    CONDITIONAL,
     INITS,
     NORMS,
     ONE_SHOT_DEFAULTS,
     OPTIMIZER_PARAMS,
     OPTIMIZERS,
     SCHEDULES,
+    TABULAR_KINDS,
     TASK_MODEL_DEFAULTS,
+    TASK_OPTIONS,
     TASKS,
     TrialConfig,
+    check_population,
 )
 from hposvc.errors import SpecError, invalid
 
@@ -85,7 +89,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
-    "CONDITIONAL",
     "DEFAULT_LR_FACTOR",
     "DEFAULT_RANGES",
     "Dim",
@@ -103,32 +106,12 @@ DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid", "nsga2", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 OPTIMIZER_DEFAULTS = ("auto", "search", "fixed")
-TABULAR_KINDS = ("classification", "binary", "regression")  # hposvc.tasks' tabular ``kind``
 
 # Which network family each built-in task trains; a user factory's is unknown until loaded.
 TASK_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d"}
 # Instance norm normalises each channel over its length: an MLP's features have no length.
 NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group"), "cnn1d": NORMS}
 
-
-def _count(least: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least), f"an integer >= {least}"
-
-
-def _is_noise(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-
-
-_noise = (_is_noise, "a number >= 0")
-# [task] options each built-in takes (as hposvc.tasks does), with the check each value must
-# pass; a user factory gets whatever the spec gives.
-TASK_OPTIONS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "digits": {},
-    "mnist1d": {"num_samples": _count(50)},
-    "moons": {"n_samples": _count(20), "noise": _noise},
-    "spirals": {"n_samples": _count(20), "arms": _count(2), "noise": _noise},
-    "tabular": {},  # path, target, kind: checked on their own below
-}
 
 # The ranges unmentioned optimizer numbers get when they are searched (optimizer_defaults).
 # lr: log range DEFAULT_LR_FACTOR times either side of each optimizer's one-shot default
@@ -307,13 +290,6 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _DIM_HINT = "A dimension is a value (fixed), a list (one of these) or a table {low, high, log, step} (a range)."
 
-# Fields that only apply for some values of another (mirrors TrialConfig's rule).
-CONDITIONAL = {
-    "init_std": ("init", ("normal", "uniform")),
-    "pretrained_path": ("init", ("pretrained",)),
-    "norm_groups": ("norm", ("group",)),
-    "warmup": ("schedule", ("warmup_cosine",)),
-}
 # The fields a task key names: the workload's size and budget, not the choices being compared.
 _KEY_FIELDS = ("depth", "width", "epochs")
 
@@ -658,11 +634,7 @@ class _Parser:
         sampler = self.enum("study.sampler", study.get("sampler", "tpe"), SAMPLERS)
         pruner = self.enum("study.pruner", study.get("pruner", "median"), PRUNERS)
         seed = self.integer("study.seed", study.get("seed", 0), minimum=0)
-        population = study.get("population")
-        if population is not None and population != "auto":
-            if isinstance(population, str):
-                raise self.error("study.population", population, "an integer >= 1 or 'auto'")
-            population = self.integer("study.population", population, minimum=1, phrase="an integer >= 1 or 'auto'")
+        population = check_population(study.get("population"), key="study.population", source=self.source, cls=SpecError)
         description = study.get("description", "")
         if not isinstance(description, str):
             raise self.error("study.description", description, "a string")
@@ -720,9 +692,9 @@ class _Parser:
             if not _plain(value):
                 phrase = "a string, number, boolean, list or table"
                 raise self.error(f"task.{key}", value, phrase, "It is stored as JSON.")
-            check = TASK_OPTIONS.get(task, {}).get(key)
-            if check is not None and not check[0](value):
-                raise self.error(f"task.{key}", value, check[1])
+            option = TASK_OPTIONS.get(task, {}).get(key)
+            if option is not None and option.check is not None and not option.check(value):
+                raise self.error(f"task.{key}", value, option.allowed)
         if task != "tabular":
             return dict(sorted(options.items()))
         for key in ("path", "target"):

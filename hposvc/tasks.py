@@ -52,22 +52,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from hposvc.config import TASK_MODEL_DEFAULTS, TASKS
+from hposvc.config import TABULAR_KINDS, TASK_MODEL_DEFAULTS, TASK_OPTIONS, TASKS
 from hposvc.errors import invalid
 
 __all__ = ["Task", "load_task", "KINDS", "FAMILIES"]
 
 KINDS = ("multiclass", "binary", "regression")
 FAMILIES = ("mlp", "cnn1d")
-_TABULAR_KINDS = ("classification", "binary", "regression")
-# Options each built-in accepts, with their defaults (tabular's path/target have none).
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "digits": {},
-    "mnist1d": {"num_samples": 5000},
-    "moons": {"n_samples": 1000, "noise": 0.2},
-    "spirals": {"n_samples": 1500, "arms": 3, "noise": 0.05},
-    "tabular": {"path": None, "target": None, "kind": None},
-}
 _FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test
 _MAX_CLASS_VALUES = 20  # an integer target with more distinct values is a regression
 
@@ -218,12 +209,16 @@ def _build(name: str, seed: int, options: dict[str, Any]) -> Task:
         return _from_factory(name, seed, options)
     if name not in TASKS:
         raise invalid("task", name, TASKS, hint="Or name a user factory as 'module:function'.")
-    allowed = _OPTIONS[name]
+    allowed = TASK_OPTIONS[name]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         hint = None if allowed else f"{name!r} takes no options."
         raise invalid("options", unknown[0], list(allowed) or "empty", source=f"task {name!r}", hint=hint)
-    options = {**allowed, **options}
+    for key, value in options.items():
+        check = allowed[key].check
+        if check is not None and not check(value):
+            raise invalid(f"options.{key}", value, allowed[key].allowed, source=f"task {name!r}")
+    options = {**{k: o.default for k, o in allowed.items()}, **options}
     builder = {"digits": _digits, "mnist1d": _mnist1d, "moons": _moons, "spirals": _spirals, "tabular": _tabular}
     return builder[name](seed, **options)
 
@@ -274,18 +269,6 @@ def _make(name: str, kind: str, family: str, n_outputs: int, parts: list[np.ndar
     )
 
 
-def _positive_int(task: str, key: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(f"options.{key}", value, f"an integer >= {minimum}", source=f"task {task!r}")
-    return value
-
-
-def _noise(task: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise invalid("options.noise", value, "a number >= 0", source=f"task {task!r}")
-    return float(value)
-
-
 # -- built-in workloads --------------------------------------------------------------
 
 
@@ -318,7 +301,6 @@ def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, ...]:
 def _mnist1d(seed: int, *, num_samples: int) -> Task:
     from sklearn.model_selection import train_test_split
 
-    num_samples = _positive_int("mnist1d", "num_samples", num_samples, 50)
     x, y, x_test, y_test = _mnist1d_arrays(num_samples)
     # Keep the package's own test split (comparable with published figures); carve the
     # validation split out of its training part: 20% of the whole, like the other tasks.
@@ -331,17 +313,14 @@ def _mnist1d(seed: int, *, num_samples: int) -> Task:
 def _moons(seed: int, *, n_samples: int, noise: float) -> Task:
     from sklearn.datasets import make_moons
 
-    n = _positive_int("moons", "n_samples", n_samples, 20)
-    x, y = make_moons(n_samples=n, noise=_noise("moons", noise), random_state=seed)
+    x, y = make_moons(n_samples=n_samples, noise=float(noise), random_state=seed)
     parts = _split(x, y.astype(np.int64), seed, stratify=True)
     parts[:3] = _standardise(*parts[:3])
     return _make("moons", "multiclass", "mlp", 2, parts, defaults_of="moons")
 
 
 def _spirals(seed: int, *, n_samples: int, arms: int, noise: float) -> Task:
-    n = _positive_int("spirals", "n_samples", n_samples, 20)
-    arms = _positive_int("spirals", "arms", arms, 2)
-    noise = _noise("spirals", noise)
+    n, noise = n_samples, float(noise)
     rng = np.random.default_rng(seed)
     per_arm = n // arms
     # Each arm turns 1.5 times around the origin, radius growing with the angle; the arms
@@ -364,8 +343,8 @@ def _tabular(seed: int, *, path: Any, target: Any, kind: Any) -> Task:
         raise invalid("path", path, "a CSV or Parquet file", source=source)
     if not isinstance(target, str):
         raise invalid("target", target, "the name of the column to predict", source=source)
-    if kind is not None and kind not in _TABULAR_KINDS:
-        raise invalid("kind", kind, _TABULAR_KINDS, source=source, hint="Leave it out to detect it from the target.")
+    if kind is not None and kind not in TABULAR_KINDS:
+        raise invalid("kind", kind, TABULAR_KINDS, source=source, hint="Leave it out to detect it from the target.")
     file = Path(path)
     suffix = file.suffix.lower()
     if suffix not in (".csv", ".parquet", ".pq"):

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from hposvc import interrupts, queue, records
-from hposvc.errors import InvalidInputError, invalid
+from hposvc.config import check_population
+from hposvc.errors import InvalidInputError
 from hposvc.records import StudyRun
 from hposvc.storage import load_study, resolve_storage_url, resolve_tracking_uri
 from hposvc.tracking import Tracker, open_tracker
@@ -162,9 +163,7 @@ def population_size(value: int | str | None, *, device: str = "auto", task: "Tas
 
         free, _ = torch.cuda.mem_get_info(dev)
         return max(1, min(GPU_MAX_POPULATION, int(free // GPU_BYTES_PER_MEMBER)))
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise invalid("population", value, "a positive integer or 'auto'")
-    return value
+    return check_population(value)
 
 
 @contextmanager

@@ -88,7 +88,7 @@ def warm_start_configs_from_frame(
 
     >>> warm_start_configs_from_frame(collect_trials(url), spec)  # doctest: +SKIP
     """
-    from hposvc.spec import CONDITIONAL
+    from hposvc.config import CONDITIONAL
 
     contexts = ranked_contexts(df, spec, min_trials=min_trials)
     df = df[df["optimizer"].isin(set(spec.optimizers))]
@@ -139,7 +139,7 @@ def ranked_contexts(df: pd.DataFrame, spec: "StudySpec", *, min_trials: int = 3)
     >>> ranked_contexts(collect_trials(url), spec)  # doctest: +SKIP
     [{'norm': 'batch', 'activation': 'tanh'}, {'norm': 'batch', 'activation': 'relu'}, ...]
     """
-    from hposvc.spec import CONDITIONAL
+    from hposvc.config import CONDITIONAL
 
     names = [
         name
