@@ -180,15 +180,10 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
     """--version: hposvc and the libraries that decide what a study produces."""
     if not value or ctx.resilient_parsing:
         return
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
+    from hposvc.records import versions
 
-    for package in ("hposvc", "torch", "optuna", "mlflow"):
-        try:
-            click.echo(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            click.echo(f"{package} (not installed)")
-    click.echo(f"python {platform.python_version()}")
+    for package, version in versions().items():
+        click.echo(f"{package} {version}")
     ctx.exit()
 
 

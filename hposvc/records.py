@@ -50,6 +50,7 @@ __all__ = [
     "finite_or_none",
     "study_info",
     "trial_config",
+    "versions",
 ]
 
 # -- study attributes
@@ -121,6 +122,7 @@ class StudyInfo:
     metric: str | None
     n_trials: int | None
     parent_run_id: str | None
+    versions: dict[str, str]  # what created it (empty for studies made before hposvc 0.1 recorded it)
 
     @property
     def is_hposvc(self) -> bool:
@@ -140,6 +142,7 @@ def study_info(study: "optuna.Study") -> StudyInfo:
         metric=attrs.get(METRIC),
         n_trials=None if n is None else int(n),
         parent_run_id=attrs.get(PARENT_RUN_ID),
+        versions=attrs.get(VERSIONS) or {},
     )
 
 
@@ -147,6 +150,24 @@ def trial_config(trial: "optuna.trial.FrozenTrial") -> TrialConfig | None:
     """The TrialConfig a trial trained, or None before it started (or not hposvc's)."""
     data = trial.user_attrs.get(CONFIG)
     return None if data is None else TrialConfig.from_dict(data)
+
+
+# Packages whose versions every study records, so a stored result can be reproduced.
+VERSIONED = ("hposvc", "torch", "optuna", "mlflow")
+
+
+def versions() -> dict[str, str]:
+    """The versions of hposvc, the libraries its results depend on, and Python."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return {**found, "python": platform.python_version()}
 
 
 def finite_or_none(value: float) -> float | None:

@@ -109,7 +109,9 @@ def top_k(name: str, k: int = 5, *, storage: str | None = None) -> "pd.DataFrame
 
 
 def studies(*, storage: str | None = None) -> "pd.DataFrame":
-    """One row per study: name, task, metric, direction, target and state counts, best value."""
+    """One row per study: name, task, metric, direction, target and state counts, best
+    value, when it was created and by which hposvc version (all versions: ``hposvc.versions``
+    on the study, see :mod:`hposvc.records`)."""
     import optuna
     import pandas as pd
 
@@ -135,9 +137,10 @@ def studies(*, storage: str | None = None) -> "pd.DataFrame":
                 "waiting": counts["WAITING"],
                 "best_value": None if best is None else best.value,
                 "created": s.datetime_start,
+                "hposvc_version": info.versions.get("hposvc"),
             }
         )
-    columns = ["name", "task", "metric", "direction", "n_trials", "complete", "pruned", "failed", "running", "waiting", "best_value", "created"]
+    columns = ["name", "task", "metric", "direction", "n_trials", "complete", "pruned", "failed", "running", "waiting", "best_value", "created", "hposvc_version"]
     return pd.DataFrame(rows, columns=columns)
 
 

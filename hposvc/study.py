@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from hposvc.config import TrialConfig
     from hposvc.spec import StudySpec
 
-__all__ = ["StudyRun", "WarmStart", "as_spec", "prepare_study", "run_study", "versions"]
+__all__ = ["StudyRun", "WarmStart", "as_spec", "prepare_study", "run_study"]
 
 
 
@@ -35,23 +35,6 @@ class WarmStart(Protocol):
     (from the other studies in its storage)."""
 
     def __call__(self, spec: "StudySpec", *, storage: str) -> "Sequence[TrialConfig]": ...
-
-
-# Packages whose versions every study records, so a stored result can be reproduced.
-VERSIONED = ("hposvc", "torch", "optuna", "mlflow")
-
-
-def versions() -> dict[str, str]:
-    """The versions of hposvc and the libraries its results depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in VERSIONED:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def prepare_study(
@@ -101,7 +84,7 @@ def prepare_study(
             records.STUDY_UID: uuid.uuid4().hex,
             records.TASK: spec.task_key,
             records.METRIC: spec.metric,
-            records.VERSIONS: versions(),
+            records.VERSIONS: records.versions(),
         }.items():
             study.set_user_attr(key, value)
     elif info.spec_hash != spec.spec_hash:

@@ -346,3 +346,14 @@ def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_study_records_the_versions_that_made_it(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    spec = {"study": {"name": "versioned", "task": "moons", "n_trials": 1, "pruner": "none"}, "train": {"epochs": 1}, "space": {"optimizer": "adam"}}
+    hposvc.run_study(spec, data_dir=tmp_path)
+    stored = optuna.load_study(study_name="versioned", storage=f"sqlite:///{tmp_path / 'hposvc.db'}").user_attrs["hposvc.versions"]
+    assert stored["hposvc"] == version("hposvc") and stored["torch"] == version("torch")
+    assert set(stored) == {"hposvc", "torch", "optuna", "mlflow", "python"}
+    assert hposvc.studies(storage=f"sqlite:///{tmp_path / 'hposvc.db'}")["hposvc_version"].tolist() == [version("hposvc")]
