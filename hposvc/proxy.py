@@ -4,7 +4,7 @@ With hundreds of workers, one PostgreSQL connection pool per worker runs the ser
 connections and every worker re-reads the study's trials. Optuna's proxy
 (:func:`optuna.storages.run_grpc_proxy_server`) holds one small pool and one incremental
 trial cache; workers talk to it with :class:`optuna.storages.GrpcStorageProxy`, named in
-hposvc by a ``grpc://host:port`` storage URL.
+hposvc by a ``grpc://host:port`` storage URL (:func:`hposvc.storage.grpc_storage`).
 
 The proxy has no authentication and no TLS: whoever reaches its port can read and change
 every study. So :func:`serve` binds to loopback unless ``allow_remote=True``
@@ -27,22 +27,20 @@ import warnings
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from hposvc.errors import InvalidInputError, StorageError, invalid
+from hposvc.errors import StorageError, invalid
+from hposvc.storage import GRPC_DEFAULT_PORT as DEFAULT_PORT
+from hposvc.storage import import_grpc, open_storage, redact
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "GRPC_SCHEME", "grpc_storage", "is_loopback", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "is_loopback", "serve"]
 
 # Loopback only: the proxy has no authentication (see the module docstring).
 DEFAULT_HOST = "127.0.0.1"
-# Optuna's own default port for the proxy, so plain-Optuna clients find it too.
-DEFAULT_PORT = 13000
-GRPC_SCHEME = "grpc"
 # Request threads of the proxy; each holds at most one database connection while it works,
 # and hposvc's pool (storage.engine_kwargs) has 6, so more threads would only queue.
 DEFAULT_THREADS = 10
-_INSTALL_HINT = "The gRPC storage proxy needs grpcio: pip install 'hposvc[grpc]'."
 
 
 def is_loopback(host: str) -> bool:
@@ -82,14 +80,6 @@ def _check_port_free(host: str, port: int) -> None:
         raise StorageError(f"the storage proxy cannot listen on {host}:{port}: {e.strerror or e}. Pick another port with --port.") from e
 
 
-def _import_grpc() -> None:
-    try:
-        import grpc  # noqa: F401
-        import optuna.storages._grpc.auto_generated.api_pb2_grpc  # noqa: F401  (checks grpcio's version)
-    except (ImportError, RuntimeError) as e:
-        raise InvalidInputError(f"{_INSTALL_HINT} ({e})") from e
-
-
 def serve(
     storage_url: str,
     *,
@@ -110,7 +100,7 @@ def serve(
         # CLI: hposvc storage serve --storage postgresql+psycopg://hposvc@db/hposvc
     """
     # 1) Bad input first, before any connection is made.
-    if urlsplit(storage_url).scheme == GRPC_SCHEME:
+    if urlsplit(storage_url).scheme == "grpc":
         raise invalid(
             "storage", storage_url, "an SQL storage URL such as 'postgresql+psycopg://user@host/db'",
             source="hposvc storage serve", hint="A proxy serves a database, not another proxy.",
@@ -124,12 +114,11 @@ def serve(
         )
     if threads < 1:
         raise invalid("threads", threads, "an int >= 1", source="hposvc storage serve")
-    _import_grpc()
+    import_grpc()
 
     from concurrent.futures import ThreadPoolExecutor
 
     import optuna
-    from hposvc.storage import open_storage, redact
 
     # 2) One storage for every request, wrapped in Optuna's trial cache as its docs advise:
     #    a bare RDBStorage re-reads every trial of the study on each request.
@@ -149,45 +138,3 @@ def serve(
             )
     except RuntimeError as e:  # grpcio: "Failed to bind to address"
         raise StorageError(f"the storage proxy cannot listen on {host}:{port}: {e}. Pick another port with --port.") from e
-
-
-def grpc_storage(url: str, *, ready_timeout: float | None = 30.0) -> "optuna.storages.GrpcStorageProxy":
-    """A :class:`optuna.storages.GrpcStorageProxy` for ``grpc://host[:port]`` (port 13000 by default).
-
-    Waits up to ``ready_timeout`` seconds for the proxy to answer (``None``: do not wait)
-    and raises :class:`StorageError` when it does not, so a worker started before its proxy
-    waits a little and a missing proxy is named rather than failing on the first request.
-
-    Example::
-
-        storage = grpc_storage("grpc://127.0.0.1:13000")
-        optuna.load_study(study_name="quickstart", storage=storage)
-    """
-    allowed = "a URL of the form 'grpc://HOST:PORT', e.g. 'grpc://127.0.0.1:13000'"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:  # a port that is not a number, or out of range
-        raise invalid("storage", url, allowed) from e
-    if parts.scheme != GRPC_SCHEME or not parts.hostname or parts.username or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise invalid("storage", url, allowed)
-    if port == 0:
-        raise invalid("storage", url, allowed)
-    _import_grpc()
-    import optuna
-
-    # An IPv6 address keeps its brackets: the client joins host and port with ':'.
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.GrpcStorageProxy(host=host, port=port or DEFAULT_PORT)
-    if ready_timeout is not None:
-        try:
-            storage.wait_server_ready(timeout=ready_timeout)
-        except ConnectionError as e:
-            storage.close()
-            raise StorageError(
-                f"no storage proxy answered at {url} within {ready_timeout:g} s. "
-                "Start one with `hposvc storage serve --storage URL`, or check the host and port."
-            ) from e
-    return storage

@@ -7,6 +7,12 @@ never both start the "last" trial. A claimed trial carries a heartbeat; a trial 
 heartbeat stops (its worker died) is failed by whichever worker notices and re-queued with
 the same parameters, at most :data:`MAX_RETRY` times, which keeps the count exact too.
 
+The heartbeat is a trial system attribute (``hposvc.heartbeat``, the worker's clock) that
+changes every :data:`HEARTBEAT_INTERVAL` seconds. A :class:`StaleWatch` calls a trial
+stale when it has seen that value unchanged for :data:`GRACE_PERIOD` seconds of its *own*
+clock, so hosts need no synchronised clocks, and it works through every storage, Optuna's
+gRPC proxy included (whose client has no heartbeat API of its own).
+
 Everything here goes through Optuna's public storage API, except the few reads Optuna has
 no public accessor for, kept in the adapter at the bottom of this module (and pinned by
 ``tests/test_queue.py``, which fails when Optuna changes them).
@@ -15,23 +21,53 @@ no public accessor for, kept in the adapter at the bottom of this module (and pi
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import warnings
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from hposvc.records import DONE_STATES, REASON, counts
-from hposvc.storage import HEARTBEAT_INTERVAL, with_retries
+from hposvc.errors import InvalidInputError
+from hposvc.records import DONE_STATES, HEARTBEAT, REASON, counts
+from hposvc.storage import with_retries
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-__all__ = ["MAX_RETRY", "backend_of", "claim", "fail_stale", "grid_exhausted", "heartbeat", "requeue", "storage_of", "tell_fail", "top_up", "trial_id"]
+__all__ = [
+    "GRACE_PERIOD",
+    "HEARTBEAT_INTERVAL",
+    "MAX_RETRY",
+    "StaleWatch",
+    "backend_of",
+    "claim",
+    "grid_exhausted",
+    "heartbeat",
+    "requeue",
+    "storage_of",
+    "tell_fail",
+    "top_up",
+    "trial_id",
+]
 
 log = logging.getLogger(__name__)
 
+
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise InvalidInputError(f"the {name!r} environment variable must be a whole number of seconds >= 1. Got {value!r} instead.")
+    return int(value)
+
+
+# Workers record a heartbeat for their running trials this often (seconds).
+HEARTBEAT_INTERVAL = _env_seconds("HPOSVC_HEARTBEAT_INTERVAL", 10)
+# A trial whose heartbeat has not changed for this long is failed and retried by whoever
+# notices. Long enough to outlast a database restart or a busy SQLite writer, so a live
+# trial is not failed while its heartbeat waits.
+GRACE_PERIOD = _env_seconds("HPOSVC_GRACE_PERIOD", max(6 * HEARTBEAT_INTERVAL, 60))
 # A trial killed with its worker is retried this many times with the same parameters.
 MAX_RETRY = 2
 
@@ -76,8 +112,12 @@ def claim(study: "optuna.Study") -> "optuna.Trial | None":
     trial_id = with_retries(pop, what="claiming a trial")
     if trial_id is None:
         return None
-    with_retries(lambda: storage.record_heartbeat(trial_id), what="recording a heartbeat")
+    with_retries(lambda: _beat(storage, trial_id), what="recording a heartbeat")
     return optuna.Trial(study, trial_id)
+
+
+def _beat(storage: "optuna.storages.BaseStorage", trial_id: int) -> None:
+    storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
 
 
 def requeue(study: "optuna.Study", trial: "FrozenTrial") -> bool:
@@ -92,7 +132,7 @@ def requeue(study: "optuna.Study", trial: "FrozenTrial") -> bool:
     if len(history) > MAX_RETRY:
         log.warning("trial %s failed %d times; not retrying it again", trial.number, len(history))
         return False
-    system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in ("failed_trial", "retry_history")}
+    system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in ("failed_trial", "retry_history", HEARTBEAT)}
     system_attrs.update({"failed_trial": history[0], "retry_history": history})
     with_retries(
         lambda: study.add_trial(create_trial(state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, system_attrs=system_attrs)),
@@ -112,30 +152,64 @@ def tell_fail(study: "optuna.Study", trial: "optuna.Trial", reason: str) -> None
         log.warning("could not mark trial %s failed: %s", trial.number, e)
 
 
-def fail_stale(study: "optuna.Study", *, on_stale: "Callable[[FrozenTrial], None] | None" = None) -> list[int]:
-    """Fail the trials whose heartbeat stopped, re-queue them, and call ``on_stale`` for each.
+class StaleWatch:
+    """Finds the trials of dead workers: RUNNING trials whose heartbeat value has not
+    changed for ``grace`` seconds of this process's clock.
 
-    What ``optuna.storages.fail_stale_trials`` does, with the callback passed here rather
-    than fixed when the storage was opened: the worker that notices hands in its own
-    tracker, so the dead trial's MLflow run is closed under the right study. Of several
-    workers noticing at once, only the one whose FAIL transition wins acts on a trial.
+    One per worker loop: it remembers each heartbeat value it saw and since when. A trial
+    that never had a heartbeat (one a plain Optuna process runs) is never stale.
     """
-    import optuna
 
-    storage, study_id = _storage(study), _study_id(study)
-    failed: list[int] = []
-    for trial_id in with_retries(lambda: _stale_trial_ids(storage, study_id), what="finding stale trials"):
-        try:
-            if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
-                failed.append(trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker failed it first
-    for trial_id in failed:
-        frozen = storage.get_trial(trial_id)
-        if on_stale is not None:
-            on_stale(frozen)
-        requeue(study, frozen)
-    return failed
+    def __init__(self, grace: float = GRACE_PERIOD) -> None:
+        self.grace = grace
+        self._seen: dict[int, tuple[float, float]] = {}  # trial id -> (heartbeat, first seen)
+
+    def stale(self, study: "optuna.Study") -> "list[FrozenTrial]":
+        """The RUNNING trials of ``study`` whose heartbeat stopped."""
+        import optuna
+
+        now = time.monotonic()
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        seen: dict[int, tuple[float, float]] = {}
+        found = []
+        for t in running:
+            value = t.system_attrs.get(HEARTBEAT)
+            if value is None:
+                continue
+            tid = _trial_id(t)
+            last, since = self._seen.get(tid, (value, now))
+            if last != value:
+                since = now  # it beat since we last looked
+            seen[tid] = (value, since)
+            if now - since >= self.grace:
+                found.append(t)
+        self._seen = seen
+        return found
+
+    def fail_stale(self, study: "optuna.Study", *, on_stale: "Callable[[FrozenTrial], None] | None" = None) -> list[int]:
+        """Fail the trials whose heartbeat stopped, re-queue them, and call ``on_stale`` for each.
+
+        What ``optuna.storages.fail_stale_trials`` does for Optuna's own heartbeat, with
+        the callback passed here: the worker that notices hands in its own tracker, so the
+        dead trial's MLflow run is closed under the right study. Of several workers
+        noticing at once, only the one whose FAIL transition wins acts on a trial.
+        """
+        import optuna
+
+        storage = _storage(study)
+        failed: list[int] = []
+        for t in with_retries(lambda: self.stale(study), what="finding stale trials"):
+            try:
+                if storage.set_trial_state_values(_trial_id(t), state=optuna.trial.TrialState.FAIL):
+                    failed.append(_trial_id(t))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker failed it first, or its own worker finished it
+        for tid in failed:
+            frozen = storage.get_trial(tid)
+            if on_stale is not None:
+                on_stale(frozen)
+            requeue(study, frozen)
+        return failed
 
 
 def grid_exhausted(study: "optuna.Study") -> bool:
@@ -159,12 +233,12 @@ def heartbeat(trials: "Sequence[optuna.Trial]") -> Iterator[None]:
         while not stop.wait(HEARTBEAT_INTERVAL):
             for storage, trial_id in beats:
                 try:
-                    storage.record_heartbeat(trial_id)
+                    _beat(storage, trial_id)
                 except Exception as e:  # noqa: BLE001 (a missed beat is retried next interval)
                     log.warning("heartbeat for trial %s failed: %s", trial_id, e)
 
     for storage, trial_id in beats:
-        with_retries(lambda: storage.record_heartbeat(trial_id), what="recording a heartbeat")
+        with_retries(lambda: _beat(storage, trial_id), what="recording a heartbeat")
     thread = threading.Thread(target=beat, name="hposvc-heartbeat", daemon=True)
     thread.start()
     try:
@@ -186,8 +260,7 @@ def storage_of(study: "optuna.Study") -> "optuna.storages.BaseStorage":
 
 # -- the adapter: the only reads of Optuna's private names in hposvc ------------------
 # Optuna has no public accessor for a study's storage and id, a trial's storage id, or the
-# RDBStorage inside its trial cache, and none for the stale-trial query that
-# ``fail_stale_trials`` makes. tests/test_queue.py
+# RDBStorage inside its trial cache. tests/test_queue.py
 # checks each against what the public API says, so an Optuna upgrade that moves them fails
 # there, not in a worker.
 
@@ -202,12 +275,6 @@ def _study_id(study: "optuna.Study") -> int:
 
 def _trial_id(trial: "optuna.Trial | FrozenTrial") -> int:
     return trial._trial_id  # noqa: SLF001
-
-
-def _stale_trial_ids(storage: "optuna.storages.BaseStorage", study_id: int) -> list[int]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "experimental" since Optuna 2.9; it is the API
-        return storage._get_stale_trial_ids(study_id)  # noqa: SLF001
 
 
 def backend_of(storage: "optuna.storages.BaseStorage") -> "optuna.storages.BaseStorage":

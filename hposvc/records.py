@@ -26,8 +26,9 @@ key                           on       value
 ``hposvc.probe.*``            trial    probes (:mod:`hposvc.probes`)
 ============================  =======  ==========================================================
 
-Re-queued trials also carry Optuna's own ``failed_trial`` / ``retry_history`` system
-attributes, as Optuna's ``RetryFailedTrialCallback`` writes them.
+Trial *system* attributes: ``hposvc.heartbeat`` (the claiming worker's clock, rewritten
+every few seconds while the trial runs: :mod:`hposvc.queue`), and on re-queued trials
+Optuna's own ``failed_trial`` / ``retry_history``, as ``RetryFailedTrialCallback`` writes them.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ PARENT_RUN_ID = "hposvc.mlflow_parent_run_id"
 WARM_STARTED = "hposvc.warm_started"
 VERSIONS = "hposvc.versions"
 # -- trial attributes
+HEARTBEAT = "hposvc.heartbeat"  # a system attribute: hposvc.queue's liveness signal
 CONFIG = "hposvc.config"
 DEVICE = "hposvc.device"
 HOST = "hposvc.host"

@@ -22,8 +22,10 @@ import functools
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from urllib.parse import urlsplit
 
 from hposvc.errors import InvalidInputError, StorageError
 
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_DATA_DIR",
-    "HEARTBEAT_INTERVAL",
     "artifact_location",
+    "grpc_storage",
     "load_study",
     "open_storage",
     "redact",
@@ -46,19 +48,11 @@ __all__ = [
 DEFAULT_DATA_DIR = "hposvc-data"
 
 
-def _env_seconds(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    if not value.strip().isdigit() or int(value) < 1:
-        raise InvalidInputError(f"the {name!r} environment variable must be a whole number of seconds >= 1. Got {value!r} instead.")
-    return int(value)
-
-
-# Workers record a heartbeat for their running trial this often (seconds); a trial whose
-# heartbeat is older than the grace period is failed and retried by whoever notices.
-HEARTBEAT_INTERVAL = _env_seconds("HPOSVC_HEARTBEAT_INTERVAL", 10)
-# Long enough to outlast a database restart or a busy SQLite writer, so a live trial is
-# not failed while its heartbeat waits.
-GRACE_PERIOD = _env_seconds("HPOSVC_GRACE_PERIOD", max(6 * HEARTBEAT_INTERVAL, 60))
+# Optuna's own default port for its storage proxy, so plain-Optuna clients find it too.
+GRPC_DEFAULT_PORT = 13000
+# How long a worker waits for its storage proxy to answer (seconds): one started together
+# with its proxy (a Kubernetes pod, docker compose) waits instead of failing.
+GRPC_READY_TIMEOUT = 30.0
 # SQLite waits this long (seconds) for a competing writer before "database is locked".
 SQLITE_BUSY_TIMEOUT = 120
 
@@ -74,7 +68,8 @@ def resolve_storage_url(storage: str | None = None, *, data_dir: str | os.PathLi
     """The study database URL; see the module docstring for the order."""
     url = storage or os.environ.get("HPOSVC_STORAGE")
     if url:
-        _check_url(url, "storage", "--storage / HPOSVC_STORAGE")
+        if not url.startswith("grpc://"):
+            _check_url(url, "storage", "--storage / HPOSVC_STORAGE")
         return url
     return f"sqlite:///{resolve_data_dir(data_dir) / 'hposvc.db'}"
 
@@ -167,14 +162,16 @@ def _is_connection_error(e: BaseException) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def open_storage(url: str) -> "optuna.storages.RDBStorage":
-    """Open (and create if needed) the Optuna RDB storage at ``url``.
+def open_storage(url: str) -> "optuna.storages.BaseStorage":
+    """Open (and create if needed) the Optuna storage at ``url``: an RDB storage for an
+    SQLAlchemy URL, a proxy client for ``grpc://``.
 
     One storage object per URL and process: creating it checks the schema version, which is
-    too slow to repeat per trial. Heartbeats are configured (:data:`HEARTBEAT_INTERVAL`,
-    :data:`GRACE_PERIOD`) but no stale-trial callback: the worker that fails a dead
-    worker's trials re-queues them itself (:func:`hposvc.queue.fail_stale`).
+    too slow to repeat per trial. ``grpc://host:port`` opens a client of Optuna's storage
+    proxy (:func:`grpc_storage`; serve one with ``hposvc storage serve``).
     """
+    if url.startswith("grpc://"):
+        return grpc_storage(url)
     import optuna
     from sqlalchemy import event
 
@@ -188,13 +185,7 @@ def open_storage(url: str) -> "optuna.storages.RDBStorage":
             con.execute("PRAGMA journal_mode=WAL")
 
     def create() -> optuna.storages.RDBStorage:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable API, old label
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs(url), heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD
-            )
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
 
     try:
         storage = with_retries(create, what=f"opening the study storage {redact(url)}")
@@ -241,3 +232,54 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 (only used in messages)
         return url
+
+
+def import_grpc() -> None:
+    """Import grpcio (and check Optuna can use it), or say how to install it."""
+    try:
+        import grpc  # noqa: F401
+        import optuna.storages._grpc.auto_generated.api_pb2_grpc  # noqa: F401  (checks grpcio's version)
+    except (ImportError, RuntimeError) as e:
+        raise InvalidInputError(f"the gRPC storage proxy needs grpcio: pip install 'hposvc[grpc]' ({e})") from e
+
+
+def grpc_storage(url: str, *, ready_timeout: float | None = GRPC_READY_TIMEOUT) -> "optuna.storages.GrpcStorageProxy":
+    """A :class:`optuna.storages.GrpcStorageProxy` for ``grpc://host[:port]`` (port 13000 by default).
+
+    Waits up to ``ready_timeout`` seconds for the proxy to answer (``None``: do not wait)
+    and raises :class:`StorageError` when it does not, so a worker started before its proxy
+    waits a little and a missing proxy is named rather than failing on the first request.
+
+    Example::
+
+        storage = grpc_storage("grpc://127.0.0.1:13000")
+        optuna.load_study(study_name="quickstart", storage=storage)
+    """
+    allowed = "a URL of the form 'grpc://HOST:PORT', e.g. 'grpc://127.0.0.1:13000'"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:  # a port that is not a number, or out of range
+        raise invalid("storage", url, allowed) from e
+    if parts.scheme != "grpc" or not parts.hostname or parts.username or parts.password or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise invalid("storage", url, allowed)
+    if port == 0:
+        raise invalid("storage", url, allowed)
+    import_grpc()
+    import optuna
+
+    # An IPv6 address keeps its brackets: the client joins host and port with ':'.
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.GrpcStorageProxy(host=host, port=port or GRPC_DEFAULT_PORT)
+    if ready_timeout is not None:
+        try:
+            storage.wait_server_ready(timeout=ready_timeout)
+        except ConnectionError as e:
+            storage.close()
+            raise StorageError(
+                f"no storage proxy answered at {url} within {ready_timeout:g} s. "
+                "Start one with `hposvc storage serve --storage URL`, or check the host and port."
+            ) from e
+    return storage

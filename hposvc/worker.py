@@ -105,6 +105,7 @@ def run_worker(
 
     started = time.monotonic()
     ran = 0
+    watch = queue.StaleWatch()
     drain = threading.Event()
     with interrupts.signals_raise(drain), Progress(study, n_trials, enabled=progress) as bar, _draining(tracker):
         while (max_trials is None or ran < max_trials) and not drain.is_set():
@@ -125,7 +126,7 @@ def run_worker(
                     queue.tell_fail(study, t, "interrupted before training started")
                 raise
             if not claimed:
-                queue.fail_stale(study, on_stale=tracker.close_stale_trial)
+                watch.fail_stale(study, on_stale=tracker.close_stale_trial)
                 c = records.counts(study)
                 if c["WAITING"] == 0 and (c["RUNNING"] == 0 or c.done >= n_trials):
                     break

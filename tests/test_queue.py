@@ -47,28 +47,42 @@ def test_adapter_agrees_with_the_public_api(storage_url: str) -> None:
     assert queue.trial_id(trial) == storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
     frozen = study.trials[trial.number]
     assert queue.trial_id(frozen) == queue.trial_id(trial)
-    assert isinstance(queue.backend_of(storage), optuna.storages.RDBStorage)
-    assert queue._stale_trial_ids(storage, study_id) == []  # noqa: SLF001  (its heartbeat is fresh)
+    backend = queue.backend_of(storage)
+    if not storage_url.startswith("grpc://"):
+        assert isinstance(backend, optuna.storages.RDBStorage)
 
 
-def test_stale_trials_are_failed_once_and_retried_with_their_parameters(sqlite_url: str) -> None:
-    # A storage with a 1 s grace period, as a worker's would be with HPOSVC_GRACE_PERIOD=1.
-    storage = optuna.storages.RDBStorage(sqlite_url, heartbeat_interval=1, grace_period=1)
-    study = optuna.create_study(study_name="stale", storage=storage)
-    queue.top_up(study, 1)
-    dead = queue.claim(study)
+def test_stale_trials_are_failed_once_and_retried_with_their_parameters(storage_url: str) -> None:
+    study = _study(storage_url, "stale")
+    queue.top_up(study, 2)
+    dead, alive = queue.claim(study), queue.claim(study)
     dead.suggest_float("lr", 1e-4, 1.0, log=True)
     lr = dead.params["lr"]
-    time.sleep(2.5)  # the claim's heartbeat is now older than the grace period
-
+    watch = queue.StaleWatch(grace=1.0)
     closed: list[int] = []
-    assert len(queue.fail_stale(study, on_stale=lambda t: closed.append(t.number))) == 1
-    assert queue.fail_stale(study, on_stale=lambda t: closed.append(t.number)) == []  # only once
+    assert watch.fail_stale(study, on_stale=lambda t: closed.append(t.number)) == []  # first sight: not stale yet
+    with queue.heartbeat([alive]):  # beats every HEARTBEAT_INTERVAL; the dead one never again
+        time.sleep(0.5)
+        queue._beat(queue.storage_of(study), queue.trial_id(alive))  # noqa: SLF001 (a beat, now)
+        time.sleep(0.8)
+        assert len(watch.fail_stale(study, on_stale=lambda t: closed.append(t.number))) == 1
+        assert watch.fail_stale(study, on_stale=lambda t: closed.append(t.number)) == []  # only once
     assert closed == [dead.number]
-    states = [t.state for t in study.trials]
-    assert states == [TrialState.FAIL, TrialState.WAITING]
-    retry = study.trials[1]
+    states = {t.number: t.state for t in study.trials}
+    assert states == {dead.number: TrialState.FAIL, alive.number: TrialState.RUNNING, 2: TrialState.WAITING}
+    retry = study.trials[2]
     assert retry.params == {"lr": lr} and retry.system_attrs["failed_trial"] == dead.number
+    assert records.HEARTBEAT not in retry.system_attrs  # the retry starts without the dead one's beat
+
+
+def test_a_trial_without_a_heartbeat_is_never_stale(sqlite_url: str) -> None:
+    # A RUNNING trial of a plain Optuna process (no hposvc heartbeat) is not hposvc's to fail.
+    study = _study(sqlite_url, "plain")
+    study.ask()
+    watch = queue.StaleWatch(grace=0.1)
+    watch.stale(study)
+    time.sleep(0.2)
+    assert watch.fail_stale(study) == [] and study.trials[0].state == TrialState.RUNNING
 
 
 def test_retries_stop_after_max_retry(sqlite_url: str) -> None:
