@@ -21,8 +21,8 @@ from hposvc.recommendation import (
     expected_max,
     expected_max_curve,
     expected_max_weights,
+    anchored,
     load_recommendation,
-    normalise,
     performance_profile,
     profile_area,
     recommend,
@@ -50,16 +50,18 @@ def test_expected_max_equals_brute_force_over_all_subsets(N: int) -> None:
     assert curve[0] == pytest.approx(values.mean())  # n = 1 is the untuned mean
 
 
-def test_expected_max_is_stable_for_large_n_and_extrapolates_beyond_n() -> None:
+def test_expected_max_is_stable_for_large_n_and_refuses_more_trials_than_ran() -> None:
     values = np.random.default_rng(0).uniform(size=2000)
     curve = expected_max_curve(values)
     assert np.all(np.isfinite(curve)) and np.all(np.diff(curve) >= -1e-12)
-    assert curve[-1] == pytest.approx(values.max())
+    assert curve[-1] == pytest.approx(values.max()) and len(curve) == 2000  # k = 1 … N, never beyond
     w = expected_max_weights(2000, 1000)
     assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
-    # n > N: with-replacement estimate, between the n = N value and the maximum.
-    small = np.array([0.1, 0.5, 0.9])
-    assert expected_max(small, 5) == pytest.approx(0.9 * (1 - (2 / 3) ** 5) + 0.5 * ((2 / 3) ** 5 - (1 / 3) ** 5) + 0.1 * (1 / 3) ** 5)
+    # k > N: no unbiased estimate exists, and none is made up.
+    with pytest.raises(InvalidInputError, match=r"the 'k' parameter must be at most 3, the number of trials that ran\. Got 5"):
+        expected_max([0.1, 0.5, 0.9], 5)
+    with pytest.raises(InvalidInputError, match="at most 3"):
+        expected_max_weights(3, 4)
 
 
 # -- normalisation and performance profiles ---------------------------------------------
@@ -98,10 +100,13 @@ def test_profile_area_matches_hand_computed_values_and_dominated_scores_lower() 
     np.testing.assert_allclose(numeric, area.to_numpy(), atol=1e-4)
 
 
-def test_normalise_worst_best_and_reference() -> None:
-    scores = np.array([[0.8, 0.9, 0.7, np.nan], [0.5, 0.5, 0.5, 0.5]])
-    np.testing.assert_allclose(normalise(scores), [[0.5, 1.0, 0.0, np.nan], [1.0, 1.0, 1.0, 1.0]])
-    np.testing.assert_allclose(normalise(scores, reference=0), [[0.0, 0.5, -0.5, np.nan], [0.0, 0.0, 0.0, 0.0]])
+def test_anchored_scores_use_fixed_floor_and_best_known() -> None:
+    # Task 1: floor 0.5 (e.g. chance), best known 0.9; task 2: floor 0.1, best 0.3.
+    scores = np.array([[0.8, 0.9, 0.5, np.nan], [0.2, 0.3, 0.1, 0.0]])
+    out = anchored(scores, floor=np.array([0.5, 0.1]), best=np.array([0.9, 0.3]))
+    np.testing.assert_allclose(out, [[0.75, 1.0, 0.0, np.nan], [0.5, 1.0, 0.0, -0.5]])
+    # Removing an optimizer moves nobody else's score (unlike worst-to-best scaling).
+    np.testing.assert_allclose(anchored(scores[:, :2], np.array([0.5, 0.1]), np.array([0.9, 0.3])), out[:, :2])
 
 
 # -- recommendations from constructed trial sets ----------------------------------------

@@ -2,16 +2,20 @@
 
 Which optimizer should a user reach for by default, with which numbers, how sure is
 that, and how does the answer change with the tuning budget, the norm type and the
-activation? :func:`recommend` reads finished trials from Optuna storage, computes
-budget curves, normalised scores, performance profiles, ranks with a Friedman test and
-bootstrap uncertainty, stores the result in an ``hposvc_recommendations`` table beside
-Optuna's and logs it to MLflow.
+activation? :func:`recommend` reads finished trials from Optuna storage and ranks the
+optimizers measured on every task of a complete block, on a per-task anchored scale
+(0 = a fixed floor, 1 = the best known result), at a tuning budget k ≤ the trials that
+ran. It names a ``best`` optimizer only when a two-level bootstrap (tasks, then trials)
+with Holm-corrected comparisons tells the top apart from every other one; otherwise
+``tied`` lists the indistinguishable ones and the summary says "No detectable difference
+among …". It stores the result in an ``hposvc_recommendations`` table beside Optuna's
+and logs it to MLflow.
 
 >>> rec = recommend(storage="sqlite:///hposvc-data/hposvc.db", budget=10)  # doctest: +SKIP
->>> rec.best, rec.config.lr                                                 # doctest: +SKIP
-('adam', 0.0012)
+>>> rec.best, rec.tied                                                      # doctest: +SKIP
+(None, ['adam', 'nadam', 'rmsprop'])
 >>> print(rec.summary)                                                      # doctest: +SKIP
-Use adam by default (lr=0.0012, beta1=0.9, ...): at a budget of 10 trials ...
+No detectable difference among adam, nadam, rmsprop at a budget of 10 trials over 8 tasks ...
 """
 
 from __future__ import annotations
@@ -34,11 +38,16 @@ from hposvc.recommendation._core import (
 from hposvc.recommendation._data import collect_trials, open_storage
 from hposvc.recommendation._stats import (
     R_MAX,
+    anchored,
     average_ranks,
+    compare_with_top,
+    complete_matrix,
     expected_max,
     expected_max_curve,
     expected_max_weights,
     friedman,
+    hierarchical_bootstrap,
+    noise_ranks,
     normalise,
     performance_profile,
     profile_area,
@@ -61,14 +70,19 @@ __all__ = [
     "R_MAX",
     "SCHEMA_VERSION",
     "Recommendation",
+    "anchored",
     "average_ranks",
     "collect_trials",
+    "compare_with_top",
+    "complete_matrix",
     "expected_max",
     "expected_max_curve",
     "expected_max_weights",
     "friedman",
+    "hierarchical_bootstrap",
     "load_recommendation",
     "log_recommendation",
+    "noise_ranks",
     "normalise",
     "performance_profile",
     "profile_area",
@@ -104,11 +118,14 @@ def recommend(
         storage: SQLAlchemy URL, optuna storage or study; default $HPOSVC_STORAGE, else
             ``<data dir>/hposvc.db`` (resolved by :mod:`hposvc.storage`, as everywhere).
         studies / tasks: restrict to these study names / task keys (all when None).
-        budget: number of random trials the user will tune with (n = 1 is "untuned");
-            default :data:`DEFAULT_BUDGET`, lowered to the typical trials per optimizer.
+        budget: number of random trials the user will tune with; a (task, optimizer)
+            pair with fewer search trials is not ranked. Default :data:`DEFAULT_BUDGET`,
+            lowered to half the fewest trials of a pair in the complete block.
         by: "norm" or "activation": also rank within each norm type / activation family.
-        reference: score optimizers relative to this one instead of worst/best.
-        n_bootstrap: bootstrap resamples for CIs and P(best) (0 skips them).
+        reference: the optimizer whose default runs (else its budget score) are each
+            task's floor (0), instead of the frame's ``floor`` or the median trial.
+        n_bootstrap: bootstrap resamples for the intervals, P(best) and the comparisons
+            with the top (0 skips them, and then no optimizer is named best).
         seed: seed of the bootstrap.
         min_trials: fewer finished trials than this on a task is "insufficient data".
         store: save the result in the ``hposvc_recommendations`` table of ``storage``

@@ -2,22 +2,29 @@
 
 The steps, per task w (a workload plus its fixed settings) and optimizer s:
 
-1. budget score: the expected best score of ``budget`` random trials of s on w;
-2. normalised score: 0 for w's worst optimizer, 1 for its best (or relative to a
-   reference optimizer), averaged over tasks into the aggregate score;
-3. Dolan–Moré performance profile of the costs and its area score;
-4. average ranks and a Friedman test;
-5. a two-level bootstrap (tasks, then trials within each task and optimizer) for a CI
-   on the aggregate score and P(s is best);
-6. recommended numbers from each optimizer's best trials;
-7. optionally the same ranking within each norm type or activation family.
+1. anchors per task: 0 = a fixed floor (the ``floor`` column, e.g. chance level; or
+   the reference optimizer at its defaults), 1 = the best result known on the task;
+   the task's seed noise from configurations that ran more than once;
+2. budget score: the expected best of ``budget`` random-search trials of s on w
+   (k ≤ N only), on the anchored scale; runs marked ``at_defaults`` are kept apart and
+   reported as the one-shot default point;
+3. the complete task × optimizer block: only optimizers measured on every task of it
+   are ranked; the others are reported separately;
+4. ranks with ties inside the seed noise, and a Friedman test on the block;
+5. a two-level bootstrap (tasks, then trials) and a step-down test of the top
+   optimizer against every other (its last step: the interval of top − runner-up):
+   ``best`` only when all of them reject, else ``tied`` and "No detectable difference
+   among …"; Holm-corrected Wilcoxon tests against the top follow Friedman;
+6. performance profiles on epochs to a per-task target, where per-epoch data exists;
+7. recommended numbers: the lr (and β/μ where searched) cell of a shared grid that is
+   best on average across tasks, with its leave-one-task-out regret;
+8. optionally the same ranking within each norm type or activation family.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import math
 import time
 from collections.abc import Sequence
@@ -33,17 +40,26 @@ from hposvc.recommendation import _stats
 
 __all__ = ["ACTIVATION_FAMILIES", "BY_CHOICES", "DEFAULT_BUDGET", "Recommendation", "recommend_from_frame"]
 
-# Budget used when none is given: a light tuning run. Lowered to the median number of
-# trials an optimizer has per task so the default rests on measured data, not extrapolation.
+# Budget used when none is given: a light tuning run. Lowered to half the fewest trials
+# an optimizer has on a task of the complete block: the best of k of N trials is an
+# average over many subsets only when k is well below N (at k = N it is the single
+# observed maximum, whose bootstrap is degenerate), and k > N is never estimated.
 DEFAULT_BUDGET = 10
-# Optimizer hyper-parameters whose medians are taken in log space (they are searched on a
-# log scale, so the geometric middle is the typical value).
+# Epochs-to-target: a task's target is this far from its floor to its best known result.
+TARGET_FRACTION = 0.9
+# Hyper-parameters searched on a shared grid for the recommended numbers; lr on log10,
+# the decays on log10(1 − x), both in half-decades unless the runs share a finer grid.
+GRID_PARAMS = ("lr", "momentum", "beta1", "beta2", "rho")
+HALF_DECADES = 2  # grid points per decade when the runs share no grid
+# Hyper-parameters whose typical value is taken in log space (searched on a log scale).
 LOG_PARAMS = ("lr", "eps")
 # Decay rates close to 1 are rounded on 1 − x, to 2 significant digits (0.99937 becomes
 # 0.9994 and 0.9011 becomes 0.901, never 1.0); everything else to 3 significant digits.
 DECAY_PARAMS = ("momentum", "beta1", "beta2", "rho")
 SIGNIFICANT_DIGITS = 3
 DECAY_DIGITS = 2
+# Keys of Recommendation.numbers[opt] that describe the numbers rather than being one.
+NUMBER_META = ("grid", "grid_tasks", "loto_regret")
 # Activation families for `by="activation"`: pooling similar activations keeps enough
 # trials per context to rank optimizers at all.
 ACTIVATION_FAMILIES: dict[str, str] = {
@@ -60,19 +76,30 @@ BY_CHOICES = ("norm", "activation")
 # Grid on which profiles are kept in the result (the plots use a finer one).
 PROFILE_TAUS = np.round(np.linspace(1.0, _stats.R_MAX, 61), 6)
 
+# Table statuses: ranked on the complete block; measured but not on all of its tasks;
+# enough trials but no second optimizer to rank against; too few trials anywhere.
+OK, INCOMPLETE, NO_COMPARISON, INSUFFICIENT = "ok", "incomplete", "no comparison", "insufficient data"
+
 TABLE_COLUMNS = (
     "optimizer",
+    "status",
     "score",
     "ci_low",
     "ci_high",
     "p_best",
-    "profile_area",
+    "diff_to_top",
+    "diff_low",
+    "diff_high",
+    "p_adj",
+    "p_wilcoxon_holm",
+    "tied",
     "rank",
+    "profile_area",
+    "default_score",
+    "partial_score",
     "n_tasks",
     "n_trials",
     "insufficient_tasks",
-    "extrapolated_tasks",
-    "status",
 )
 NUMBER_COLUMNS = (*OPTIMIZER_PARAMS, "schedule", "warmup")
 
@@ -81,26 +108,42 @@ NUMBER_COLUMNS = (*OPTIMIZER_PARAMS, "schedule", "warmup")
 class Recommendation:
     """Which optimizer to use by default, with which numbers, and how sure that is.
 
-    ``table`` has one row per optimizer (best first): optimizer, score (mean normalised
-    score at the budget) with its bootstrap CI (ci_low, ci_high), p_best, profile_area,
-    rank (average over tasks, 1 = best), n_tasks, n_trials, insufficient_tasks,
-    extrapolated_tasks, status, and the recommended numbers (lr, momentum, …, schedule).
+    ``best`` names an optimizer only when the data can tell it apart from every other
+    ranked one; otherwise it is None and ``tied`` lists the optimizers that cannot be
+    told apart from the top ("No detectable difference among …" in ``summary``).
+
+    ``table`` has one row per optimizer, the ranked ones first (best first): status
+    ("ok" = ranked on the complete block of tasks, "incomplete" = measured on only some
+    of them, reported with ``partial_score`` over its own tasks but never ranked, "no
+    comparison", "insufficient data"); score (mean anchored expected best at the budget
+    over the block's tasks; 0 = the task's floor, 1 = its best known result) with its
+    bootstrap interval (ci_low, ci_high) and p_best; the top minus this optimizer
+    (diff_to_top) with the interval that decides it (diff_low, diff_high) and the
+    step-down adjusted p (p_adj) of the bootstrap comparison, and ``tied`` (p_adj > α);
+    the Holm-corrected Wilcoxon test against the top over tasks (p_wilcoxon_holm); rank (average over tasks, ties within seed noise);
+    profile_area (epochs to target, where per-epoch data exists); default_score (the
+    one-shot defaults' mean over seeds, same scale, where default runs exist); n_tasks,
+    n_trials, insufficient_tasks; and the recommended numbers (lr, momentum, …, schedule).
     """
 
-    best: str | None  # None when the data cannot rank any optimizer
+    best: str | None  # None unless the top is detectably better than every other ranked one
     config: TrialConfig | None  # the best optimizer with its recommended numbers
-    numbers: dict[str, dict[str, Any]]  # optimizer -> recommended hyper-parameters
-    budget: int  # number of random trials the scores assume
+    numbers: dict[str, dict[str, Any]]  # optimizer -> recommended hyper-parameters (+ grid, loto_regret)
+    budget: int  # number of random trials the scores assume (≤ the trials of every ranked cell)
     table: pd.DataFrame
-    budget_curves: pd.DataFrame  # long form: task, optimizer, metric, direction, n, expected_best
+    budget_curves: pd.DataFrame  # long form: task, optimizer, metric, direction, n, expected_best (n ≤ N)
     task_scores: pd.DataFrame  # long form: one row per task and optimizer
-    profiles: pd.DataFrame  # long form: optimizer, tau, rho
-    bootstrap_scores: pd.DataFrame  # resample × optimizer aggregate scores
+    profiles: pd.DataFrame  # long form: optimizer, tau, rho (empty without per-epoch data)
+    bootstrap_scores: pd.DataFrame  # resample × optimizer aggregate scores (ranked optimizers)
     friedman: dict[str, Any]  # statistic, p, n_tasks, optimizers, reason
     by: pd.DataFrame  # context tables in long form (empty when by is None)
     by_key: str | None  # "norm" | "activation" | None
     summary: str  # the one-line recommendation
     settings: dict[str, Any]  # the arguments it was computed with
+    tied: list[str] = field(default_factory=list)  # indistinguishable from the top (top first); [] when best is set
+    decision: dict[str, Any] = field(default_factory=dict)  # top, runner_up, difference and interval, alpha, n_tasks
+    defaults: pd.DataFrame = field(default_factory=pd.DataFrame)  # one-shot default runs: task, optimizer, n_runs, mean, sd, score
+    anchors: pd.DataFrame = field(default_factory=pd.DataFrame)  # per task: metric, floor, best, floor_source, noise, target
     studies: list[str] = field(default_factory=list)  # studies the trials came from
     n_trials: int = 0  # finished trials used
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
@@ -110,9 +153,9 @@ class Recommendation:
 
     @property
     def insufficient(self) -> pd.DataFrame:
-        """Task/optimizer pairs with fewer than ``min_trials`` finished trials."""
+        """Task/optimizer pairs with fewer than ``max(min_trials, budget)`` search trials."""
         ts = self.task_scores
-        return ts.loc[ts["status"] == "insufficient data", ["task", "optimizer", "n_trials"]].reset_index(drop=True)
+        return ts.loc[ts["status"] == INSUFFICIENT, ["task", "optimizer", "n_trials"]].reset_index(drop=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON-safe Python (NaN becomes None).
@@ -133,10 +176,12 @@ class Recommendation:
                     }
                 )
         out = {
-            "schema": 1,
+            "schema": 2,  # 2: anchored scores, complete-block ranking, best/tied decision
             "best": self.best,
+            "tied": list(self.tied),
             "summary": self.summary,
             "budget": self.budget,
+            "decision": self.decision,
             "config": self.config.to_dict() if self.config is not None else None,
             "numbers": self.numbers,
             "table": _records(self.table),
@@ -144,6 +189,8 @@ class Recommendation:
             "by_key": self.by_key,
             "by": _records(self.by),
             "task_scores": _records(self.task_scores),
+            "defaults": _records(self.defaults),
+            "anchors": _records(self.anchors),
             "profiles": _records(self.profiles),
             "budget_curves": curves,  # expected_best[k] is for n = k + 1
             "settings": self.settings,
@@ -211,7 +258,7 @@ def check_args(
 
 
 def _prepare(df: pd.DataFrame) -> pd.DataFrame:
-    """Columns task/optimizer/score/cost/metric/sign/unit, non-finite scores replaced."""
+    """Columns task/optimizer/score/cost/metric/sign/unit/at_defaults, non-finite scores replaced."""
     if not isinstance(df, pd.DataFrame):
         raise invalid("df", type(df).__name__, "a pandas DataFrame such as collect_trials() returns")
     missing = [c for c in ("task", "optimizer") if c not in df.columns]
@@ -239,6 +286,9 @@ def _prepare(df: pd.DataFrame) -> pd.DataFrame:
     f["cost"] = f["cost"].astype(float)
     f["task"] = f["task"].astype(str)
     f["optimizer"] = f["optimizer"].astype(str)
+    # Runs of the optimizer's one-shot defaults (the survey marks them): the default
+    # point, kept out of the random-search pool the budget curves are drawn from.
+    f["at_defaults"] = f["at_defaults"].fillna(False).astype(bool) if "at_defaults" in f.columns else False
     # +1: the metric is the score (accuracy-like); −1: the metric is minus the score (loss).
     f["sign"] = np.where(f["direction"].eq("minimize"), -1.0, 1.0)
     # Studies of one task that optimise different metrics cannot be pooled.
@@ -261,213 +311,315 @@ def _optimizer_order(names: Sequence[str]) -> list[str]:
     return known + sorted(set(names) - set(known))
 
 
-@functools.lru_cache(maxsize=4096)
-def _weights(N: int, n: int) -> np.ndarray:
-    return _stats.expected_max_weights(N, n)
+def _cells(f: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
+    """(unit, optimizer) -> the sorted scores of its random-search trials."""
+    search = f[~f["at_defaults"]]
+    return {
+        (str(u), str(o)): np.sort(g.to_numpy(dtype=float))
+        for (u, o), g in search.groupby(["unit", "optimizer"], sort=False)["score"]
+    }
 
 
-# -- one analysis over one frame ----------------------------------------------------------
+def _budget_score(v: np.ndarray, budget: int) -> float:
+    return float(_stats.expected_max_weights(v.size, budget) @ v)
+
+
+# -- 1) anchors --------------------------------------------------------------------------------
+
+
+def _anchors(
+    f: pd.DataFrame, cells: dict[tuple[str, str], np.ndarray], *, reference: str | None, budget: int, need: int
+) -> pd.DataFrame:
+    """Per unit (score units): floor, best, floor_source, noise, target, usable.
+
+    Floor, in order: the reference optimizer's default runs, else its budget score
+    (``reference`` given); the frame's ``floor`` column (metric units, e.g. chance level
+    1/n_classes); else the median of the task's search trials. Best: the best score of
+    any run on the task. Noise: the pooled standard deviation over seeds of
+    configurations that ran more than once (nan when none did).
+    """
+    rows = []
+    config_cols = [c for c in (*NUMBER_COLUMNS, "init", "norm", "activation", "batch_size", "epochs", "depth", "width") if c in f.columns]
+    for unit, g in f.groupby("unit", sort=True):
+        sign = float(g["sign"].iloc[0])
+        floor, source = math.nan, ""
+        if reference is not None:
+            ref_defaults = g.loc[g["at_defaults"] & (g["optimizer"] == reference), "score"]
+            ref_search = cells.get((str(unit), reference))
+            if len(ref_defaults):
+                floor, source = float(ref_defaults.mean()), f"{reference} at defaults"
+            elif ref_search is not None and ref_search.size >= need:
+                floor, source = _budget_score(ref_search, budget), f"{reference} at budget"
+        if not math.isfinite(floor) and "floor" in g.columns:
+            given = pd.to_numeric(g["floor"], errors="coerce").dropna()
+            if len(given):
+                floor, source = sign * float(given.iloc[0]), "given"
+        if not math.isfinite(floor):
+            search = g.loc[~g["at_defaults"], "score"]
+            floor, source = float((search if len(search) else g["score"]).median()), "median trial"
+        best = float(g["score"].max())
+        replicates = g.groupby(["optimizer", *config_cols], dropna=False, sort=False)["score"]
+        noise = _stats.pooled_sd([v.to_numpy(dtype=float) for _, v in replicates]) if config_cols else math.nan
+        spread = best - floor
+        rows.append(
+            {
+                "unit": str(unit),
+                "metric": str(g["metric"].iloc[0]),
+                "sign": sign,
+                "floor": floor,
+                "best": best,
+                "floor_source": source,
+                "noise": noise,
+                "target": floor + TARGET_FRACTION * spread,
+                "usable": bool(spread > 1e-12 * max(abs(best), 1.0)),
+            }
+        )
+    return pd.DataFrame(rows).set_index("unit") if rows else pd.DataFrame(
+        columns=["metric", "sign", "floor", "best", "floor_source", "noise", "target", "usable"]
+    )
+
+
+def _anchors_public(anchors: pd.DataFrame) -> pd.DataFrame:
+    """The anchors in metric units, as users read them."""
+    if anchors.empty:
+        return pd.DataFrame(columns=["task", "metric", "floor", "best", "floor_source", "noise", "target", "usable"])
+    a = anchors.reset_index().rename(columns={"unit": "task"})
+    for c in ("floor", "best", "target"):
+        a[c] = a[c] * a["sign"]
+    return a.drop(columns="sign")
+
+
+# -- 2–6) one analysis over one frame ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Analysis:
     table: pd.DataFrame
     task_scores: pd.DataFrame
-    costs: pd.DataFrame  # scorable tasks × optimizers
-    boot: np.ndarray  # n_bootstrap × optimizers
+    costs: pd.DataFrame  # block tasks × ranked optimizers: epochs to target (empty without curves)
+    boot: pd.DataFrame  # n_bootstrap × ranked optimizers
     friedman: dict[str, Any]
-    optimizers: list[str]
+    ranked: list[str]
+    tasks: list[str]  # the complete block's tasks
+    tied: list[str]
+    best: str | None
+    decision: dict[str, Any]
 
 
 def _analyse(
     f: pd.DataFrame,
     *,
     optimizers: list[str],
+    anchors: pd.DataFrame,
     budget: int,
-    reference: str | None,
+    need: int,
     n_bootstrap: int,
     rng: np.random.Generator,
-    min_trials: int,
 ) -> _Analysis:
-    units = sorted(f["unit"].unique())
-    S = len(optimizers)
-    col = {o: j for j, o in enumerate(optimizers)}
-    counts = np.zeros((len(units), S), dtype=int)
-    values: dict[tuple[int, int], np.ndarray] = {}
-    # Group with numpy (one sort) rather than pandas groupby: hundreds of tiny groups.
-    ui = pd.Categorical(f["unit"], categories=units).codes
-    oi = f["optimizer"].map(col).to_numpy()
-    key = ui.astype(np.int64) * S + oi
-    score = f["score"].to_numpy(dtype=float)
-    order = np.lexsort((score, key))
-    keys, starts, sizes = np.unique(key[order], return_index=True, return_counts=True)
-    sorted_scores = score[order]
-    for k, a, m in zip(keys, starts, sizes):
-        i, j = divmod(int(k), S)
-        counts[i, j] = m
-        values[i, j] = sorted_scores[a : a + m]
-    # Per unit: (metric, cost offset a with cost = a − score, sign with metric = sign·score)
-    meta = f.assign(offset=f["cost"] + f["score"]).groupby("unit", sort=False).agg(
-        metric=("metric", "first"), offset=("offset", "median"), sign=("sign", "first")
+    cells = _cells(f)
+    units = [u for u in anchors.index if u in set(f["unit"])]
+    usable = {u for u in units if anchors.at[u, "usable"]}
+    counts = pd.DataFrame(0, index=units, columns=optimizers, dtype=int)
+    E = pd.DataFrame(np.nan, index=units, columns=optimizers)
+    for (u, o), v in cells.items():
+        counts.at[u, o] = v.size
+        if v.size >= need and u in usable:
+            E.at[u, o] = _budget_score(v, budget)
+    floor = anchors.loc[units, "floor"].to_numpy(dtype=float) if units else np.zeros(0)
+    top = anchors.loc[units, "best"].to_numpy(dtype=float) if units else np.zeros(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = pd.DataFrame(_stats.anchored(E.to_numpy(), floor, top), index=units, columns=optimizers)
+    sufficient = E.notna()
+
+    # 3) the complete block
+    tasks, ranked = _stats.complete_matrix(sufficient)
+    if len(ranked) < 2:
+        tasks, ranked = [], []
+    block = norm.loc[tasks, ranked]
+    agg = block.mean(axis=0) if ranked else pd.Series(dtype=float)
+
+    # 4) ranks (ties within seed noise, on the anchored scale) and Friedman
+    noise = (anchors.loc[tasks, "noise"] / (anchors.loc[tasks, "best"] - anchors.loc[tasks, "floor"])).to_numpy(dtype=float)
+    ranks = pd.DataFrame(_stats.noise_ranks(block.to_numpy(), noise), index=tasks, columns=ranked)
+    fried = _stats.friedman(ranks)
+
+    # 5) bootstrap over tasks, then trials, and the comparisons with the top
+    boot = _stats.hierarchical_bootstrap(
+        [[cells[(t, o)] for o in ranked] for t in tasks],
+        anchors.loc[tasks, "floor"].to_numpy(dtype=float),
+        anchors.loc[tasks, "best"].to_numpy(dtype=float),
+        budget,
+        n_bootstrap if ranked else 0,
+        rng,
     )
-    unit_meta: dict[str, tuple[str, float, float]] = {
-        u: (str(r.metric), float(r.offset), float(r.sign)) for u, r in meta.iterrows()
-    }
-    sufficient = counts >= min_trials
+    S = len(ranked)
+    p_best = ci_low = ci_high = np.full(S, np.nan)
+    if n_bootstrap and S:
+        win = boot >= boot.max(axis=1, keepdims=True) - 1e-12
+        p_best = (win / win.sum(axis=1, keepdims=True)).mean(axis=0)  # ties split the win
+        ci_low, ci_high = np.percentile(boot, [2.5, 97.5], axis=0)
+    cmp = _stats.compare_with_top(agg.to_numpy(), boot) if S else None
+    wilcoxon = _stats.wilcoxon_vs_top(block, ranked[cmp.top]) if S else pd.Series(dtype=float)
 
-    # 1) budget score per task and optimizer
-    E = np.full((len(units), S), np.nan)
-    for (i, j), v in values.items():
-        if sufficient[i, j]:
-            E[i, j] = _weights(v.size, budget) @ v
-    ref = col.get(reference) if reference is not None else None
-    # A task can compare optimizers only if ≥ 2 have enough data (and the reference does).
-    scorable = sufficient.sum(axis=1) >= 2
-    if ref is not None:
-        scorable &= sufficient[:, ref]
-    sc = np.nonzero(scorable)[0]
-    Es = pd.DataFrame(E[sc], index=[units[i] for i in sc], columns=optimizers)
+    # 6) performance profiles on epochs to target
+    costs = _epochs_to_target(f, anchors, tasks, ranked, budget) if S else pd.DataFrame()
+    area = _stats.profile_area(costs) if not costs.empty and costs.notna().any().any() else pd.Series(np.nan, index=ranked)
+    ratios = _stats.profile_ratios(costs) if not costs.empty else costs
 
-    # 2) normalised scores and their mean over tasks
-    norm = _stats.normalise(Es.to_numpy(), reference=ref)
-    with np.errstate(invalid="ignore"):
-        agg = _nanmean(norm, axis=0)
-
-    # 3) performance profile on costs c = a − E
-    offsets = np.array([unit_meta[units[i]][1] for i in sc])
-    costs = pd.DataFrame(offsets[:, None] - Es.to_numpy(), index=Es.index, columns=optimizers)
-    area = _stats.profile_area(costs) if len(sc) else pd.Series(np.nan, index=optimizers)
-    ratios = _stats.profile_ratios(costs) if len(sc) else costs
-
-    # 4) ranks and Friedman
-    ranks_by_task = Es.rank(axis=1, ascending=False, method="average")
-    avg_rank = ranks_by_task.mean(axis=0, skipna=True)
-    fried = _stats.friedman(Es.dropna(axis=1, how="all"))
-
-    # 5) bootstrap: draw tasks, then trials within each drawn (task, optimizer)
-    boot = _bootstrap(values, sufficient, sc, S, budget, ref, n_bootstrap, rng)
-    p_best, ci_low, ci_high = _summarise_boot(boot)
-
-    extrapolated = ((counts < budget) & sufficient)[sc].sum(axis=0) if len(sc) else np.zeros(S, int)
-    table = pd.DataFrame(
-        {
-            "optimizer": optimizers,
-            "score": agg,
-            "ci_low": ci_low,
-            "ci_high": ci_high,
-            "p_best": p_best,
-            "profile_area": area.reindex(optimizers).to_numpy(dtype=float),
-            "rank": avg_rank.reindex(optimizers).to_numpy(dtype=float),
-            "n_tasks": (~np.isnan(norm)).sum(axis=0) if len(sc) else np.zeros(S, int),
-            "n_trials": counts.sum(axis=0),
-            "insufficient_tasks": ((counts > 0) & ~sufficient).sum(axis=0),
-            "extrapolated_tasks": extrapolated,
-        }
+    # The table: ranked optimizers in score order, then the others.
+    measured_any = sufficient.any(axis=0)
+    rows = []
+    for o in optimizers:
+        j = ranked.index(o) if o in ranked else None
+        own = norm.loc[sufficient[o], o] if o in norm.columns else pd.Series(dtype=float)
+        if j is not None:
+            status = OK
+        elif measured_any.get(o, False):
+            status = INCOMPLETE if ranked else NO_COMPARISON
+        else:
+            status = INSUFFICIENT
+        rows.append(
+            {
+                "optimizer": o,
+                "status": status,
+                "score": float(agg[o]) if j is not None else np.nan,
+                "ci_low": ci_low[j] if j is not None else np.nan,
+                "ci_high": ci_high[j] if j is not None else np.nan,
+                "p_best": p_best[j] if j is not None else np.nan,
+                "diff_to_top": cmp.diff[j] if j is not None else np.nan,
+                "diff_low": cmp.low[j] if j is not None else np.nan,
+                "diff_high": cmp.high[j] if j is not None else np.nan,
+                "p_adj": cmp.p_adj[j] if j is not None else np.nan,
+                "p_wilcoxon_holm": wilcoxon.get(o, np.nan) if j is not None else np.nan,
+                "tied": bool(cmp.tied[j]) if j is not None else False,
+                "rank": float(ranks[o].mean()) if j is not None else np.nan,
+                "profile_area": float(area.get(o, np.nan)) if j is not None else np.nan,
+                "default_score": np.nan,  # filled by recommend_from_frame from the default runs
+                "partial_score": float(own.mean()) if status == INCOMPLETE and len(own) else np.nan,
+                "n_tasks": len(tasks) if j is not None else int(sufficient[o].sum()),
+                "n_trials": int(counts[o].sum()),
+                "insufficient_tasks": int(((counts[o] > 0) & (counts[o] < need)).sum()),
+            }
+        )
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    order = {OK: 0, INCOMPLETE: 1, NO_COMPARISON: 2, INSUFFICIENT: 3}
+    table = table.assign(_g=table["status"].map(order)).sort_values(
+        ["_g", "score", "partial_score"], ascending=[True, False, False], na_position="last", kind="stable"
     )
-    # "no comparison": enough trials somewhere, but on no task with a second optimizer.
-    table["status"] = np.where(
-        table["n_tasks"] > 0, "ok", np.where(sufficient.any(axis=0), "no comparison", "insufficient data")
-    )
-    table = table.sort_values(["score", "p_best"], ascending=False, na_position="last", kind="stable")
-    table = table.reset_index(drop=True)
+    table = table.drop(columns="_g").reset_index(drop=True)
 
     # Long per-task view (also carries the insufficient pairs).
-    rows = []
-    pos = {i: k for k, i in enumerate(sc)}
-    for i, unit in enumerate(units):
-        metric, _, sign = unit_meta[unit]
-        for j, opt in enumerate(optimizers):
-            if counts[i, j] == 0:
+    in_block = set(tasks)
+    ts_rows = []
+    for u in units:
+        sign = float(anchors.at[u, "sign"])
+        for o in optimizers:
+            n = int(counts.at[u, o])
+            if n == 0:
                 continue
-            k = pos.get(i)
-            status = "ok" if sufficient[i, j] and k is not None else (
-                "insufficient data" if not sufficient[i, j] else "no comparison"
-            )
-            rows.append(
+            ranked_cell = u in in_block and o in ranked
+            if ranked_cell:
+                status = OK
+            elif n < need:
+                status = INSUFFICIENT
+            elif u not in usable:
+                status = "no spread"  # every run on the task scored the same: nothing to compare
+            else:
+                status = INCOMPLETE if ranked else NO_COMPARISON
+            ts_rows.append(
                 {
-                    "task": unit,
-                    "optimizer": opt,
-                    "metric": metric,
-                    "n_trials": int(counts[i, j]),
-                    "expected_best": sign * E[i, j],
-                    "score": norm[k, j] if k is not None else np.nan,
-                    "cost": costs.iat[k, j] if k is not None else np.nan,
-                    "ratio": ratios.iat[k, j] if k is not None else np.nan,
-                    "rank": ranks_by_task.iat[k, j] if k is not None else np.nan,
+                    "task": u,
+                    "optimizer": o,
+                    "metric": str(anchors.at[u, "metric"]),
+                    "n_trials": n,
+                    "expected_best": sign * E.at[u, o],
+                    "score": norm.at[u, o],
+                    "cost": costs.at[u, o] if ranked_cell and not costs.empty else np.nan,
+                    "ratio": ratios.at[u, o] if ranked_cell and not costs.empty else np.nan,
+                    "rank": ranks.at[u, o] if ranked_cell else np.nan,
                     "status": status,
                 }
             )
     task_scores = pd.DataFrame(
-        rows,
+        ts_rows,
         columns=["task", "optimizer", "metric", "n_trials", "expected_best", "score", "cost", "ratio", "rank", "status"],
     )
-    return _Analysis(table, task_scores, costs, boot, fried, optimizers)
+
+    tied = [ranked[j] for j in np.argsort(-agg.to_numpy(), kind="stable") if cmp.tied[j]] if cmp is not None else []
+    best = ranked[cmp.best] if cmp is not None and cmp.best is not None and n_bootstrap else None
+    decision: dict[str, Any] = {"alpha": _stats.ALPHA, "n_tasks": len(tasks), "tasks": tasks, "n_bootstrap": int(n_bootstrap)}
+    if cmp is not None:
+        ru = cmp.runner_up
+        decision.update(
+            top=ranked[cmp.top],
+            runner_up=ranked[ru] if ru is not None else None,
+            difference=float(cmp.diff[ru]) if ru is not None else None,
+            low=float(cmp.low[ru]) if ru is not None else None,
+            high=float(cmp.high[ru]) if ru is not None else None,
+            p_adj=float(cmp.p_adj[ru]) if ru is not None else None,
+        )
+    return _Analysis(
+        table=table,
+        task_scores=task_scores,
+        costs=costs,
+        boot=pd.DataFrame(boot, columns=ranked),
+        friedman=fried,
+        ranked=ranked,
+        tasks=tasks,
+        tied=[] if best is not None else tied,
+        best=best,
+        decision=decision,
+    )
 
 
-def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
-    present = ~np.isnan(x)
-    n = present.sum(axis=axis)
-    total = np.where(present, x, 0.0).sum(axis=axis)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, total / np.maximum(n, 1), np.nan)
-
-
-def _bootstrap(
-    values: dict[tuple[int, int], np.ndarray],
-    sufficient: np.ndarray,
-    sc: np.ndarray,
-    S: int,
-    budget: int,
-    ref: int | None,
-    B: int,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """B × S aggregate scores. Each resample draws len(sc) tasks with replacement; every
-    drawn copy of a task gets its own resample of that task's trials (per optimizer, with
-    replacement, same count), so the two levels of uncertainty are both kept exactly."""
-    T = len(sc)
-    if B == 0 or T == 0:
-        return np.full((B, S), np.nan)
-    draw = rng.integers(0, T, size=(B, T))
-    boot = np.full((B, T, S), np.nan)
-    for k, i in enumerate(sc):
-        b_idx, slot = np.nonzero(draw == k)
-        M = b_idx.size
-        if M == 0:
+def _epochs_to_target(f: pd.DataFrame, anchors: pd.DataFrame, tasks: list[str], ranked: list[str], budget: int) -> pd.DataFrame:
+    """Block tasks × ranked optimizers: the median, over budget-sized random searches, of
+    the epochs the fastest trial needs to reach the task's target (inf: not reached).
+    Empty when the frame has no per-epoch ``curve`` column; NaN for a cell with a trial
+    that has no curve."""
+    if "curve" not in f.columns or not f["curve"].map(_has_curve).any():
+        return pd.DataFrame()
+    search = f[~f["at_defaults"] & f["unit"].isin(tasks) & f["optimizer"].isin(ranked)]
+    out = pd.DataFrame(np.nan, index=tasks, columns=ranked)
+    for (u, o), g in search.groupby(["unit", "optimizer"], sort=False):
+        if not g["curve"].map(_has_curve).all():
             continue
-        E = np.full((M, S), np.nan)
-        for j in range(S):
-            if not sufficient[i, j]:
-                continue
-            v = values[i, j]
-            sample = v[rng.integers(0, v.size, size=(M, v.size))]
-            sample.sort(axis=1)
-            E[:, j] = sample @ _weights(v.size, budget)
-        boot[b_idx, slot] = _stats.normalise(E, reference=ref)
-    return _nanmean(boot, axis=1)
+        sign, target = float(anchors.at[u, "sign"]), float(anchors.at[u, "target"])
+        times = [_stats.epochs_to_target(sign * np.asarray(c, dtype=float), target) for c in g["curve"]]
+        out.at[u, o] = _stats.median_best_time(times, budget)
+    # A task on which no optimizer reaches the target says nothing about speed.
+    return out[~np.isinf(out).all(axis=1)]
 
 
-def _summarise_boot(boot: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    B, S = boot.shape
-    if B == 0 or S == 0:
-        nan = np.full(S, np.nan)
-        return nan, nan, nan
-    filled = np.where(np.isnan(boot), -np.inf, boot)
-    top = filled.max(axis=1, keepdims=True)
-    win = (filled >= top - 1e-12) & np.isfinite(filled)
-    n_win = win.sum(axis=1, keepdims=True)
-    # Ties split the win; a resample where nobody has a score counts for nobody.
-    p_best = np.where(n_win > 0, win / np.maximum(n_win, 1), 0.0).sum(axis=0) / max(int((n_win > 0).sum()), 1)
-    ci_low = np.full(S, np.nan)
-    ci_high = np.full(S, np.nan)
-    for j in range(S):
-        col = boot[:, j][~np.isnan(boot[:, j])]
-        if col.size:
-            ci_low[j], ci_high[j] = np.percentile(col, [2.5, 97.5])
-    return p_best, ci_low, ci_high
+def _has_curve(c: Any) -> bool:
+    return isinstance(c, (list, tuple, np.ndarray)) and len(c) > 0
 
 
-# -- recommended numbers ----------------------------------------------------------------
+def _defaults(f: pd.DataFrame, anchors: pd.DataFrame) -> pd.DataFrame:
+    """One row per task and optimizer with runs at the one-shot defaults (over seeds)."""
+    columns = ["task", "optimizer", "metric", "n_runs", "mean", "sd", "score"]
+    d = f[f["at_defaults"]]
+    if d.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for (u, o), g in d.groupby(["unit", "optimizer"], sort=True):
+        a = anchors.loc[u]
+        mean = float(g["score"].mean())
+        rows.append(
+            {
+                "task": u,
+                "optimizer": o,
+                "metric": str(a["metric"]),
+                "n_runs": len(g),
+                "mean": float(a["sign"]) * mean,
+                "sd": float(g["score"].std(ddof=1)) if len(g) > 1 else np.nan,
+                "score": (mean - a["floor"]) / (a["best"] - a["floor"]) if a["usable"] else np.nan,
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+# -- 7) recommended numbers ----------------------------------------------------------------------
 
 
 def _round(name: str, x: float) -> float:
@@ -476,6 +628,110 @@ def _round(name: str, x: float) -> float:
     if name in DECAY_PARAMS and 0 < x < 1:
         return float(f"{1.0 - float(f'{1.0 - x:.{DECAY_DIGITS}g}'):.12g}")
     return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
+
+
+def _grid_key(g: pd.DataFrame, p: str) -> tuple[pd.Series, str]:
+    """Grid cell of each run for hyper-parameter ``p``, and how the grid was made.
+
+    The runs' own values when every task ran the same set of them (a shared grid, e.g.
+    the survey's lr sweep); otherwise half-decades: round(2·log10 lr), or
+    round(2·log10(1 − x)) for a decay."""
+    x = pd.to_numeric(g[p], errors="coerce")
+    exact = x.map(lambda v: float(f"{v:.10g}") if math.isfinite(v) else math.nan)
+    per_task = [frozenset(v.dropna()) for _, v in exact.groupby(g["unit"])]
+    shared = len(set(per_task)) == 1 and len(per_task[0]) > 1 and (len(per_task) > 1 or exact.duplicated().any())
+    if shared:
+        return exact, f"{p}: the runs' shared grid"
+    t = x if p not in DECAY_PARAMS else 1.0 - x
+    if not (t > 0).all():
+        return exact, f"{p}: the runs' values"
+    return np.round(HALF_DECADES * np.log10(t)), f"{p}: half-decades"
+
+
+def _grid_value(p: str, key: float, how: str, run: pd.Series) -> float:
+    """The recommended value of ``p`` for a grid cell: the grid point, inside the range of
+    the runs that fell in the cell (never a value outside what was run)."""
+    x = key if not how.endswith("half-decades") else (
+        10 ** (key / HALF_DECADES) if p not in DECAY_PARAMS else 1.0 - 10 ** (key / HALF_DECADES)
+    )
+    lo, hi = float(run.min()), float(run.max())
+    return min(max(_round(p, float(x)), lo), hi)
+
+
+def _numbers(f: pd.DataFrame, optimizers: list[str], anchors: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per optimizer: the grid cell of lr (and β/μ where searched) that is best on average
+    over the tasks, each run scored on its task's anchored scale.
+
+    Why a shared grid and not per-hyper-parameter medians of good trials: medians of
+    several numbers may never have been run together, and a cell's average over tasks is
+    a configuration that was. The cell must be measured on every task the optimizer ran
+    on (else: lr alone; else the cells measured on most tasks). ``loto_regret`` is the
+    mean over tasks of what choosing the cell from the *other* tasks loses on the held-out
+    one (anchored units; nan with one task). Numbers not on the grid are the median of the
+    winning cell's runs (constant when not searched); the schedule is the most common one.
+    """
+    out: dict[str, dict[str, Any]] = {opt: {} for opt in optimizers}
+    usable = anchors.index[anchors["usable"].astype(bool)] if not anchors.empty else []
+    f = f[f["unit"].isin(usable)]
+    if f.empty:
+        return out
+    a = anchors.loc[f["unit"]]
+    f = f.assign(_norm=(f["score"].to_numpy() - a["floor"].to_numpy()) / (a["best"].to_numpy() - a["floor"].to_numpy()))
+    for opt, g in f.groupby("optimizer", sort=False):
+        search = g[~g["at_defaults"]]
+        g = search if len(search) else g
+        params = [p for p in ONE_SHOT_DEFAULTS.get(str(opt), dict.fromkeys(OPTIMIZER_PARAMS)) if p in g.columns]
+        searched = [p for p in GRID_PARAMS if p in params and pd.to_numeric(g[p], errors="coerce").nunique() > 1]
+        keys = {p: _grid_key(g, p) for p in searched}
+        chosen, M, cell = [], None, None
+        for dims in (searched, searched[:1]):
+            if not dims:
+                break
+            K = pd.DataFrame({p: keys[p][0] for p in dims}, index=g.index)
+            cell = pd.Series(["|".join(map(repr, row)) for row in K.to_numpy(dtype=float).tolist()], index=g.index)
+            M = g.assign(_cell=cell).pivot_table(index="unit", columns="_cell", values="_norm", aggfunc="mean")
+            chosen = dims
+            if M.notna().all(axis=0).any():
+                break
+        numbers: dict[str, Any] = {}
+        if M is not None and chosen:
+            coverage = M.notna().sum(axis=0)
+            cols = coverage.index[coverage == coverage.max()]
+            win = M[cols].mean(axis=0).idxmax()
+            runs = g[(cell == win).to_numpy()]
+            for p in chosen:
+                numbers[p] = _grid_value(p, float(keys[p][0].loc[runs.index[0]]), keys[p][1], pd.to_numeric(runs[p], errors="coerce"))
+            regrets = []
+            if len(M) > 1 and coverage.max() == len(M):
+                for w in M.index:
+                    pick = M.drop(index=w)[cols].mean(axis=0).idxmax()
+                    regrets.append(float(M.loc[w, cols].max() - M.at[w, pick]))
+            grid = "; ".join(keys[p][1] for p in chosen)
+            grid_tasks = int(coverage.max())
+        else:
+            runs = g
+            grid, grid_tasks, regrets = "nothing searched", int(g["unit"].nunique()), []
+        for p in params:
+            if p in numbers:
+                continue
+            vals = pd.to_numeric(runs[p], errors="coerce").dropna().to_numpy(dtype=float)
+            if vals.size == 0:
+                continue
+            med = float(np.exp(np.median(np.log(vals)))) if p in LOG_PARAMS and (vals > 0).all() else float(np.median(vals))
+            numbers[p] = _round(p, med)
+        if "schedule" in runs.columns and runs["schedule"].notna().any():
+            counts = runs["schedule"].dropna().value_counts()
+            schedule = str(sorted(counts[counts == counts.max()].index)[0])
+            numbers["schedule"] = schedule
+            if schedule == "warmup_cosine" and "warmup" in runs.columns:
+                w = pd.to_numeric(runs.loc[runs["schedule"] == schedule, "warmup"], errors="coerce").dropna()
+                if len(w):
+                    numbers["warmup"] = _round("warmup", float(np.median(w)))
+        numbers["grid"] = grid
+        numbers["grid_tasks"] = grid_tasks
+        numbers["loto_regret"] = float(np.mean(regrets)) if regrets else math.nan
+        out[str(opt)] = numbers
+    return out
 
 
 def _top_quartile(f: pd.DataFrame, min_trials: int) -> pd.DataFrame:
@@ -487,47 +743,9 @@ def _top_quartile(f: pd.DataFrame, min_trials: int) -> pd.DataFrame:
 
 
 def top_trials(df: pd.DataFrame, *, min_trials: int = 3) -> pd.DataFrame:
-    """The trials the recommended numbers are the medians of: per task and optimizer with
-    at least ``min_trials`` trials, the best quarter (at least one)."""
+    """Per task and optimizer with at least ``min_trials`` trials, the best quarter (at
+    least one): where warm start looks for the values of fields it does not rank."""
     return _top_quartile(_prepare(df), min_trials)
-
-
-def _numbers(f: pd.DataFrame, optimizers: list[str], min_trials: int) -> dict[str, dict[str, Any]]:
-    """Per optimizer: the median of each hyper-parameter over its top-quartile trials of
-    every task (at least one trial per task), pooled across tasks.
-
-    Why this and not "the single best configuration": random and TPE searches never
-    repeat a configuration across tasks, so there is no common configuration to score;
-    the median of the good trials is robust to the one lucky outlier, it is a value inside
-    the searched range, and log-space medians for lr and eps respect how they are searched.
-    The schedule is the most common one among those trials.
-    """
-    out: dict[str, dict[str, Any]] = {opt: {} for opt in optimizers}
-    for opt, top in _top_quartile(f, min_trials).groupby("optimizer", sort=False):
-        params = list(ONE_SHOT_DEFAULTS.get(str(opt), OPTIMIZER_PARAMS))
-        numbers: dict[str, Any] = {}
-        for p in params:
-            if p not in top.columns:
-                continue
-            vals = pd.to_numeric(top[p], errors="coerce").dropna().to_numpy(dtype=float)
-            if vals.size == 0:
-                continue
-            if p in LOG_PARAMS and (vals > 0).all():
-                med = float(np.exp(np.median(np.log(vals))))
-            else:
-                med = float(np.median(vals))
-            numbers[p] = _round(p, med)
-        if "schedule" in top.columns and top["schedule"].notna().any():
-            counts = top["schedule"].dropna().value_counts()
-            schedule = str(sorted(counts[counts == counts.max()].index)[0])
-            numbers["schedule"] = schedule
-            if schedule == "warmup_cosine" and "warmup" in top.columns:
-                w = pd.to_numeric(top.loc[top["schedule"] == schedule, "warmup"], errors="coerce").dropna()
-                if len(w):
-                    numbers["warmup"] = _round("warmup", float(np.median(w)))
-        numbers["n_top_trials"] = int(len(top))
-        out[str(opt)] = numbers
-    return out
 
 
 def _config(best: str | None, numbers: dict[str, dict[str, Any]]) -> TrialConfig | None:
@@ -537,7 +755,7 @@ def _config(best: str | None, numbers: dict[str, dict[str, Any]]) -> TrialConfig
     try:
         return TrialConfig(optimizer=best, **kwargs)
     except HposvcError:
-        # A median outside TrialConfig's range (e.g. a decay rounded to 1) leaves the
+        # A number outside TrialConfig's range (e.g. a decay rounded to 1) leaves the
         # numbers in the table but no ready-made config.
         return None
 
@@ -551,61 +769,97 @@ def _fmt_number(x: Any) -> str:
     return str(x)
 
 
+def _fmt_numbers(numbers: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt_number(v)}" for k, v in numbers.items() if k not in NUMBER_META)
+
+
 def _context_label(by_key: str, value: str) -> str:
     if by_key == "norm":
         return "without norm" if value == "none" else f"with {value} norm"
     return f"with {value} activations"
 
 
+def _context_verdict(best: str | None, tied: list[str]) -> str:
+    if best is not None:
+        return best
+    if tied:
+        return "no detectable difference among " + ", ".join(tied)
+    return "insufficient data"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _summary(
-    best: str | None,
+    main: _Analysis,
     table: pd.DataFrame,
     numbers: dict[str, dict[str, Any]],
     budget: int,
-    fried: dict[str, Any],
-    contexts: list[tuple[str, str | None]],
+    contexts: list[tuple[str, str]],
     by_key: str | None,
-    min_trials: int,
+    need: int,
     reference: str | None,
+    n_bootstrap: int,
 ) -> str:
-    insufficient = table.loc[table["status"] == "insufficient data", "optimizer"].tolist()
-    if best is None:
-        if table.empty:
-            return "No recommendation: the selection has no finished trials."
+    insufficient = table.loc[table["status"] == INSUFFICIENT, "optimizer"].tolist()
+    if table.empty:
+        return "No recommendation: the selection has no finished trials."
+    if not main.ranked:
         text = (
             f"No recommendation: insufficient data (no task has at least two optimizers with "
-            f">= {min_trials} finished trials"
-            + (f", including the reference {reference!r}" if reference else "")
+            f">= {need} finished random-search trials"
+            + (f", the budget" if need == budget and budget > 1 else "")
             + ")."
         )
-        alone = table.loc[table["status"] == "no comparison", "optimizer"].tolist()
+        alone = table.loc[table["status"] == NO_COMPARISON, "optimizer"].tolist()
         if alone:
             text += f" Enough trials but nothing to compare with on the same task: {', '.join(alone)}."
         return text
-    row = table.iloc[0]
-    nums = ", ".join(f"{k}={_fmt_number(v)}" for k, v in numbers.get(best, {}).items() if k != "n_top_trials")
-    conf = row["p_best"]
-    word = "" if not math.isfinite(conf) else (" (clear)" if conf >= 0.9 else " (likely)" if conf >= 0.5 else " (uncertain)")
-    scale = f"relative to {reference}" if reference else "0 = worst, 1 = best optimizer per task"
-    ci = f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if math.isfinite(row["ci_low"]) else ""
-    pb = f", P(best) = {conf:.2f}{word}" if math.isfinite(conf) else ""
-    text = (
-        f"Use {best} by default ({nums}): at a budget of {budget} trial{'s' if budget != 1 else ''} "
-        f"its score is {row['score']:.2f}{ci} ({scale}) over {int(row['n_tasks'])} "
-        f"task{'s' if int(row['n_tasks']) != 1 else ''}{pb}"
+    d = main.decision
+    rows = table.set_index("optimizer")
+    scale = (
+        f"relative to {reference}: 0 = {reference}, 1 = the best known result per task"
+        if reference
+        else "0 = the task's floor, 1 = the best known result"
     )
-    if len(table) > 1 and table.iloc[1]["status"] == "ok":
-        r2 = table.iloc[1]
-        text += f"; runner-up {r2['optimizer']} ({r2['score']:.2f}"
-        text += f", P(best) = {r2['p_best']:.2f})" if math.isfinite(r2["p_best"]) else ")"
-    if fried.get("p") is not None:
-        text += f"; Friedman p = {fried['p']:.3g}"
+    trials = _plural(budget, "trial")
+    tasks = _plural(len(main.tasks), "task")
+    top = d["top"]
+    row = rows.loc[top]
+    ru = d.get("runner_up")
+    gap = f"{d['difference']:.2f} [{d['low']:.2f}, {d['high']:.2f}]" if ru is not None and d.get("low") is not None and math.isfinite(d["low"]) else None
+    if main.best is not None:
+        ci = f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if math.isfinite(row["ci_low"]) else ""
+        text = (
+            f"Use {top} by default ({_fmt_numbers(numbers.get(top, {}))}): at a budget of {trials} its anchored "
+            f"score is {row['score']:.2f}{ci} ({scale}) over {tasks}, ahead of the runner-up {ru} by {gap}, "
+            f"P(best) = {row['p_best']:.2f}"
+        )
+    else:
+        text = f"No detectable difference among {', '.join(main.tied)} at a budget of {trials} over {tasks}"
+        if n_bootstrap == 0:
+            text += " (n_bootstrap=0: no intervals, so no optimizer can be told apart)"
+        elif gap is not None:
+            text += f": the top, {top} ({row['score']:.2f}; {scale}), minus the runner-up, {ru}, is {gap}"
+        behind = [o for o in main.ranked if o not in main.tied]
+        if behind:
+            text += f"; detectably behind: {', '.join(o for o in table['optimizer'] if o in behind)}"
+        text += f"; {top}'s numbers: {_fmt_numbers(numbers.get(top, {}))}"
+    if main.friedman.get("p") is not None:
+        text += f"; Friedman p = {main.friedman['p']:.3g}"
     text += "."
+    defaults = rows.loc[main.ranked, "default_score"].dropna()
+    if len(defaults):
+        text += f" At one-shot defaults the top is {defaults.idxmax()} ({defaults.max():.2f})."
     if by_key and contexts:
-        parts = [f"{_context_label(by_key, v)}: {b or 'insufficient data'}" for v, b in contexts]
-        text += " " + "; ".join(parts) + "."
+        text += " " + "; ".join(f"{_context_label(by_key, v)}: {verdict}" for v, verdict in contexts) + "."
+    incomplete = table.loc[table["status"] == INCOMPLETE]
+    if len(incomplete):
+        parts = [f"{r.optimizer} ({int(r.n_tasks)} of {len(main.tasks)})" for r in incomplete.itertuples()]
+        text += f" Not ranked, measured on only some of the {tasks}: {', '.join(parts)}."
     if insufficient:
-        text += f" Insufficient data (< {min_trials} trials on every task): {', '.join(insufficient)}."
+        text += f" Insufficient data (< {need} trials on every task): {', '.join(insufficient)}."
     return text
 
 
@@ -625,14 +879,22 @@ def recommend_from_frame(
     """Compute a recommendation from a frame of finished trials (no storage involved).
 
     ``df`` is what :func:`collect_trials` returns, or any frame with columns task,
-    optimizer and either score (+ cost) or value (+ direction, metric); hyper-parameter
-    columns (lr, momentum, …, schedule) are used for the recommended numbers and
-    norm/activation for ``by``.
+    optimizer and either score (+ cost) or value (+ direction, metric). Optional columns:
+    hyper-parameters (lr, momentum, …, schedule) for the recommended numbers,
+    norm/activation for ``by``, ``at_defaults`` (bool: a run of the optimizer's one-shot
+    defaults, e.g. one of several seeds), ``floor`` (the task's floor in metric units,
+    e.g. chance accuracy) and ``curve`` (the metric per epoch, for profiles).
 
-    >>> df = pd.DataFrame({"task": ["t1"] * 6, "optimizer": ["adam"] * 3 + ["sgd"] * 3,
-    ...                    "value": [0.9, 0.92, 0.95, 0.5, 0.6, 0.7], "direction": "maximize"})
-    >>> recommend_from_frame(df, budget=2, n_bootstrap=100).best
-    'adam'
+    A (task, optimizer) pair needs ``max(min_trials, budget)`` random-search trials; the
+    default budget is half the fewest trials of a pair in the complete block, at most
+    :data:`DEFAULT_BUDGET`.
+
+    >>> rng = np.random.default_rng(0)
+    >>> df = pd.DataFrame({"task": np.repeat(["t1", "t2", "t3"], 16), "optimizer": np.tile(np.repeat(["adam", "sgd"], 8), 3),
+    ...                    "value": np.tile(np.repeat([0.9, 0.7], 8), 3) + rng.normal(0, 0.02, 48)})
+    >>> rec = recommend_from_frame(df, n_bootstrap=200)
+    >>> rec.best, rec.budget
+    ('adam', 4)
     """
     check_args(budget=budget, by=by, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials)
     t0 = _now()
@@ -646,54 +908,49 @@ def recommend_from_frame(
             source="recommend()",
             hint="The reference must be one of the optimizers in the selected trials.",
         )
+    cells = _cells(f)
     if budget is None:
-        sizes = f.groupby(["unit", "optimizer"]).size()
-        sizes = sizes[sizes >= min_trials]
-        budget = int(max(1, min(DEFAULT_BUDGET, int(np.median(sizes))))) if len(sizes) else 1
+        budget = _default_budget(cells, min_trials)
     budget = int(budget)
+    need = max(int(min_trials), budget)
     rng = np.random.default_rng(seed)
 
-    main = _analyse(
-        f, optimizers=optimizers, budget=budget, reference=reference, n_bootstrap=n_bootstrap, rng=rng, min_trials=min_trials
-    )
+    anchors = _anchors(f, cells, reference=reference, budget=budget, need=need)
+    main = _analyse(f, optimizers=optimizers, anchors=anchors, budget=budget, need=need, n_bootstrap=n_bootstrap, rng=rng)
+    defaults = _defaults(f, anchors)
     table = main.table
-    best = str(table.iloc[0]["optimizer"]) if len(table) and table.iloc[0]["status"] == "ok" else None
-    numbers = _numbers(f, optimizers, min_trials)
+    if not defaults.empty and main.tasks:
+        d = defaults[defaults["task"].isin(main.tasks)].pivot(index="task", columns="optimizer", values="score")
+        complete = d.reindex(main.tasks).dropna(axis=1, how="any")
+        table["default_score"] = table["optimizer"].map(complete.mean(axis=0)).astype(float)
+    numbers = _numbers(f, optimizers, anchors)
     num_frame = pd.DataFrame(
         [{c: numbers.get(o, {}).get(c, np.nan) for c in NUMBER_COLUMNS} for o in table["optimizer"]]
     )
     table = pd.concat([table, num_frame], axis=1)
 
-    # 7) context: the same analysis within each norm type / activation family.
+    # 8) context: the same analysis within each norm type / activation family, on the
+    # tasks' own anchors (a context does not move the floor or the best known result).
     by_frames = []
-    contexts: list[tuple[str, str | None]] = []
+    contexts: list[tuple[str, str]] = []
     if by is not None:
         source = f[by] if by in f.columns else pd.Series(None, index=f.index, dtype=object)
         key = source.map(ACTIVATION_FAMILIES) if by == "activation" else source
         key = key.fillna("unknown").astype(str)
         for value in sorted(key.unique()):
             sub = _analyse(
-                f[key == value],
-                optimizers=optimizers,
-                budget=budget,
-                reference=reference if reference in set(f.loc[key == value, "optimizer"]) else None,
-                n_bootstrap=n_bootstrap,
-                rng=rng,
-                min_trials=min_trials,
+                f[key == value], optimizers=optimizers, anchors=anchors, budget=budget, need=need, n_bootstrap=n_bootstrap, rng=rng
             )
             t = sub.table
             t = t[t["n_trials"] > 0]
             t.insert(0, "context", value)
             by_frames.append(t)
-            ok = t["status"] == "ok"
-            contexts.append((value, str(t.loc[ok, "optimizer"].iloc[0]) if ok.any() else None))
+            contexts.append((value, _context_verdict(sub.best, sub.tied)))
     by_table = (
         pd.concat(by_frames, ignore_index=True) if by_frames else pd.DataFrame(columns=["context", *TABLE_COLUMNS])
     )
 
-    curves = _budget_curves(f, min_trials)
-    profiles = _profiles_long(main.costs)
-    summary = _summary(best, table, numbers, budget, main.friedman, contexts, by, min_trials, reference)
+    summary = _summary(main, table, numbers, budget, contexts, by, need, reference, n_bootstrap)
     settings = {
         "budget": budget,
         "by": by,
@@ -702,36 +959,60 @@ def recommend_from_frame(
         "seed": int(seed),
         "min_trials": int(min_trials),
         "r_max": _stats.R_MAX,
+        "alpha": _stats.ALPHA,
+        "target_fraction": TARGET_FRACTION,
     }
     return Recommendation(
-        best=best,
-        config=_config(best, numbers),
+        best=main.best,
+        config=_config(main.best, numbers),
         numbers=numbers,
         budget=budget,
         table=table,
-        budget_curves=curves,
+        budget_curves=_budget_curves(f, min_trials),
         task_scores=main.task_scores,
-        profiles=profiles,
-        bootstrap_scores=pd.DataFrame(main.boot, columns=optimizers),
+        profiles=_profiles_long(main.costs),
+        bootstrap_scores=main.boot,
         friedman=main.friedman,
         by=by_table,
         by_key=by,
         summary=summary,
         settings=settings,
+        tied=main.tied,
+        decision=main.decision,
+        defaults=defaults,
+        anchors=_anchors_public(anchors),
         studies=sorted(f["study"].astype(str).unique()) if "study" in f.columns else [],
         n_trials=int(len(f)),
         timings={"compute_s": _now() - t0},
     )
 
 
+def _default_budget(cells: dict[tuple[str, str], np.ndarray], min_trials: int) -> int:
+    """Half the fewest search trials of a pair in the complete block at ``min_trials``
+    (at least 1), capped at DEFAULT_BUDGET: no pair of the block is dropped, and every
+    estimate averages over many subsets of its trials."""
+    if not cells:
+        return 1
+    counts = pd.Series({k: v.size for k, v in cells.items()})
+    counts.index = pd.MultiIndex.from_tuples(counts.index)
+    sizes = counts.unstack()
+    tasks, ranked = _stats.complete_matrix(sizes.fillna(0) >= min_trials)
+    if len(ranked) < 2:
+        return max(1, min(DEFAULT_BUDGET, int(min_trials)))
+    return int(max(1, min(DEFAULT_BUDGET, sizes.loc[tasks, ranked].to_numpy().min() // 2)))
+
+
 def _budget_curves(f: pd.DataFrame, min_trials: int) -> pd.DataFrame:
+    """Expected best of n random-search trials, n = 1 … N (never beyond N), per pair with
+    ≥ ``min_trials`` trials; default runs are not part of the search."""
     columns = ["task", "optimizer", "metric", "direction", "n", "expected_best"]
-    sizes = f.groupby(["unit", "optimizer"], sort=True).size()
+    search = f[~f["at_defaults"]]
+    sizes = search.groupby(["unit", "optimizer"], sort=True).size()
     sizes = sizes[sizes >= min_trials]
     if sizes.empty:
         return pd.DataFrame(columns=columns)
-    meta = f.groupby("unit", sort=False).agg(metric=("metric", "first"), sign=("sign", "first"))
-    g = f.set_index(["unit", "optimizer"]).sort_index()["score"]
+    meta = search.groupby("unit", sort=False).agg(metric=("metric", "first"), sign=("sign", "first"))
+    g = search.set_index(["unit", "optimizer"]).sort_index()["score"]
     parts: dict[str, list] = {c: [] for c in columns}
     for (unit, opt), n_trials in sizes.items():
         sign = float(meta.at[unit, "sign"])
