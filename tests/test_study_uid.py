@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 
 import hposvc
@@ -60,6 +61,7 @@ def test_syncing_a_namesakes_outbox_does_not_change_who_closes_stale_runs(tmp_pa
     assert by_uid["new"][0].data.tags["hposvc.reason"].startswith("worker died")
 
 
+@pytest.mark.slow
 def test_a_report_is_logged_to_its_own_studys_parent_run(tmp_path: Path) -> None:
     # Two storages, one tracking store: "twin" in `mine`, then a newer "twin" in `theirs`.
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
