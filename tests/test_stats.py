@@ -102,3 +102,24 @@ def test_compare_with_top_needs_the_whole_step_down_to_name_a_best() -> None:
     # Without a: b is the top but cannot be told apart from c.
     cmp = _stats.compare_with_top(np.array([0.6, 0.59]), boot[:, 1:])
     assert cmp.best is None and cmp.tied.tolist() == [True, True] and cmp.low[1] < 0 < cmp.high[1]
+
+
+def test_the_default_optimizer_claim_uses_budgets_up_to_the_smaller_arm() -> None:
+    from hposvc.report.claims import claim_for_study
+    from hposvc.report.data import StudyData
+
+    # Adam (6 trials) against momentum (4 trials) on two tasks: budgets stop at k = 4,
+    # where the estimator is defined for both arms; nothing beyond is made up.
+    rng = np.random.default_rng(0)
+    data = {}
+    for task in ("digits", "moons"):
+        rows = [{"optimizer": "adam", "score": 0.9 + rng.normal(0, 0.01)} for _ in range(6)]
+        rows += [{"optimizer": "momentum", "score": 0.8 + rng.normal(0, 0.05)} for _ in range(4)]
+        f = pd.DataFrame(rows).assign(state="COMPLETE", reason=None)
+        data[f"guide-default-{task}"] = StudyData(f"guide-default-{task}", "val_accuracy", "maximize", task, task, 0.1, f, {})
+    result = claim_for_study("guide-default-digits").evaluate(data)
+    table = result.table.set_index("task")
+    assert table["k_max"].eq(4).all()
+    adam = data["guide-default-moons"].trials.query("optimizer == 'adam'")["score"]
+    assert table.at["moons", "adam_best_of_k_max"] == pytest.approx(expected_best_of_k(adam, 4))
+    assert all(np.isfinite(v.estimate) for v in result.verdicts)

@@ -459,7 +459,7 @@ def _analyse(
         p_best = (win / win.sum(axis=1, keepdims=True)).mean(axis=0)  # ties split the win
         ci_low, ci_high = np.percentile(boot, [2.5, 97.5], axis=0)
     cmp = _stats.compare_with_top(agg.to_numpy(), boot) if S else None
-    wilcoxon = _stats.wilcoxon_vs_top(block, ranked[cmp.top]) if S else pd.Series(dtype=float)
+    wilcoxon = _stats.wilcoxon_vs_top(block, ranked[cmp.top], noise) if S else pd.Series(dtype=float)
 
     # 6) performance profiles on epochs to target
     costs = _epochs_to_target(f, anchors, tasks, ranked, budget) if S else pd.DataFrame()

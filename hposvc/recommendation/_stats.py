@@ -305,17 +305,20 @@ def compare_with_top(scores: np.ndarray, boot: np.ndarray, *, alpha: float = ALP
     return Comparison(top, runner_up, diff, low, high, p_adj, tied, top if tied.sum() == 1 else None)
 
 
-def wilcoxon_vs_top(block: pd.DataFrame, top: str) -> pd.Series:
+def wilcoxon_vs_top(block: pd.DataFrame, top: str, noise: np.ndarray | None = None) -> pd.Series:
     """Holm-corrected Wilcoxon signed-rank tests (:func:`scipy.stats.wilcoxon`, two-sided)
     of the top optimizer against each other one on the per-task scores of a complete
     block: the rank-based follow-up to :func:`friedman` (Demšar 2006; Benavoli et al.
     2016). Descriptive next to :func:`compare_with_top`, which decides: with few tasks
-    these p-values cannot get small (4 tasks: p ≥ 0.125). NaN for the top."""
+    these p-values cannot get small (4 tasks: p ≥ 0.125). A difference within the task's
+    seed ``noise`` counts as a tie (zero, split by ``zero_method="zsplit"``). NaN for the top."""
+    eps = np.zeros(len(block)) if noise is None else np.nan_to_num(np.asarray(noise, dtype=float), nan=0.0)
     p = pd.Series(np.nan, index=block.columns, dtype=float)
     for s in block.columns:
         if s == top:
             continue
         d = (block[top] - block[s]).to_numpy(dtype=float)
+        d = np.where(np.abs(d) <= eps, 0.0, d)
         if not np.any(d != 0):
             p[s] = 1.0  # identical on every task: no evidence of a difference
             continue
