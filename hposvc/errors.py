@@ -20,6 +20,7 @@ __all__ = [
     "StorageError",
     "TrackingError",
     "TrainingError",
+    "TrialPruned",
     "invalid",
 ]
 
@@ -46,6 +47,14 @@ class TrackingError(HposvcError):
 
 class TrainingError(HposvcError):
     """A trial could not be trained (e.g. out of device memory)."""
+
+
+class TrialPruned(HposvcError):
+    """Raised by :meth:`hposvc.TrialContext.report` when the study's pruner stops the trial.
+
+    A trainer lets it propagate (or raises it itself, as it may ``optuna.TrialPruned``);
+    the trial then ends PRUNED, and its MLflow run KILLED.
+    """
 
 
 class Interrupted(HposvcError):

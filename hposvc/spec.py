@@ -18,6 +18,10 @@ The format (every key; ``[study] name`` and ``task`` are required)::
     seed = 0                     # seeds the sampler and, unless [train] seed says otherwise, every trial
     population = 8               # train K trials at once as one population, or "auto"; absent: one at a time
     description = "free text"
+    model = "mymodels:net"       # your model factory, called as net(task, config) -> torch.nn.Module
+    trainer = "myloop:train"     # your training function, called as train(ctx) for each trial
+    command = ["python", "train.py", "--lr={lr}"]  # or your script, any language (not with trainer)
+    code_dir = "."               # where "module:function" code is imported from (default: the spec's folder)
 
     [task]                       # options for the workload (tabular: path, target, kind)
     [train]                      # fixed training settings: epochs, batch_size, schedule, warmup, seed
@@ -249,7 +253,10 @@ def default_lr_dim(optimizer: str) -> Dim:
 
 # -- the keys each table takes -----------------------------------------------------------
 
-_STUDY_KEYS = ("name", "task", "metric", "n_trials", "sampler", "pruner", "seed", "population", "description")
+_STUDY_KEYS = (
+    "name", "task", "metric", "n_trials", "sampler", "pruner", "seed", "population", "description",
+    "model", "trainer", "command", "code_dir",
+)
 _TRAIN_KEYS = ("epochs", "batch_size", "schedule", "warmup", "seed")
 _MODEL_KEYS = ("depth", "width", "channels", "pretrained_path")
 # Every TrialConfig field but ``extra`` (user factories read that; specs pass [task] options).
@@ -319,6 +326,12 @@ class StudySpec:
     optimizer_overrides: Mapping[str, Mapping[str, Dim]]  # [space.optimizers.NAME]
     optimizer_defaults: str = "auto"  # what unmentioned optimizer numbers do (module docstring)
     description: str = ""  # free text from [study] description
+    model: str | None = None  # "module:function" model factory, or None: the task's built-in family
+    trainer: str | None = None  # "module:function" training function, or None: hposvc's own loop
+    command: tuple[str, ...] | None = None  # a script run per trial, with {field} placeholders
+    # Where user code is imported from and commands run: the spec file's folder unless
+    # [study] code_dir says otherwise. A path of this machine, so not part of the hash.
+    code_dir: str | None = field(default=None, compare=False)
     source: str = field(default="<dict>", compare=False)  # file the spec came from, for messages
 
     # -- derived views ------------------------------------------------------------------
@@ -442,6 +455,13 @@ class StudySpec:
             study["population"] = self.population
         if self.description:
             study["description"] = self.description
+        for key in ("model", "trainer"):
+            if getattr(self, key) is not None:
+                study[key] = getattr(self, key)
+        if self.command is not None:
+            study["command"] = list(self.command)
+        if self.code_dir is not None:
+            study["code_dir"] = self.code_dir
         space: dict[str, Any] = {name: self.dims[name].to_json() for name in _FIELDS if name in self.dims}
         space["optimizer_defaults"] = self.optimizer_defaults
         if self.optimizer_overrides:
@@ -459,7 +479,7 @@ class StudySpec:
         not what it searches, so ``--n-trials`` overrides and resumes keep the same hash.
         """
         data = self.to_dict()
-        for key in ("n_trials", "population", "description"):
+        for key in ("n_trials", "population", "description", "code_dir"):
             data["study"].pop(key, None)
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -638,6 +658,23 @@ class _Parser:
         description = study.get("description", "")
         if not isinstance(description, str):
             raise self.error("study.description", description, "a string")
+        model, trainer = (self.factory(f"study.{key}", study.get(key)) for key in ("model", "trainer"))
+        command = self.command(study.get("command"))
+        if trainer is not None and command is not None:
+            raise self.error("study.command", list(command), "absent when [study] trainer is given", "A trial runs either a trainer function or a command, not both.")
+        if command is not None and model is not None:
+            raise self.error("study.model", model, "absent with [study] command", "A command builds its own model; name it in the command instead.")
+        if population is not None and (trainer is not None or command is not None):
+            kind = "trainer" if trainer is not None else "command"
+            raise self.error(
+                "study.population", population, "absent with a [study] " + kind,
+                "A population trains several trials as one vectorised model inside hposvc's own loop; "
+                "your own training code runs one trial at a time (run more workers instead: --workers auto).",
+            )
+        code_dir = study.get("code_dir")
+        if code_dir is not None and (not isinstance(code_dir, str) or not code_dir):
+            raise self.error("study.code_dir", code_dir, "a folder path (relative to the spec file)")
+        code_dir = self.path(code_dir) if code_dir is not None else (str(self.base_dir) if self.base_dir is not None else None)
 
         dims, overrides, optimizer_defaults = self.space(task, data, sampler)
         return StudySpec(
@@ -655,6 +692,10 @@ class _Parser:
             optimizer_overrides=overrides,
             optimizer_defaults=optimizer_defaults,
             description=description,
+            model=model,
+            trainer=trainer,
+            command=command,
+            code_dir=code_dir,
             source=self.source,
         )
 
@@ -670,6 +711,19 @@ class _Parser:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.error(key, value, phrase or f"an integer >= {minimum}")
         return value
+
+    def factory(self, key: str, value: Any) -> str | None:
+        """A "module:function" reference (imported later, by hposvc.plugins), or None."""
+        if value is None or (isinstance(value, str) and _FACTORY_RE.fullmatch(value)):
+            return value
+        raise self.error(key, value, "a function named 'package.module:function'")
+
+    def command(self, value: Any) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
+            raise self.error("study.command", value, "a non-empty list of strings", 'E.g. command = ["python", "train.py", "--lr={lr}"].')
+        return tuple(value)
 
     def task(self, task: Any) -> str:
         if isinstance(task, str) and (task in TASKS or _FACTORY_RE.fullmatch(task)):

@@ -56,9 +56,11 @@ def prepare_study(
     """
     import optuna
 
+    from hposvc.plugins import check_spec_code
     from hposvc.space import build_pruner, build_sampler, check_grid_budget, params_for_config
 
     check_grid_budget(spec)  # before anything is written
+    check_spec_code(spec)  # the user's trainer / model / command: importable and callable
     rdb = open_storage(storage)
     study = with_retries(
         lambda: optuna.create_study(

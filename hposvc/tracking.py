@@ -412,6 +412,11 @@ class TrialRun:
         items = [(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         self.tracker._submit(lambda: self._add(items))
 
+    def add_text(self, path: str, text: str) -> None:
+        """Attach ``text`` as the artifact ``path`` (sent with the run's next write, or kept
+        in the outbox with the rest of the record)."""
+        self.tracker._submit(lambda: self.record.artifacts.__setitem__(path, text))
+
     def end(self, state: str, *, reason: str | None = None, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> None:
         """Close the run with the trial's final ``state`` (an Optuna state name)."""
         now = _now_ms()

@@ -63,6 +63,10 @@ class EpochMetrics:
     lr: float  # learning rate of the epoch's last step
     elapsed: float  # seconds since train() started
 
+    def metrics(self) -> dict[str, float | None]:
+        """What an epoch reports to Optuna and MLflow."""
+        return {"train_loss": self.train_loss, "val_loss": self.val_loss, "val_accuracy": self.val_accuracy, "lr": self.lr}
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -106,12 +110,15 @@ def train(
     device: str | torch.device = "auto",
     on_epoch: Callable[[EpochMetrics], bool] | None = None,
     keep_model: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Train ``task``'s model family with ``config`` and return curves and final metrics.
 
     ``device``: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:N"`` or a
     ``torch.device``. ``on_epoch`` is called after every epoch; returning True stops
-    training. ``keep_model=True`` puts the trained model in ``result.model``. The thread
+    training. ``keep_model=True`` puts the trained model in ``result.model``. ``model``: a
+    model built already (seeded, as :meth:`TrialContext.build_model` does) instead of the
+    task's built-in family. The thread
     count is left as it is (the worker layer sets it). Running out of device memory
     raises :class:`~hposvc.errors.TrainingError`.
 
@@ -123,7 +130,7 @@ def train(
     """
     dev = resolve_device(device)
     try:
-        return _train(config, task, dev, on_epoch, keep_model)
+        return _train(config, task, dev, on_epoch, keep_model, model)
     except torch.OutOfMemoryError as e:
         raise TrainingError(f"out of memory on {dev} training {task.name} with batch size {config.batch_size}") from e
 
@@ -134,11 +141,12 @@ def _train(
     dev: torch.device,
     on_epoch: Callable[[EpochMetrics], bool] | None,
     keep_model: bool,
+    model: torch.nn.Module | None,
 ) -> TrainResult:
     t0 = time.perf_counter()
     # 1) seed, build the model, move it and the data to the device once
     seed_everything(config.seed)
-    model = build_model(task, config).to(dev)
+    model = (model if model is not None else build_model(task, config)).to(dev)
     x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
     x_val, y_val = task.x_val.to(dev), task.y_val.to(dev)
     shuffle = torch.Generator().manual_seed(config.seed)  # CPU: same order on every device

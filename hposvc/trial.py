@@ -1,22 +1,28 @@
 """One claimed trial, from its config to its end in Optuna and MLflow.
 
 A :class:`TrialJob` samples the trial's :class:`~hposvc.config.TrialConfig`, opens its
-MLflow run, reports each epoch's metric to the trial (so pruners work) and to MLflow, and
-ends it COMPLETE (final metric), PRUNED (pruner, or diverged — the reason is stored) or
-FAIL (an error, an out-of-memory, an interruption). :func:`run_trial` drives one job
-through :func:`hposvc.train.train`; :func:`run_population` drives several claimed trials
-through :func:`hposvc.population.train_population` where they share a structure.
+MLflow run, and hands a :class:`~hposvc.context.TrialContext` to what trains it: hposvc's
+own loop (:func:`train_trial`), the spec's trainer function, or its command
+(:mod:`hposvc.script`). Each epoch reported through the context goes to the trial (so
+pruners work) and to MLflow. The trial ends COMPLETE (final metric), PRUNED (pruner, or
+diverged in hposvc's loop — the reason is stored) or FAIL (an error, an out-of-memory, an
+interruption). :func:`run_population` trains several claimed trials as one vectorised
+model (:func:`hposvc.population.train_population`) where they share a structure.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hposvc import interrupts, queue, records
 from hposvc.config import TrialConfig
+from hposvc.context import TrialContext
+from hposvc.errors import TrainingError, TrialPruned
 from hposvc.interrupts import STOPS
 from hposvc.storage import with_retries
 
@@ -26,28 +32,48 @@ if TYPE_CHECKING:
     from hposvc.spec import StudySpec
     from hposvc.tasks import Task
     from hposvc.tracking import Tracker, TrialRun
+    from hposvc.train import TrainResult
 
-__all__ = ["TrialJob", "run_population", "run_trial"]
+__all__ = ["Outcome", "TrialJob", "run_population", "run_trial", "train_trial"]
 
 log = logging.getLogger(__name__)
 
 
 class TrialJob:
-    """One claimed trial from config to its end in Optuna and MLflow."""
+    """One claimed trial from config to its end in Optuna and MLflow.
 
-    def __init__(self, study: "optuna.Study", trial: "optuna.Trial", *, spec: "StudySpec", tracker: "Tracker", device: Any, worker_id: str) -> None:
+    :meth:`start` samples the config and opens the MLflow run; :attr:`ctx` is the
+    :class:`~hposvc.context.TrialContext` the training code reports through
+    (:meth:`on_report`); :meth:`finish` and :meth:`fail` end the trial.
+    """
+
+    def __init__(
+        self,
+        study: "optuna.Study",
+        trial: "optuna.Trial",
+        *,
+        spec: "StudySpec",
+        tracker: "Tracker",
+        device: Any,
+        worker_id: str,
+        trials_dir: Path | None = None,
+    ) -> None:
         self.study, self.trial, self.spec, self.tracker = study, trial, spec, tracker
-        self.device, self.worker_id = device, worker_id
+        self.device, self.worker_id, self.trials_dir = device, worker_id, trials_dir
         self.run: TrialRun | None = None
+        self.ctx: TrialContext | None = None
         self.ended = False
+        self.init_std: list[float | None] | None = None
         self.prunes = spec.pruner != "none"  # no pruner: skip the per-epoch storage read
 
-    def start(self, task: "Task") -> TrialConfig:
-        """Sample the config, open the MLflow run and record where the trial runs."""
+    def start(self, task: "Task | None") -> TrialConfig:
+        """Sample the config, open the MLflow run, record where the trial runs, and make
+        the trial's context."""
         from hposvc.space import suggest_config
 
         trial, dev = self.trial, self.device
-        config = suggest_config(trial, self.spec, task_defaults={"depth": task.default_depth, "width": task.default_width})
+        defaults = {} if task is None else {"depth": task.default_depth, "width": task.default_width}
+        config = suggest_config(trial, self.spec, task_defaults=defaults)
         trial_id = queue.trial_id(trial)
 
         def remember_run(run_id: str) -> None:
@@ -63,39 +89,67 @@ class TrialJob:
         }
         for key, value in attrs.items():
             with_retries(lambda: trial.set_user_attr(key, value), what="storing trial attributes")
-        self.init_std = _probe_init(config, task)
+        # A retry shares the folder of the trial it retries, so it finds that one's checkpoint.
+        first = trial.storage.get_trial(trial_id).system_attrs.get("failed_trial", trial.number)
+        self.ctx = TrialContext(
+            config,
+            on_report=self.on_report,
+            task=task,
+            device=dev,
+            trial_number=trial.number,
+            study_name=self.study.study_name,
+            metric=self.spec.metric,
+            trial_dir=None if self.trials_dir is None else self.trials_dir / f"trial-{first}",
+            logger=logging.getLogger(f"hposvc.trial.{trial.number}"),
+        )
         return config
 
-    def on_epoch(self, m: Any) -> bool:
+    def on_report(self, epoch: int, metrics: "dict[str, float]") -> bool:
         """Report an epoch to the trial (pruners) and MLflow; True when it should stop."""
-        value = getattr(m, self.spec.metric)
-        with_retries(lambda: self.trial.report(value, m.epoch), what="reporting an epoch")
-        self.run.log_epoch({"train_loss": m.train_loss, "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "lr": m.lr}, step=m.epoch)
+        value = metrics[self.spec.metric]
+        with_retries(lambda: self.trial.report(value, epoch), what="reporting an epoch")
+        self.run.log_epoch(metrics, step=epoch)
         interrupts.check()  # a signal some library caught and wrapped: stop here
         return self.prunes and with_retries(self.trial.should_prune, what="asking the pruner")
 
-    def finish(self, result: Any) -> str:
+    def on_epoch(self, m: Any) -> bool:
+        """hposvc's own loop (and the population's): one epoch's EpochMetrics."""
+        return self.ctx.should_stop(m.epoch, **m.metrics())
+
+    def probe_init(self, task: "Task") -> None:
+        """Each hidden layer's activation std at init, on the model training starts from."""
+        from hposvc.probes import PROBE_SAMPLES, activation_std_per_layer
+
+        model = self.ctx.model if self.ctx.model is not None else self.ctx.build_model()
+        x = task.x_val[:PROBE_SAMPLES].to(self.device)
+        self.init_std = [records.finite_or_none(v) for v in activation_std_per_layer(model, x)]
+
+    def finish(self, outcome: "Outcome") -> str:
         """Tell Optuna and MLflow how training ended: COMPLETE, or PRUNED with the reason."""
         import optuna
 
-        from hposvc.probes import unit_symmetry
+        probes: dict[str, Any] = {}
+        if self.init_std is not None:
+            # Probes the guide's claims are judged on: activation std per layer at init,
+            # and whether training broke the symmetry between hidden units.
+            probes[records.ACTIVATION_STD] = self.init_std
+        if outcome.model is not None:
+            from hposvc.probes import unit_symmetry
 
-        # Probes the guide's claims are judged on: activation std per layer at init, and
-        # whether training broke the symmetry between hidden units.
-        probes = {records.ACTIVATION_STD: self.init_std}
-        if result.model is not None:
-            probes[records.UNIT_SYMMETRY] = records.finite_or_none(unit_symmetry(result.model))
+            probes[records.UNIT_SYMMETRY] = records.finite_or_none(unit_symmetry(outcome.model))
         for key, value in probes.items():
             with_retries(lambda: self.trial.set_user_attr(key, value), what="storing probes")
-        if result.status == "completed":
+        if outcome.completed:
             state, reason = "COMPLETE", None
-            with_retries(lambda: self.study.tell(self.trial, result.final[self.spec.metric], skip_if_finished=True), what="storing the trial's result")
+            with_retries(lambda: self.study.tell(self.trial, outcome.final[self.spec.metric], skip_if_finished=True), what="storing the trial's result")
         else:
             state = "PRUNED"
-            reason = result.reason or f"pruned by {type(self.study.pruner).__name__}"
+            reason = outcome.reason or f"pruned by {type(self.study.pruner).__name__}"
             with_retries(lambda: self.trial.set_user_attr(records.REASON, reason), what="storing the prune reason")
             with_retries(lambda: self.study.tell(self.trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True), what="storing the trial's result")
-        self.run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in result.final.items()})
+        for path, text in outcome.artifacts.items():
+            self.run.add_text(path, text)
+        self.run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in outcome.final.items()})
         self.ended = True
         return state
 
@@ -107,6 +161,8 @@ class TrialJob:
         that has ended already is left as it is. A trial that failed on its own (not by
         an interruption) is re-queued; an interrupted study is topped up by its next run.
         """
+        import traceback
+
         import optuna
 
         from hposvc.devices import free_device_memory, is_out_of_memory
@@ -132,6 +188,8 @@ class TrialJob:
         else:
             reason = f"{type(e).__name__}: {e}"
             log.error("trial %s failed: %s", self.trial.number, reason)
+            if self.run is not None:
+                self.run.add_text("traceback.txt", "".join(traceback.format_exception(e)))
         queue.tell_fail(self.study, self.trial, reason)
         if self.run is not None:
             self.run.end("FAIL", reason=reason)
@@ -141,15 +199,103 @@ class TrialJob:
         return "FAIL"
 
 
-def _probe_init(config: TrialConfig, task: "Task") -> list[float | None]:
-    """Each hidden layer's activation std at init, on the model ``train`` starts from."""
-    from hposvc.nn import build_model
-    from hposvc.probes import PROBE_SAMPLES, activation_std_per_layer
-    from hposvc.train import seed_everything
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial's training ended, whatever trained it."""
 
-    seed_everything(config.seed)  # train() seeds the same way, so these are its weights
-    model = build_model(task, config)
-    return [records.finite_or_none(v) for v in activation_std_per_layer(model, task.x_val[:PROBE_SAMPLES])]
+    completed: bool  # False: pruned (by the pruner, or diverged in hposvc's own loop)
+    final: dict[str, float]  # final metrics, logged as final_* on the MLflow run
+    reason: str | None = None
+    model: Any = None  # the trained model, for the unit-symmetry probe (hposvc's own loop)
+    artifacts: dict[str, str] = field(default_factory=dict)  # MLflow artifact path -> text
+
+    @classmethod
+    def of_train(cls, result: Any) -> "Outcome":
+        """From :class:`hposvc.train.TrainResult`: stopped and diverged trials are PRUNED."""
+        return cls(result.status == "completed", dict(result.final), result.reason, result.model)
+
+
+def train_trial(ctx: TrialContext) -> "TrainResult":
+    """hposvc's own trainer, written against the same :class:`~hposvc.context.TrialContext`
+    as a user's: the model from ``ctx.build_model()`` (or the one built already), every
+    epoch through ``ctx.should_stop`` (Optuna and MLflow), stopped when the pruner says so."""
+    from hposvc.train import train
+
+    model = ctx.model if ctx.model is not None else ctx.build_model()
+    return train(ctx.config, ctx.task, device=ctx.device, model=model, keep_model=True, on_epoch=lambda m: ctx.should_stop(m.epoch, **m.metrics()))
+
+
+def _train_builtin(job: TrialJob, task: "Task") -> Outcome:
+    job.probe_init(task)
+    return Outcome.of_train(train_trial(job.ctx))
+
+
+def _train_user(job: TrialJob, task: "Task | None") -> Outcome:
+    """The spec's trainer function: ``train(ctx)`` returns the final metrics."""
+    import optuna
+
+    from hposvc.plugins import load_callable
+
+    spec = job.spec
+    fn = load_callable(spec.trainer, key="study.trainer", code_dir=spec.code_dir, source=spec.source)
+    try:
+        final = fn(job.ctx)
+    except (TrialPruned, optuna.TrialPruned) as e:
+        last = dict(job.ctx.history[-1][1]) if job.ctx.history else {}
+        return Outcome(False, last, f"pruned: {e}" if str(e) else None)
+    return Outcome(True, _final_metrics(final, spec.metric, what=f"{spec.trainer}(ctx)"))
+
+
+def _train_command(job: TrialJob, task: "Task | None") -> Outcome:
+    """The spec's command, one process per trial; metrics come back as lines on stdout."""
+    import json
+    import os
+
+    from hposvc import script
+
+    spec, ctx = job.spec, job.ctx
+    argv = script.render(list(spec.command), ctx.config)
+    trial_dir = ctx.trial_dir or Path.cwd()
+    log_dir = trial_dir / f"attempt-{job.trial.number}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "HPOSVC_CONFIG": json.dumps(ctx.config.to_dict()),
+        "HPOSVC_TRIAL_DIR": str(trial_dir),
+        "HPOSVC_TRIAL_NUMBER": str(job.trial.number),
+        "HPOSVC_STUDY": spec.name,
+        "HPOSVC_DEVICE": str(job.device),
+    }
+    result = script.run(argv, cwd=spec.code_dir or ".", env=env, on_metrics=lambda epoch, metrics: ctx.should_stop(epoch, **metrics), log_dir=log_dir)
+    logs = {f"logs/{p.name}": p.read_text(errors="replace") for p in (result.stdout_path, result.stderr_path) if p and p.is_file()}
+    if result.status != "completed":
+        return Outcome(False, dict(result.final), f"pruned by {type(job.study.pruner).__name__}: the command was stopped", artifacts=logs)
+    return Outcome(True, _final_metrics(result.final, spec.metric, what=" ".join(argv)), artifacts=logs)
+
+
+def _final_metrics(final: Any, metric: str, *, what: str) -> dict[str, float]:
+    """A trainer's result as final metrics; the study's metric must be a finite number."""
+    import math
+
+    if not isinstance(final, Mapping):
+        raise TrainingError(f"{what} returned {type(final).__name__}; it must return a dict of final metrics with {metric!r} in it.")
+    if metric not in final:
+        raise TrainingError(f"{what} returned no {metric!r} (the study's metric); it returned {sorted(final)}.")
+    try:
+        clean = {str(k): float(v) for k, v in final.items() if v is not None}
+    except (TypeError, ValueError) as e:
+        raise TrainingError(f"{what} returned a metric that is not a number: {e}") from e
+    if not math.isfinite(clean[metric]):
+        raise TrainingError(f"diverged: {what} returned {metric} = {clean[metric]}")
+    return clean
+
+
+def _runner(spec: "StudySpec") -> "Callable[[TrialJob, Task | None], Outcome]":
+    if spec.trainer is not None:
+        return _train_user
+    if spec.command is not None:
+        return _train_command
+    return _train_builtin
 
 
 def run_trial(
@@ -161,18 +307,22 @@ def run_trial(
     tracker: "Tracker",
     device: str = "auto",
     worker_id: str = "",
+    trials_dir: Path | None = None,
 ) -> str:
-    """Train one claimed trial and tell Optuna and MLflow how it ended; returns the state."""
-    from hposvc.devices import resolve_device
-    from hposvc.train import train
+    """Train one claimed trial and tell Optuna and MLflow how it ended; returns the state.
 
-    job = TrialJob(study, trial, spec=spec, tracker=tracker, device=resolve_device(device), worker_id=worker_id)
+    What trains it: hposvc's own loop, the spec's trainer function, or its command.
+    ``trials_dir``: where trials keep their checkpoints and logs (one folder per trial).
+    """
+    from hposvc.devices import resolve_device
+
+    job = TrialJob(study, trial, spec=spec, tracker=tracker, device=resolve_device(device), worker_id=worker_id, trials_dir=trials_dir)
     # The heartbeat starts before anything else touches the trial: a trial without one
     # could never be recognised as stale if this worker died right now.
     with queue.heartbeat([trial]):
         try:
-            config = job.start(task)
-            return job.finish(train(config, task, device=job.device, on_epoch=job.on_epoch, keep_model=True))
+            job.start(task)
+            return job.finish(_runner(spec)(job, task))
         except STOPS as e:
             job.fail(e)
             raise
@@ -189,6 +339,7 @@ def run_population(
     tracker: "Tracker",
     device: str = "auto",
     worker_id: str = "",
+    trials_dir: Path | None = None,
 ) -> list[str]:
     """Train several claimed trials together where they share a structure.
 
@@ -200,10 +351,8 @@ def run_population(
     """
     from hposvc.devices import resolve_device
     from hposvc.population import group_configs, train_population
-    from hposvc.train import train
-
     dev = resolve_device(device)
-    jobs = [TrialJob(study, t, spec=spec, tracker=tracker, device=dev, worker_id=worker_id) for t in trials]
+    jobs = [TrialJob(study, t, spec=spec, tracker=tracker, device=dev, worker_id=worker_id, trials_dir=trials_dir) for t in trials]
     states: dict[int, str] = {}
     with queue.heartbeat(list(trials)):
         try:
@@ -211,6 +360,7 @@ def run_population(
             for job in jobs:
                 try:
                     started.append((job, job.start(task)))
+                    job.probe_init(task)
                 except STOPS:
                     raise
                 except Exception as e:  # noqa: BLE001
@@ -219,8 +369,7 @@ def run_population(
                 members = [started[i] for i in group]
                 try:
                     if len(members) == 1:
-                        job, config = members[0]
-                        results = [train(config, task, device=dev, on_epoch=job.on_epoch, keep_model=True)]
+                        results = [train_trial(members[0][0].ctx)]
                     else:
                         results = train_population(
                             [c for _, c in members],
@@ -237,7 +386,7 @@ def run_population(
                     continue
                 for (job, _), result in zip(members, results):
                     try:
-                        states[job.trial.number] = job.finish(result)
+                        states[job.trial.number] = job.finish(Outcome.of_train(result))
                     except Exception as e:  # noqa: BLE001
                         states[job.trial.number] = job.fail(e)
         except STOPS as e:

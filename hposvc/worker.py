@@ -22,7 +22,7 @@ from hposvc import interrupts, queue, records
 from hposvc.config import check_population
 from hposvc.errors import InvalidInputError
 from hposvc.records import StudyRun
-from hposvc.storage import load_study, resolve_storage_url, resolve_tracking_uri
+from hposvc.storage import load_study, resolve_data_dir, resolve_storage_url, resolve_tracking_uri
 from hposvc.tracking import Tracker, open_tracker
 
 if TYPE_CHECKING:
@@ -102,6 +102,12 @@ def run_worker(
     tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir)
     task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
     k = population_size(population if population is not None else spec.population, device=device, task=task)
+    if k > 1 and (spec.trainer is not None or spec.command is not None):
+        raise InvalidInputError(
+            "the 'population' parameter must be absent for a study with its own trainer or command "
+            "(a population trains inside hposvc's own loop). Drop --population; run more workers instead (--workers auto)."
+        )
+    trials_dir = resolve_data_dir(data_dir) / "trials" / (records.study_info(study).uid or study.study_name)
 
     started = time.monotonic()
     ran = 0
@@ -133,9 +139,9 @@ def run_worker(
                 time.sleep(POLL_SECONDS)
                 continue
             if len(claimed) == 1:
-                run_trial(study, claimed[0], spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id)
+                run_trial(study, claimed[0], spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id, trials_dir=trials_dir)
             else:
-                run_population(study, claimed, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id)
+                run_population(study, claimed, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id, trials_dir=trials_dir)
             ran += len(claimed)
             bar.update()
             tracker.sync_soon()

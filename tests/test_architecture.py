@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"storage"},
     {"records", "proxy"},
     # what a trial trains: the stages below the service
-    {"devices", "spec", "space", "tasks", "nn", "optim", "train", "probes", "population"},
+    {"devices", "spec", "space", "tasks", "nn", "optim", "train", "probes", "population", "context", "plugins", "script"},
     {"queue", "tracking"},
     {"trial"},
     {"worker"},
