@@ -18,7 +18,7 @@ import importlib
 from typing import Any
 
 from hposvc.config import TrialConfig
-from hposvc.errors import HposvcError, Interrupted, InvalidInputError, SpecError, StorageError, TrackingError, TrainingError
+from hposvc.errors import HposvcError, Interrupted, InvalidInputError, SpecError, StorageError, TrackingError, TrainingError, TrialPruned
 
 __all__ = [
     "Best",
@@ -32,6 +32,8 @@ __all__ = [
     "TrackingError",
     "TrainingError",
     "TrialConfig",
+    "TrialContext",
+    "TrialPruned",
     "best_config",
     "build_training",
     "load_spec",
@@ -57,6 +59,7 @@ _LAZY = {
     "run_study": "hposvc.study",
     "run_worker": "hposvc.worker",
     "StudySpec": "hposvc.spec",
+    "TrialContext": "hposvc.context",
     "load_spec": "hposvc.spec",
     "load_task": "hposvc.tasks",
     "recommend": "hposvc.recommendation",

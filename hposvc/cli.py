@@ -218,10 +218,10 @@ def study_validate(spec: str, as_json: bool) -> None:
 
     Example: hposvc study validate studies/quickstart.toml
     """
-    from hposvc.space import check_grid_budget
+    from hposvc.plugins import check_runnable
 
     parsed = _load_spec(spec)
-    check_grid_budget(parsed)
+    check_runnable(parsed)
     summary = {
         "name": parsed.name,
         "task": parsed.task,

@@ -22,7 +22,7 @@ from hposvc.errors import invalid
 if TYPE_CHECKING:
     from hposvc.spec import StudySpec
 
-__all__ = ["check_spec_code", "load_callable"]
+__all__ = ["check_runnable", "check_spec_code", "load_callable"]
 
 
 @contextmanager
@@ -84,7 +84,20 @@ def check_spec_code(spec: "StudySpec") -> None:
         fn = load_callable(spec.model, key="study.model", code_dir=spec.code_dir, source=src)
         _check_arity(fn, spec.model, key="study.model", n=2, shape="factory(task, config)", source=src)
     if spec.command is not None:
-        from hposvc.script import check_command
+        from hposvc.config import TrialConfig
+        from hposvc.script import check_command, render
 
-        check_command(list(spec.command), cwd=Path(spec.code_dir or "."))
+        check_command(list(spec.command), cwd=Path(spec.code_dir or "."), source=src)
+        # A {field} the command names must exist for every optimizer the study can pick.
+        for optimizer in spec.optimizers:
+            render(list(spec.command), TrialConfig(optimizer=optimizer), source=src)
 
+
+def check_runnable(spec: "StudySpec") -> None:
+    """Everything about ``spec`` that can be known before a trial runs, beyond parsing: the
+    grid's size against ``n_trials``, and the user code it names. What ``study validate``
+    checks and ``study run`` checks before it writes anything."""
+    from hposvc.space import check_grid_budget
+
+    check_grid_budget(spec)
+    check_spec_code(spec)

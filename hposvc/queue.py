@@ -213,10 +213,14 @@ class StaleWatch:
 
 
 def grid_exhausted(study: "optuna.Study") -> bool:
-    """True when a grid study has no unsampled grid point left."""
+    """True when a grid study has no unsampled grid point left, nor a re-queued trial
+    (which carries its grid point with it) waiting to run."""
     import optuna
 
-    return isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
+    if not isinstance(study.sampler, optuna.samplers.GridSampler) or not study.sampler.is_exhausted(study):
+        return False
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    return not any(t.params or t.system_attrs.get("fixed_params") for t in waiting)
 
 
 @contextmanager

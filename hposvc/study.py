@@ -56,11 +56,10 @@ def prepare_study(
     """
     import optuna
 
-    from hposvc.plugins import check_spec_code
-    from hposvc.space import build_pruner, build_sampler, check_grid_budget, params_for_config
+    from hposvc.plugins import check_runnable
+    from hposvc.space import build_pruner, build_sampler, params_for_config
 
-    check_grid_budget(spec)  # before anything is written
-    check_spec_code(spec)  # the user's trainer / model / command: importable and callable
+    check_runnable(spec)  # grid size, the user's code: before anything is written
     rdb = open_storage(storage)
     study = with_retries(
         lambda: optuna.create_study(
