@@ -48,11 +48,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _worker(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: float, out: "mp.Queue") -> None:
+    try:
+        out.put(_work(storage_url, study_name, ready, deadline_s))
+    except BaseException as e:  # the parent must hear of it rather than wait for a result
+        ready.abort()
+        out.put({"error": f"{type(e).__name__}: {e}"})
+        raise
+
+
+def _work(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: float) -> dict:
     import optuna
     from optuna.trial import TrialState
 
     if storage_url.startswith("grpc://"):
-        from hposvc.proxy import grpc_storage
+        from hposvc.storage import grpc_storage
 
         storage = grpc_storage(storage_url)
     else:
@@ -72,9 +81,14 @@ def _worker(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: 
         t0 = time.perf_counter()
         trial_id = None
         for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                trial_id = t._trial_id
-                break
+            try:
+                # False, or UpdateFinishedTrialError when it finished since the list was read:
+                # another worker got there first
+                if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                    trial_id = t._trial_id
+                    break
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
             lost += 1
         if trial_id is None:
             break  # the queue is empty
@@ -84,7 +98,7 @@ def _worker(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: 
         for epoch in range(EPOCHS):
             storage.set_trial_intermediate_value(trial_id, epoch, 1.0 / (epoch + 1))
         storage.set_trial_state_values(trial_id, state=TrialState.COMPLETE, values=[float(trial_id)])
-    out.put({"claimed": claimed, "latencies": latencies, "lost": lost, "end": time.time()})
+    return {"claimed": claimed, "latencies": latencies, "lost": lost, "end": time.time()}
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------------
@@ -146,7 +160,7 @@ class ConnectionSampler(threading.Thread):
 
 def _start_proxy(db_url: str, log: Path) -> tuple[subprocess.Popen, str]:
     from hposvc.errors import StorageError
-    from hposvc.proxy import grpc_storage
+    from hposvc.storage import grpc_storage
 
     port = _free_port()
     url = f"grpc://127.0.0.1:{port}"
@@ -207,9 +221,19 @@ def run_once(pg_url: str, n_workers: int, *, via_proxy: bool, trials_per_worker:
         p.start()
     sampler = ConnectionSampler(pg_url, database)
     sampler.start()
-    ready.wait(timeout=600)
+    try:
+        ready.wait(timeout=600)
+    except threading.BrokenBarrierError:
+        pass  # a worker failed to start; its error follows
     start = time.time()
     results = [out.get(timeout=time_limit + 300) for _ in procs]
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        for p in procs:
+            p.kill()
+        if proxy is not None:
+            proxy.kill()
+        sys.exit(f"{len(errors)} worker(s) failed: {errors[0]}")
     for p in procs:
         p.join(timeout=60)
     sampler.stop_event.set()

@@ -21,8 +21,8 @@ from optuna.trial import TrialState, create_trial
 
 from hposvc.cli import main
 from hposvc.errors import InvalidInputError, StorageError
-from hposvc.proxy import grpc_storage, is_loopback
-from hposvc.storage import open_storage
+from hposvc.proxy import is_loopback
+from hposvc.storage import grpc_storage, open_storage
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
