@@ -25,19 +25,25 @@ from hposvc.errors import invalid
 __all__ = [
     "ACTIVATIONS",
     "CONDITIONAL",
+    "DATA_PATHS",
+    "FAMILIES",
     "INITS",
     "NORMS",
     "ONE_SHOT_DEFAULTS",
     "OPTIMIZERS",
     "OPTIMIZER_PARAMS",
+    "PRECISIONS",
     "SCHEDULES",
     "TABULAR_KINDS",
     "TASKS",
+    "TASK_INPUT_SHAPES",
     "TASK_MODEL_DEFAULTS",
     "TASK_OPTIONS",
     "TaskOption",
     "TrialConfig",
+    "check_family",
     "check_population",
+    "family_input_shape",
 ]
 
 # Every optimizer hposvc offers, with the hyper-parameters it uses and the numbers it gets
@@ -70,18 +76,31 @@ INITS = (
     "he_normal",
     "zero",  # ZerO (Zhao, Schäfer & Anandkumar 2022): deterministic identity/Hadamard
     "pretrained",
+    "default",  # keep the model's own init (a user factory's, or PyTorch's for the built-ins)
 )
 # Built-in workloads and the network size each uses unless a spec's [model] says otherwise
 # (the CNN's width is its channel count). A name with ":" is a user factory "module:function".
-TASKS = ("digits", "mnist1d", "moons", "spirals", "tabular")
+TASKS = ("digits", "mnist1d", "moons", "spirals", "tabular", "images", "arrays")
 TASK_MODEL_DEFAULTS: dict[str, dict[str, int]] = {
     "digits": {"depth": 2, "width": 128},
     "mnist1d": {"depth": 3, "width": 32},
     "moons": {"depth": 2, "width": 32},
     "spirals": {"depth": 3, "width": 64},
     "tabular": {"depth": 2, "width": 64},
+    "images": {"depth": 2, "width": 32},  # cnn2d / resnet channels
+    "arrays": {"depth": 2, "width": 64},
 }
-TABULAR_KINDS = ("classification", "binary", "regression")  # tabular's [task] kind
+# Per-sample input shapes of the built-ins whose shape does not depend on a file; a spec's
+# [model] family is checked against them before anything runs (the others when loaded).
+TASK_INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits": (64,), "mnist1d": (1, 40), "moons": (2,), "spirals": (2,)}
+# Built-in model families (hposvc.nn): what each reads is in family_input_shape.
+FAMILIES = ("mlp", "cnn1d", "cnn2d", "resnet")
+PRECISIONS = ("fp32", "bf16", "fp16")  # [train] precision: autocast dtype (fp16 adds a gradient scaler)
+# [train] data: how batches reach the model. "tensors": the whole split on the device,
+# batches sliced out of it; "loader": a torch DataLoader; "auto": tensors when the data
+# fits (hposvc.train.AUTO_TENSOR_BYTES), else the loader.
+DATA_PATHS = ("auto", "tensors", "loader")
+TABULAR_KINDS = ("classification", "binary", "regression")  # tabular's and arrays' [task] kind
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,13 @@ def _with_default(option: TaskOption, default: Any) -> TaskOption:
     return dataclasses.replace(option, default=default)
 
 
+def _is_size(v: Any) -> bool:
+    whole = lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1  # noqa: E731
+    return whole(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(whole(n) for n in v))
+
+
+# A split carved out of the data when the files do not provide it (images, arrays).
+_FRACTION = TaskOption(0.2, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1, "a fraction in (0, 1)")
 _NOISE = TaskOption(None, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, "a number >= 0")
 # The [task] options each built-in takes, with defaults and checks: what a spec validates
 # and what hposvc.tasks builds with. A user factory gets whatever the spec gives.
@@ -114,6 +140,19 @@ TASK_OPTIONS: dict[str, dict[str, TaskOption]] = {
         "target": TaskOption(None, None, "the name of the target column"),
         "kind": TaskOption(None, None, "one of " + ", ".join(repr(k) for k in TABULAR_KINDS)),
     },
+    "images": {
+        "path": TaskOption(None, None, "a folder with one subfolder of images per class (or train/ and val/ folders of them)"),
+        "size": TaskOption(None, _is_size, "an integer >= 1 or [height, width]"),  # None: the images' own (all alike)
+        "grayscale": TaskOption(False, lambda v: isinstance(v, bool), "true or false"),
+        "val_fraction": _FRACTION,
+        "test_fraction": _FRACTION,
+    },
+    "arrays": {
+        "path": TaskOption(None, None, "a path to an .npz or .pt file with x_train and y_train"),
+        "kind": TaskOption(None, None, "one of " + ", ".join(repr(k) for k in TABULAR_KINDS)),
+        "val_fraction": _FRACTION,
+        "test_fraction": _FRACTION,
+    },
 }
 
 NORMS = ("none", "batch", "instance", "layer", "group")
@@ -126,6 +165,7 @@ _CONDITIONAL = (
     ("pretrained_path", "init", ("pretrained",), None),
     ("norm_groups", "norm", ("group",), 4),
     ("warmup", "schedule", ("warmup_cosine",), 0.1),
+    ("zero_init_residual", "family", ("resnet",), False),
 )
 # The same rule by field: field -> (owner, the owner's values for which it applies).
 CONDITIONAL: dict[str, tuple[str, tuple[str, ...]]] = {name: (owner, values) for name, owner, values, _ in _CONDITIONAL}
@@ -159,9 +199,17 @@ class TrialConfig:
     activation: str = "relu"
     batch_size: int = 64
     epochs: int = 10
-    depth: int = 2  # hidden layers (MLP) or conv blocks (CNN)
-    width: int = 128  # hidden units (MLP) or channels (CNN)
+    depth: int = 2  # hidden layers (MLP), conv blocks (CNN) or residual blocks per stage (ResNet)
+    width: int = 128  # hidden units (MLP) or channels (CNN; a ResNet's first stage)
+    family: str | None = None  # built-in model family (FAMILIES); None: the task's own
+    zero_init_residual: bool | None = None  # resnet: every residual branch starts at 0 (Goyal et al. 2017)
     seed: int = 0
+    # How the trial trains (speed and memory; precision can also move the numbers):
+    precision: str = "fp32"  # autocast dtype: fp32 | bf16 | fp16 (fp16 adds a gradient scaler)
+    channels_last: bool = False  # 2-D convs in channels-last memory format (used on CUDA only)
+    compile: bool = False  # torch.compile the model; where compiling fails, eager, with the reason logged
+    data: str = "auto"  # how batches reach the model (DATA_PATHS)
+    num_workers: int | None = None  # DataLoader worker processes; None: 0 on the CPU, up to 4 on CUDA
     # Task-specific knobs a user factory may read; kept sorted so equality is stable.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -197,6 +245,8 @@ class TrialConfig:
             ("init", INITS),
             ("norm", NORMS),
             ("activation", ACTIVATIONS),
+            ("precision", PRECISIONS),
+            ("data", DATA_PATHS),
         ):
             if getattr(self, name) not in allowed:
                 raise invalid(name, getattr(self, name), allowed)
@@ -238,6 +288,14 @@ class TrialConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise invalid("seed", self.seed, "an integer")
+        if self.family is not None and self.family not in FAMILIES:
+            raise invalid("family", self.family, (*FAMILIES, None))
+        for name in ("zero_init_residual", "channels_last", "compile"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "zero_init_residual"):
+                raise invalid(name, value, "true or false")
+        if self.num_workers is not None and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise invalid("num_workers", self.num_workers, "an integer >= 0 or None (automatic)")
         set_("extra", dict(sorted(dict(self.extra).items())))
 
     # -- conversions -----------------------------------------------------------------
@@ -277,7 +335,7 @@ class TrialConfig:
         if "optimizer" in changes and changes["optimizer"] != self.optimizer:
             for name in OPTIMIZER_PARAMS:
                 data[name] = None
-        for owner_field in ("init", "norm", "schedule"):
+        for owner_field in ("init", "norm", "schedule", "family"):
             if owner_field in changes:
                 for name, owner, _, _ in _CONDITIONAL:
                     if owner == owner_field and name not in changes:
@@ -301,3 +359,46 @@ def check_population(value: Any, *, key: str = "population", source: str | None 
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise invalid(key, value, "an integer >= 1 or 'auto'", source=source, **({"cls": cls} if cls else {}))
     return value
+
+
+def family_input_shape(family: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The per-sample shape ``family`` reads for task inputs of ``shape``; None if it cannot:
+    mlp flattens anything, cnn1d takes ``(C, L)``, cnn2d and resnet take ``(C, H, W)`` or a
+    flat square vector as one channel (digits' 64 features are its 1×8×8 pixels).
+
+    >>> family_input_shape("resnet", (64,)), family_input_shape("cnn1d", (5,))
+    ((1, 8, 8), None)
+    """
+    if family == "mlp":
+        return shape
+    if family == "cnn1d":
+        return shape if len(shape) == 2 else None
+    if len(shape) == 3:
+        return shape
+    side = math.isqrt(shape[0]) if len(shape) == 1 else 0
+    return (1, side, side) if side and side * side == shape[0] else None
+
+
+def check_family(family: str, input_shape: tuple[int, ...], *, key: str = "family", source: str | None = None, cls: Any = None) -> tuple[int, ...]:
+    """The per-sample shape ``family`` reads for a task with ``input_shape``, or an error
+    naming both (the one check for specs, TrialConfigs and :func:`hposvc.nn.build_model`).
+
+    >>> check_family("resnet", (64,)), check_family("cnn1d", (1, 40))
+    ((1, 8, 8), (1, 40))
+    """
+    extra = {"source": source, **({"cls": cls} if cls else {})}
+    if family not in FAMILIES:
+        raise invalid(key, family, FAMILIES, **extra)
+    shape = tuple(int(d) for d in input_shape)
+    fitted = family_input_shape(family, shape)
+    if fitted is not None:
+        return fitted
+    wants = "(channels, length)" if family == "cnn1d" else "(channels, height, width), or a flat square vector (64 → 1×8×8)"
+    fitting = [f for f in FAMILIES if family_input_shape(f, shape) is not None]
+    raise invalid(
+        key,
+        family,
+        f"a family that fits the task's input shape {shape}",
+        hint=f"{family!r} needs per-sample inputs {wants}; this task fits {', '.join(map(repr, fitting))}.",
+        **extra,
+    )

@@ -24,8 +24,26 @@ Built-ins (names from :data:`hposvc.config.TASKS`; options in brackets):
   are one-hot encoded, missing numbers get the training mean, and every feature (and a
   regression target) is standardised with training-split statistics. ``tabular:<path>``
   is shorthand for ``tabular`` with ``path``.
+- ``images`` [``path``, ``size``, ``grayscale``, ``val_fraction``, ``test_fraction``]: an
+  ImageFolder-style folder, one subfolder of images per class (class indices in sorted
+  name order), or ``train/`` and ``val/`` (and ``test/``) folders of such subfolders.
+  Images (PNG, JPEG, BMP, GIF, WebP, TIFF) are read with Pillow and NumPy (torchvision is
+  not needed), converted to RGB (or one channel with ``grayscale``), resized to ``size``
+  (``[height, width]`` or one side for squares; absent, all images must share one size)
+  and scaled per channel with training-split mean and std. Shape (N, C, H, W), family
+  ``cnn2d``. A split missing on disk is carved out of the training images, stratified.
+- ``arrays`` [``path``, ``kind``, ``val_fraction``, ``test_fraction``]: an ``.npz`` (NumPy)
+  or ``.pt`` (a dict of tensors, loaded with ``weights_only=True``) file with ``x_train``,
+  ``y_train`` and optionally ``x_val``/``y_val`` and ``x_test``/``y_test``, any per-sample
+  shape; integer labels are classes (``kind`` says otherwise), float targets a regression.
+  Family by shape: (F,) mlp, (C, L) cnn1d, (C, H, W) cnn2d. Values are used as they are.
 - ``module:function`` (any other name with ``:``): a user factory, called as
-  ``function(seed=seed, **options)``; it must return a :class:`Task`.
+  ``function(seed=seed, **options)``; it must return a :class:`Task`, whose splits are
+  tensors (or NumPy arrays) or map-style ``torch.utils.data.Dataset`` objects of ``(x, y)``
+  pairs (:meth:`Task.from_datasets`).
+
+Tensors are trained from the device (hposvc's fast path); datasets through a
+``DataLoader`` unless they fit (:mod:`hposvc.train`, ``[train] data``).
 
 Splits are 60/20/20 train/val/test, stratified by class for classification, and
 deterministic from ``seed``; synthetic sets are also generated from ``seed``. Results are
@@ -45,20 +63,20 @@ import math
 import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from hposvc.config import TABULAR_KINDS, TASK_MODEL_DEFAULTS, TASK_OPTIONS, TASKS
-from hposvc.errors import invalid
+from hposvc.config import FAMILIES, TABULAR_KINDS, TASK_MODEL_DEFAULTS, TASK_OPTIONS, TASKS
+from hposvc.errors import InvalidInputError, invalid
 
-__all__ = ["Task", "load_task", "KINDS", "FAMILIES"]
+__all__ = ["DatasetColumn", "Task", "load_task", "KINDS", "FAMILIES", "IMAGE_SUFFIXES"]
 
 KINDS = ("multiclass", "binary", "regression")
-FAMILIES = ("mlp", "cnn1d")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what `images` reads
 _FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test
 _MAX_CLASS_VALUES = 20  # an integer target with more distinct values is a regression
 
@@ -81,17 +99,95 @@ class Task:
 
     name: str  # "digits", "mnist1d", "tabular:<file>", "pkg.mod:fn", ...
     kind: str  # "multiclass" | "binary" | "regression"
-    family: str  # "mlp" | "cnn1d"
-    input_shape: tuple[int, ...]  # per sample: (features,) for mlp, (channels, length) for cnn1d
+    family: str  # the built-in family that fits: "mlp" | "cnn1d" | "cnn2d" | "resnet"
+    input_shape: tuple[int, ...]  # per sample: (features,) for mlp, (channels, length) for cnn1d, (C, H, W)
     n_outputs: int  # classes for multiclass; 1 for binary and regression
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    # Tensors, or DatasetColumn views of a Dataset's inputs / targets (Task.from_datasets).
+    x_train: "torch.Tensor | DatasetColumn"
+    y_train: "torch.Tensor | DatasetColumn"
+    x_val: "torch.Tensor | DatasetColumn"
+    y_val: "torch.Tensor | DatasetColumn"
+    x_test: "torch.Tensor | DatasetColumn"
+    y_test: "torch.Tensor | DatasetColumn"
     default_depth: int = 2  # hidden layers / conv blocks when a spec does not say
     default_width: int = 64  # hidden units / channels when a spec does not say
+    # A dataset task's splits read into tensors, once (materialised()); not part of repr.
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_datasets(
+        cls,
+        name: str,
+        kind: str,
+        n_outputs: int,
+        train: "torch.utils.data.Dataset",
+        val: "torch.utils.data.Dataset",
+        test: "torch.utils.data.Dataset",
+        *,
+        family: str | None = None,
+        default_depth: int = 2,
+        default_width: int = 64,
+    ) -> "Task":
+        """A task over map-style datasets whose items are ``(x, y)`` pairs of tensors
+        (or numbers): they train through a ``DataLoader`` (or, when they fit, are read
+        into device tensors once). ``input_shape`` is the first training sample's; the
+        family is guessed from it unless given (``(F,)`` mlp, ``(C, L)`` cnn1d, ``(C, H, W)`` cnn2d).
+
+        >>> xs, ys = torch.randn(20, 3, 8, 8), torch.arange(20) % 2
+        >>> ds = torch.utils.data.TensorDataset(xs, ys)
+        >>> task = Task.from_datasets("toy", "multiclass", 2, ds, ds, ds)
+        >>> task.streams, task.family, task.input_shape, tuple(task.x_val[:4].shape)
+        (True, 'cnn2d', (3, 8, 8), (4, 3, 8, 8))
+        """
+        source = f"task {name!r}"
+        for split, ds in (("train", train), ("val", val), ("test", test)):
+            if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+                raise invalid(split, type(ds).__name__, "a map-style torch Dataset (with __getitem__ and __len__)", source=source)
+            if len(ds) == 0:
+                raise invalid(split, "an empty dataset", "at least one sample", source=source)
+        first = _item(train, 0, source=source, split="train")
+        shape = tuple(torch.as_tensor(first[0]).shape)
+        guessed = {1: "mlp", 2: "cnn1d", 3: "cnn2d"}.get(len(shape), "mlp")
+        return cls(
+            name, kind, family or guessed, shape, n_outputs,
+            DatasetColumn(train, 0), DatasetColumn(train, 1),
+            DatasetColumn(val, 0), DatasetColumn(val, 1),
+            DatasetColumn(test, 0), DatasetColumn(test, 1),
+            default_depth=default_depth, default_width=default_width,
+        )
+
+    @property
+    def streams(self) -> bool:
+        """True when the splits are datasets (read on demand), False for tensors."""
+        return isinstance(self.x_train, DatasetColumn)
+
+    def dataset(self, split: str) -> "torch.utils.data.Dataset":
+        """The ``split`` ("train", "val", "test") as a map-style dataset of ``(x, y)``."""
+        x = getattr(self, f"x_{split}")
+        if isinstance(x, DatasetColumn):
+            return x.dataset
+        return torch.utils.data.TensorDataset(x, getattr(self, f"y_{split}"))
+
+    def nbytes(self) -> int:
+        """The splits' size in memory as tensors (for a dataset task: the first training
+        sample's size times the number of samples)."""
+        if not self.streams:
+            return sum(getattr(self, f"{xy}_{s}").nbytes for s in ("train", "val", "test") for xy in ("x", "y"))
+        n = sum(len(getattr(self, f"x_{s}")) for s in ("train", "val", "test"))
+        return n * (4 * math.prod(self.input_shape) + 8)
+
+    def materialised(self) -> "Task":
+        """This task with every split read into CPU tensors (once; the result is kept).
+        A tensor task is itself."""
+        if not self.streams:
+            return self
+        if "tensors" not in self._cache:
+            parts = {}
+            for split in ("train", "val", "test"):
+                x, y = _read_all(self.dataset(split), source=f"task {self.name!r}", split=split)
+                parts[f"x_{split}"], parts[f"y_{split}"] = x, y
+            self._cache["tensors"] = replace(self, **parts, _cache={})
+        return self._cache["tensors"]
 
     def __post_init__(self) -> None:
         source = f"task {self.name!r}"
@@ -104,6 +200,9 @@ class Task:
             raise invalid("n_outputs", self.n_outputs, "1", source=source, hint=f"A {self.kind} task has one output.")
         if self.kind == "multiclass" and not (isinstance(self.n_outputs, int) and self.n_outputs >= 2):
             raise invalid("n_outputs", self.n_outputs, "the number of classes (>= 2)", source=source)
+        if isinstance(self.x_train, DatasetColumn):
+            self._check_datasets(source)
+            return
         y_dtype = torch.int64 if self.kind == "multiclass" else torch.float32
         for split in ("train", "val", "test"):
             x = torch.as_tensor(getattr(self, f"x_{split}"), dtype=torch.float32)
@@ -134,12 +233,71 @@ class Task:
             object.__setattr__(self, f"x_{split}", x)
             object.__setattr__(self, f"y_{split}", y)
 
+    def _check_datasets(self, source: str) -> None:
+        """A dataset task: every split a DatasetColumn pair; the first sample of each split
+        has the input shape and a target of the task's kind (the rest is read in training)."""
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not (isinstance(x, DatasetColumn) and isinstance(y, DatasetColumn) and x.dataset is y.dataset):
+                raise invalid(f"x_{split}", type(x).__name__, "a dataset like x_train's (Task.from_datasets)", source=source)
+            if len(x) == 0:
+                raise invalid(f"x_{split}", "an empty split", "at least one sample", source=source)
+            sample, target = _item(x.dataset, 0, source=source, split=split)
+            shape = tuple(torch.as_tensor(sample).shape)
+            if shape != self.input_shape:
+                raise invalid(f"x_{split}", f"samples of shape {shape}", f"samples of shape {self.input_shape}", source=source)
+            target = torch.as_tensor(target)
+            if target.numel() != 1:
+                raise invalid(f"y_{split}", f"a target of shape {tuple(target.shape)}", "one number per sample", source=source)
+            if self.kind == "multiclass" and (target.is_floating_point() or not 0 <= int(target) < self.n_outputs):
+                raise invalid(f"y_{split}", f"a label {target.item()!r}", f"class indices in 0..{self.n_outputs - 1}", source=source)
+
     def __repr__(self) -> str:  # the default would print every tensor
         sizes = "/".join(str(len(getattr(self, f"x_{s}"))) for s in ("train", "val", "test"))
         return (
             f"Task(name={self.name!r}, kind={self.kind!r}, family={self.family!r}, "
             f"input_shape={self.input_shape}, n_outputs={self.n_outputs}, train/val/test={sizes})"
         )
+
+
+class DatasetColumn:
+    """The inputs (``index`` 0) or targets (1) of a map-style dataset of ``(x, y)`` pairs,
+    read on demand: ``len()`` and slices (``column[:64]``) give tensors, so code that looks
+    at a few samples (the init probes) works the same on a dataset task. Training reads
+    the dataset itself, through a DataLoader (:mod:`hposvc.train`)."""
+
+    def __init__(self, dataset: "torch.utils.data.Dataset", index: int) -> None:
+        self.dataset, self.index = dataset, index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | slice) -> torch.Tensor:
+        if isinstance(key, slice):
+            dtype = torch.float32 if self.index == 0 else None
+            return torch.stack([torch.as_tensor(self.dataset[i][self.index], dtype=dtype) for i in range(*key.indices(len(self)))])
+        return torch.as_tensor(self.dataset[key][self.index])
+
+    def __repr__(self) -> str:
+        return f"DatasetColumn({type(self.dataset).__name__}, {'inputs' if self.index == 0 else 'targets'}, n={len(self)})"
+
+
+def _item(dataset: Any, i: int, *, source: str, split: str) -> tuple[Any, Any]:
+    """Item ``i`` of ``dataset`` as an ``(x, y)`` pair, or an error saying what it is."""
+    item = dataset[i]
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise invalid(f"{split} dataset", f"an item of type {type(item).__name__}", "(x, y) pairs", source=source)
+    return item[0], item[1]
+
+
+def _read_all(dataset: Any, *, source: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``(x, y)`` of ``dataset`` as two stacked CPU tensors (inputs float32)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1024, shuffle=False)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(torch.as_tensor(x, dtype=torch.float32))
+        ys.append(torch.as_tensor(y).reshape(-1))
+    return torch.cat(xs), torch.cat(ys)
 
 
 def load_task(name: str, *, seed: int = 0, options: Mapping[str, Any] | None = None) -> Task:
@@ -162,10 +320,10 @@ def load_task(name: str, *, seed: int = 0, options: Mapping[str, Any] | None = N
     if isinstance(name, str) and name.startswith("tabular:"):
         name, options = "tabular", {"path": name.partition(":")[2], **options}
     key = _freeze(options)
-    if name == "tabular" and isinstance(options.get("path"), (str, os.PathLike)):
-        # An edited file must not be served from the cache.
+    if name in ("tabular", "images", "arrays") and isinstance(options.get("path"), (str, os.PathLike)):
+        # An edited file (or a folder whose entries changed) must not be served from the cache.
         try:
-            key += (("\0mtime", os.stat(options["path"]).st_mtime_ns),)
+            key += (("\0mtime", _stamp(options["path"])),)
         except OSError:
             pass
     try:
@@ -173,6 +331,14 @@ def load_task(name: str, *, seed: int = 0, options: Mapping[str, Any] | None = N
     except TypeError:  # an option value that cannot be a cache key: build afresh
         return _build(name, seed, options)
     return _load_cached(name, seed, _Options(options, key))
+
+
+def _stamp(path: str | os.PathLike) -> Any:
+    """What changes when a file, or any entry of a folder tree, changes."""
+    if not os.path.isdir(path):
+        return os.stat(path).st_mtime_ns
+    stamps = [(root, os.stat(root).st_mtime_ns, len(files)) for root, _, files in os.walk(path)]
+    return tuple(sorted(stamps))
 
 
 def _freeze(value: Any) -> Any:
@@ -219,25 +385,26 @@ def _build(name: str, seed: int, options: dict[str, Any]) -> Task:
         if check is not None and not check(value):
             raise invalid(f"options.{key}", value, allowed[key].allowed, source=f"task {name!r}")
     options = {**{k: o.default for k, o in allowed.items()}, **options}
-    builder = {"digits": _digits, "mnist1d": _mnist1d, "moons": _moons, "spirals": _spirals, "tabular": _tabular}
+    builder = {"digits": _digits, "mnist1d": _mnist1d, "moons": _moons, "spirals": _spirals, "tabular": _tabular, "images": _images, "arrays": _arrays}
     return builder[name](seed, **options)
 
 
 # -- splitting and scaling -----------------------------------------------------------
 
 
-def _split(x: np.ndarray, y: np.ndarray, seed: int, *, stratify: bool) -> list[np.ndarray]:
-    """x_train, x_val, x_test, y_train, y_val, y_test: 60/20/20, stratified if asked."""
+def _cut(xs: np.ndarray, ys: np.ndarray, fraction: float, seed: int, *, stratify: bool) -> list[np.ndarray]:
+    """x_keep, x_cut, y_keep, y_cut with ``fraction`` of the samples cut off (stratified
+    where every class can be represented on both sides)."""
     from sklearn.model_selection import train_test_split
 
-    def cut(xs, ys, test_size):
-        # Stratify only where every class can be represented on both sides.
-        strat = ys if stratify and np.unique(ys, return_counts=True)[1].min() >= 2 else None
-        return train_test_split(xs, ys, test_size=test_size, random_state=seed, stratify=strat)
+    strat = ys if stratify and np.unique(ys, return_counts=True)[1].min() >= 2 else None
+    return train_test_split(xs, ys, test_size=fraction, random_state=seed, stratify=strat)
 
-    _, val_frac, test_frac = _FRACTIONS
-    x_rest, x_test, y_rest, y_test = cut(x, y, test_frac)
-    x_train, x_val, y_train, y_val = cut(x_rest, y_rest, val_frac / (1.0 - test_frac))
+
+def _split(x: np.ndarray, y: np.ndarray, seed: int, *, stratify: bool, val: float = _FRACTIONS[1], test: float = _FRACTIONS[2]) -> list[np.ndarray]:
+    """x_train, x_val, x_test, y_train, y_val, y_test: 60/20/20 unless told, stratified if asked."""
+    x_rest, x_test, y_rest, y_test = _cut(x, y, test, seed, stratify=stratify)
+    x_train, x_val, y_train, y_val = _cut(x_rest, y_rest, val / (1.0 - test), seed, stratify=stratify)
     return [x_train, x_val, x_test, y_train, y_val, y_test]
 
 
@@ -412,6 +579,159 @@ def _tabular(seed: int, *, path: Any, target: Any, kind: Any) -> Task:
         parts[3:] = [a.astype(np.float32) for a in parts[3:]]
         return _make(name, "binary", "mlp", 1, parts, defaults_of="tabular")
     return _make(name, "multiclass", "mlp", len(classes), parts, defaults_of="tabular")
+
+
+def _image_files(folder: Path, *, source: str) -> dict[str, list[Path]]:
+    """Class name -> image files (sorted) of an ImageFolder-style ``folder``."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise invalid("path", str(folder), "a folder with one subfolder of images per class", source=source, hint=f"{folder} has no subfolders.")
+    out = {}
+    for c in classes:
+        files = sorted(f for f in c.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise invalid("path", str(c), "a class folder with at least one image", source=source, hint=f"It holds no {'/'.join(IMAGE_SUFFIXES)} file.")
+        out[c.name] = files
+    return out
+
+
+def _read_images(files: list[Path], *, size: tuple[int, int] | None, grayscale: bool, source: str) -> np.ndarray:
+    """``files`` as one uint8 array (N, C, H, W); an unreadable image is an error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("L" if grayscale else "RGB")
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            raise invalid("path", str(f), "a readable image", source=source, hint=f"Pillow could not read it: {e}") from e
+        if arrays and a.shape != arrays[0].shape:
+            hint = f"It is {a.shape[1]}×{a.shape[0]} but {files[0].name} is {arrays[0].shape[1]}×{arrays[0].shape[0]}; set [task] size to resize them all."
+            raise invalid("path", str(f), "an image the size of the others", source=source, hint=hint)
+        arrays.append(a)
+    x = np.stack(arrays)
+    return x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
+
+
+def _images(seed: int, *, path: Any, size: Any, grayscale: bool, val_fraction: float, test_fraction: float) -> Task:
+    source = "task 'images'"
+    if not isinstance(path, (str, os.PathLike)):
+        raise invalid("path", path, "a folder with one subfolder of images per class", source=source)
+    root = Path(path)
+    if not root.is_dir():
+        hint = "No such folder." if not root.exists() else "It is a file, not a folder."
+        raise invalid("path", str(path), "a folder with one subfolder of images per class", source=source, hint=hint)
+    shape = None if size is None else ((size, size) if isinstance(size, int) else (int(size[0]), int(size[1])))
+    # 1) files and labels, per split: train/ val/ test/ folders when there are, else one pool
+    if (root / "train").is_dir():
+        by_split = {s: _image_files(root / s, source=source) for s in ("train", "val", "test") if (root / s).is_dir()}
+        classes = list(by_split["train"])
+        for split, found in by_split.items():
+            extra = sorted(set(found) - set(classes))
+            if extra:
+                raise invalid("path", str(root / split / extra[0]), f"a class folder that train/ has too ({', '.join(classes)})", source=source)
+    else:
+        by_split = {"train": _image_files(root, source=source)}
+        classes = list(by_split["train"])
+    if len(classes) < 2:
+        raise invalid("path", str(root), "a folder with at least two class subfolders", source=source, hint=f"Found only {classes[0]!r}.")
+    label = {c: i for i, c in enumerate(classes)}
+    files = {s: [f for c, fs in found.items() for f in fs] for s, found in by_split.items()}
+    labels = {s: np.array([label[c] for c, fs in found.items() for _ in fs], dtype=np.int64) for s, found in by_split.items()}
+    # 2) carve the splits the disk does not have out of train (indices, before reading)
+    index = {s: np.arange(len(files[s])) for s in files}
+    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+        if split not in files:
+            keep, cut, _, _ = _cut(index["train"], labels["train"][index["train"]], fraction, seed, stratify=True)
+            files[split], labels[split] = [files["train"][i] for i in cut], labels["train"][cut]
+            index["train"] = keep
+            index[split] = np.arange(len(cut))
+    files["train"], labels["train"] = [files["train"][i] for i in index["train"]], labels["train"][index["train"]]
+    # 3) read, scale to [0, 1], standardise each channel with training statistics
+    xs = {s: _read_images(files[s], size=shape, grayscale=grayscale, source=source).astype(np.float32) / 255.0 for s in ("train", "val", "test")}
+    first = {s: xs[s].shape[1:] for s in xs}
+    if len(set(first.values())) > 1:
+        raise invalid("path", str(files["val"][0]), f"images the size of train/'s {first['train'][2]}×{first['train'][1]}", source=source, hint="Set [task] size to resize them all.")
+    mean = xs["train"].mean(axis=(0, 2, 3), keepdims=True)
+    std = xs["train"].std(axis=(0, 2, 3), keepdims=True)
+    std = np.where(std > 0, std, 1.0)
+    parts = [(xs[s] - mean) / std for s in ("train", "val", "test")] + [labels[s] for s in ("train", "val", "test")]
+    return _make("images", "multiclass", "cnn2d", len(classes), parts, defaults_of="images")
+
+
+def _arrays(seed: int, *, path: Any, kind: str | None, val_fraction: float, test_fraction: float) -> Task:
+    source = "task 'arrays'"
+    what = "an .npz or .pt file with x_train and y_train"
+    if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+        raise invalid("path", str(path), what, source=source, hint="No such file." if isinstance(path, (str, os.PathLike)) else None)
+    p = Path(path)
+    # 1) read the arrays
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        elif p.suffix in (".pt", ".pth"):
+            loaded = torch.load(p, map_location="cpu", weights_only=True)
+            if not isinstance(loaded, Mapping):
+                raise ValueError(f"it holds a {type(loaded).__name__}, not a dict of tensors")
+            data = {str(k): (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in loaded.items()}
+        else:
+            raise invalid("path", str(p), what, source=source, hint=f"{p.suffix or 'No suffix'}: hposvc reads .npz (numpy.savez) and .pt (torch.save of a dict).")
+    except InvalidInputError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:
+        raise invalid("path", str(p), what, source=source, hint=f"It could not be read: {e}") from e
+    for key in ("x_train", "y_train"):
+        if key not in data:
+            raise invalid(f"{key}", None, f"an array in {p}", source=source, hint=f"The file holds {', '.join(sorted(data)) or 'nothing'}.")
+    splits = {}
+    for split in ("train", "val", "test"):
+        x, y = data.get(f"x_{split}"), data.get(f"y_{split}")
+        if (x is None) != (y is None):
+            missing = f"y_{split}" if y is None else f"x_{split}"
+            raise invalid(missing, None, f"an array in {p}", source=source, hint=f"x_{split} and y_{split} come together.")
+        if x is None:
+            continue
+        if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
+            raise invalid(f"y_{split}", f"shape {y.shape}", "one target per sample (N,)", source=source, hint=f"In {p}.")
+        if len(x) != len(y):
+            raise invalid(f"y_{split}", f"{len(y)} targets", f"one per sample of x_{split} ({len(x)})", source=source, hint=f"In {p}.")
+        splits[split] = (np.asarray(x), np.asarray(y).reshape(-1))
+    shapes = {s: xy[0].shape[1:] for s, xy in splits.items()}
+    if len(set(shapes.values())) > 1:
+        bad = next(s for s in shapes if shapes[s] != shapes["train"])
+        raise invalid(f"x_{bad}", f"samples of shape {shapes[bad]}", f"x_train's {shapes['train']}", source=source, hint=f"In {p}.")
+    # 2) what is predicted: integer labels are classes unless kind says otherwise
+    ys = np.concatenate([y for _, y in splits.values()])
+    integral = ys.dtype.kind in "iub"
+    kind = kind or ("classification" if integral else "regression")
+    if kind not in TABULAR_KINDS:
+        raise invalid("kind", kind, TABULAR_KINDS, source=source)
+    if kind != "regression":
+        if not integral or ys.min() < 0:
+            raise invalid("y_train", "labels that are not integers >= 0", "class indices 0..K-1", source=source, hint=f"In {p}; for real-valued targets set [task] kind = 'regression'.")
+        n_classes = int(ys.max()) + 1
+        if kind == "binary" and n_classes > 2:
+            raise invalid("kind", kind, "'classification'", source=source, hint=f"The labels in {p} go up to {n_classes - 1}.")
+    # 3) carve missing splits out of train
+    x_train, y_train = splits["train"]
+    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+        if split not in splits:
+            x_train, x_cut, y_train, y_cut = _cut(x_train, y_train, fraction, seed, stratify=kind != "regression")
+            splits[split] = (x_cut, y_cut)
+    order = ("train", "val", "test")
+    splits["train"] = (x_train, y_train)
+    parts = [splits[s][0].astype(np.float32) for s in order]
+    family = {1: "mlp", 2: "cnn1d", 3: "cnn2d"}.get(parts[0].ndim - 1, "mlp")
+    if kind == "classification":
+        parts += [splits[s][1].astype(np.int64) for s in order]
+        return _make("arrays", "multiclass", family, max(n_classes, 2), parts, defaults_of="arrays")
+    parts += [splits[s][1].astype(np.float32) for s in order]
+    return _make("arrays", kind, family, 1, parts, defaults_of="arrays")
 
 
 def _from_factory(name: str, seed: int, options: dict[str, Any]) -> Task:

@@ -5,10 +5,23 @@ The whole loop is :func:`train`, readable top to bottom. What it does and why:
 - Seeds Python, NumPy and torch from ``config.seed`` before building the model, and
   shuffles with its own seeded ``torch.Generator``, so the same config and seed give the
   same numbers on the CPU.
-- Moves the task's tensors and the model to the device once, then slices each batch out
-  of the device-resident tensors with a shuffled index: no DataLoader, no per-sample
-  Python collation. The last partial batch is kept, except a lone sample (batch norm
-  cannot train on one).
+- Batches reach the model one of two ways (``config.data``, :func:`data_path`):
+
+  * ``tensors`` (hposvc's fast path): the task's tensors move to the device once and each
+    batch is sliced out of them with a shuffled index: no DataLoader, no per-sample Python
+    collation. Tasks of tensors take it, and so do dataset tasks that fit
+    (:data:`AUTO_TENSOR_BYTES`; they are read into tensors once per process).
+  * ``loader``: a ``torch.utils.data.DataLoader`` over the task's datasets (or its tensors,
+    when forced), with a seeded sampler (the same order every run), ``num_workers``
+    processes (persistent across epochs, seeded), and on CUDA pinned memory with
+    non-blocking copies. Dataset tasks too big for the device take it.
+
+  The last partial batch is kept, except a lone sample (batch norm cannot train on one).
+- ``precision``: ``bf16`` / ``fp16`` run forward passes under ``torch.autocast``; fp16
+  scales the loss (``torch.amp.GradScaler``) so small gradients do not underflow.
+  ``channels_last`` (CUDA, models with 2-D convs) stores activations channels-last, which
+  tensor cores prefer. ``compile`` wraps the model in ``torch.compile``; where compiling
+  fails, the trial trains eagerly and the reason is logged and kept in ``result.notes``.
 - Loss: cross-entropy (softmax head) for ``multiclass``, BCE-with-logits (one sigmoid
   output) for ``binary``, MSE for ``regression``. ``train_loss`` is the mean over the
   epoch's batches; validation loss and accuracy are computed under ``no_grad`` in eval
@@ -23,16 +36,19 @@ The whole loop is :func:`train`, readable top to bottom. What it does and why:
 >>> from hposvc.config import TrialConfig
 >>> from hposvc.tasks import load_task
 >>> result = train(TrialConfig(optimizer="adam", epochs=2, width=16), load_task("moons"), device="cpu")
->>> result.status, len(result.history), sorted(result.final)
-('completed', 2, ['test_accuracy', 'test_loss', 'val_accuracy', 'val_loss'])
+>>> result.status, len(result.history), sorted(result.final), result.data
+('completed', 2, ['test_accuracy', 'test_loss', 'val_accuracy', 'val_loss'], 'tensors')
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,10 +62,18 @@ from hposvc.nn import build_model, count_parameters
 from hposvc.optim import build_optimizer, build_scheduler, lr_factor
 from hposvc.tasks import Task
 
-__all__ = ["EXPLOSION_FACTOR", "EpochMetrics", "TrainResult", "seed_everything", "train"]
+__all__ = ["AUTO_TENSOR_BYTES", "EXPLOSION_FACTOR", "EpochMetrics", "TrainResult", "data_path", "seed_everything", "train"]
+
+log = logging.getLogger(__name__)
 
 EXPLOSION_FACTOR = 1e4  # a loss this many times the first one (or 1, if larger) has diverged
-EVAL_CHUNK = 8192  # samples per forward pass when evaluating, so big splits fit the device
+EVAL_CHUNK = 8192  # samples per forward pass when evaluating tensors, so big splits fit the device
+EVAL_LOADER_BATCH = 256  # at least this many samples per evaluation batch of a DataLoader
+# data = "auto": a dataset task at most this large (as float32 tensors) is read into
+# tensors and trained on the fast path; a larger one streams through a DataLoader.
+AUTO_TENSOR_BYTES = 2 * 2**30
+CUDA_MAX_WORKERS = 4  # num_workers = None on CUDA: this many loader processes (fewer CPUs: fewer)
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,8 @@ class TrainResult:
     n_params: int  # trainable parameters
     # The trained model, only when train(..., keep_model=True); not part of equality/repr.
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    data: str = "tensors"  # how batches reached the model: "tensors" | "loader"
+    notes: tuple[str, ...] = ()  # what was not as asked, e.g. a torch.compile that fell back to eager
 
 
 def seed_everything(seed: int) -> None:
@@ -118,9 +144,9 @@ def train(
     ``torch.device``. ``on_epoch`` is called after every epoch; returning True stops
     training. ``keep_model=True`` puts the trained model in ``result.model``. ``model``: a
     model built already (seeded, as :meth:`TrialContext.build_model` does) instead of the
-    task's built-in family. The thread
-    count is left as it is (the worker layer sets it). Running out of device memory
-    raises :class:`~hposvc.errors.TrainingError`.
+    built-in family (``config.family``, else the task's). The thread count is left as it
+    is (the worker layer sets it). Running out of device memory raises
+    :class:`~hposvc.errors.TrainingError`.
 
     >>> from hposvc.config import TrialConfig
     >>> from hposvc.tasks import load_task
@@ -135,6 +161,21 @@ def train(
         raise TrainingError(f"out of memory on {dev} training {task.name} with batch size {config.batch_size}") from e
 
 
+def data_path(config: TrialConfig, task: Task) -> str:
+    """How batches of ``task`` reach the model under ``config``: ``"tensors"`` or ``"loader"``.
+
+    ``config.data`` decides when it is not ``"auto"``; ``"auto"`` picks tensors for a
+    tensor task and for a dataset task of at most :data:`AUTO_TENSOR_BYTES`.
+
+    >>> from hposvc.tasks import load_task
+    >>> data_path(TrialConfig(), load_task("digits")), data_path(TrialConfig(data="loader"), load_task("digits"))
+    ('tensors', 'loader')
+    """
+    if config.data != "auto":
+        return config.data
+    return "tensors" if not task.streams or task.nbytes() <= AUTO_TENSOR_BYTES else "loader"
+
+
 def _train(
     config: TrialConfig,
     task: Task,
@@ -144,15 +185,24 @@ def _train(
     model: torch.nn.Module | None,
 ) -> TrainResult:
     t0 = time.perf_counter()
-    # 1) seed, build the model, move it and the data to the device once
+    # 1) seed, build the model and move it to the device; choose how batches get there
     seed_everything(config.seed)
     model = (model if model is not None else build_model(task, config)).to(dev)
-    x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
-    x_val, y_val = task.x_val.to(dev), task.y_val.to(dev)
-    shuffle = torch.Generator().manual_seed(config.seed)  # CPU: same order on every device
+    path = data_path(config, task)
+    data: _Tensors | _Loaders = _Tensors(task, dev, config) if path == "tensors" else _Loaders(task, dev, config)
+    notes: list[str] = []
+    channels_last = config.channels_last and dev.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    elif config.channels_last:
+        notes.append(f"channels_last ignored: it applies to 2-D convs on CUDA, and this is {dev.type}")
+    amp = _Precision(config.precision, dev)
+    forward = _compiled(model, config, data, amp, notes) if config.compile else model
+    for note in notes:
+        log.warning("%s", note)
 
     # 2) optimizer and schedule over all steps
-    n = len(x_train)
+    n = data.n_train
     batch_size = min(config.batch_size, n)
     n_batches = math.ceil(n / batch_size)
     if n % batch_size == 1 and n_batches > 1:
@@ -167,20 +217,18 @@ def _train(
     step = 0
     for epoch in range(1, config.epochs + 1):
         model.train()
-        order = torch.randperm(n, generator=shuffle).to(dev)
         losses = []
-        for i in range(n_batches):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = _loss(task.kind, model(x_train[idx]), y_train[idx])
+        for x, y in data.train_batches(batch_size, n_batches, channels_last=channels_last):
+            with amp.autocast():
+                loss = _loss(task.kind, forward(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            amp.backward_and_step(loss, optimizer)
             scheduler.step()
             losses.append(loss.detach())  # no .item(): one device sync per epoch, below
         step += n_batches
-        step_losses = torch.stack(losses).tolist()
+        step_losses = torch.stack(losses).float().tolist()
         first_loss = step_losses[0] if first_loss is None else first_loss
-        val_loss, val_acc = _evaluate(model, task.kind, x_val, y_val)
+        val_loss, val_acc = _evaluate(forward, task.kind, data.eval_batches("val", channels_last=channels_last), amp)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=sum(step_losses) / n_batches,
@@ -201,7 +249,8 @@ def _train(
             break
 
     # 4) final metrics with the weights training ended with (validation: the last epoch's)
-    test_loss, test_acc = _evaluate(model, task.kind, task.x_test.to(dev), task.y_test.to(dev))
+    test_loss, test_acc = _evaluate(forward, task.kind, data.eval_batches("test", channels_last=channels_last), amp)
+    data.close()
     final = {"val_loss": metrics.val_loss, "test_loss": test_loss}
     if task.kind != "regression":
         final.update(val_accuracy=metrics.val_accuracy, test_accuracy=test_acc)
@@ -214,7 +263,148 @@ def _train(
         device=str(dev),
         n_params=count_parameters(model),
         model=model if keep_model else None,
+        data=path,
+        notes=tuple(notes),
     )
+
+
+# -- how batches reach the model -----------------------------------------------------
+
+
+class _Tensors:
+    """The fast path: every split on the device once; batches are index slices of it."""
+
+    def __init__(self, task: Task, dev: torch.device, config: TrialConfig) -> None:
+        self.task, self.dev = task.materialised(), dev
+        self.x_train, self.y_train = self.task.x_train.to(dev), self.task.y_train.to(dev)
+        self.x_val, self.y_val = self.task.x_val.to(dev), self.task.y_val.to(dev)
+        self.n_train = len(self.x_train)
+        self.shuffle = torch.Generator().manual_seed(config.seed)  # CPU: same order on every device
+
+    def train_batches(self, batch_size: int, n_batches: int, *, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(self.n_train, generator=self.shuffle).to(self.dev)
+        for i in range(n_batches):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            yield _layout(self.x_train[idx], channels_last), self.y_train[idx]
+
+    def eval_batches(self, split: str, *, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if split == "val":
+            x, y = self.x_val, self.y_val
+        else:
+            x, y = self.task.x_test.to(self.dev), self.task.y_test.to(self.dev)
+        for start in range(0, len(x), EVAL_CHUNK):
+            yield _layout(x[start : start + EVAL_CHUNK], channels_last), y[start : start + EVAL_CHUNK]
+
+    def close(self) -> None:
+        pass
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers: seed NumPy and Python from torch's per-worker seed (which the
+    loader derives from its seeded generator), so augmentations repeat run to run."""
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class _Loaders:
+    """The DataLoader path: seeded sampler, worker processes kept across epochs, pinned
+    memory and non-blocking copies on CUDA."""
+
+    def __init__(self, task: Task, dev: torch.device, config: TrialConfig) -> None:
+        self.task, self.dev = task, dev
+        self.y_dtype = torch.int64 if task.kind == "multiclass" else torch.float32
+        workers = config.num_workers
+        if workers is None:
+            workers = min(CUDA_MAX_WORKERS, os.cpu_count() or 1) if dev.type == "cuda" else 0
+        self.options = dict(num_workers=workers, pin_memory=dev.type == "cuda", persistent_workers=workers > 0)
+        if workers > 0:
+            self.options.update(worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(config.seed + 1))
+        train = task.dataset("train")
+        self.n_train = len(train)
+        self.batch_size = min(config.batch_size, self.n_train)
+        sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(config.seed))
+        self.train = torch.utils.data.DataLoader(train, batch_size=self.batch_size, sampler=sampler, **self.options)
+        self.eval_size = max(config.batch_size, EVAL_LOADER_BATCH)
+        self.val = torch.utils.data.DataLoader(task.dataset("val"), batch_size=self.eval_size, **self.options)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(x).to(self.dev, dtype=torch.float32, non_blocking=True)
+        y = torch.as_tensor(y).reshape(-1).to(self.dev, dtype=self.y_dtype, non_blocking=True)
+        return _layout(x, channels_last), y
+
+    def train_batches(self, batch_size: int, n_batches: int, *, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, (x, y) in enumerate(self.train):
+            if i == n_batches:
+                break  # a lone last sample
+            yield self._to_device(x, y, channels_last)
+
+    def eval_batches(self, split: str, *, channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if split == "val":
+            loader = self.val
+        else:  # once, at the end: no persistent workers
+            options = {**self.options, "persistent_workers": False}
+            loader = torch.utils.data.DataLoader(self.task.dataset("test"), batch_size=self.eval_size, **options)
+        for x, y in loader:
+            yield self._to_device(x, y, channels_last)
+
+    def close(self) -> None:
+        # Persistent workers would live until garbage collection; end them with the trial.
+        for loader in (self.train, self.val):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+# -- precision and compilation -------------------------------------------------------
+
+
+class _Precision:
+    """``fp32`` as it is; ``bf16``/``fp16`` under autocast, fp16 with a gradient scaler."""
+
+    def __init__(self, precision: str, dev: torch.device) -> None:
+        self.device_type, self.dtype = dev.type, _AUTOCAST[precision]
+        self.scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
+
+
+def _compiled(model: torch.nn.Module, config: TrialConfig, data: "_Tensors | _Loaders", amp: _Precision, notes: list[str]) -> torch.nn.Module:
+    """``torch.compile(model)``, tried on one batch (forward and backward) with the model's
+    state, gradients and RNG put back after; where it fails, the model itself and a note."""
+    try:
+        compiled = torch.compile(model)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        rng = torch.random.get_rng_state()
+        x, y = next(iter(data.eval_batches("val", channels_last=False)))
+        model.train()
+        with amp.autocast():
+            loss = _loss(data.task.kind, compiled(x[: config.batch_size]), y[: config.batch_size])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
+        torch.random.set_rng_state(rng)
+        return compiled
+    except Exception as e:  # noqa: BLE001 (any compiler error: train eagerly, say why)
+        model.zero_grad(set_to_none=True)
+        notes.append(f"torch.compile failed, trained eagerly: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        return model
 
 
 def _loss(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -228,20 +418,28 @@ def _loss(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
 
 
 @torch.no_grad()
-def _evaluate(model: torch.nn.Module, kind: str, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None for regression) of ``model`` in eval mode."""
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
-    for start in range(0, len(x), EVAL_CHUNK):
-        out, target = model(x[start : start + EVAL_CHUNK]), y[start : start + EVAL_CHUNK]
-        loss_sum += _loss(kind, out, target, reduction="sum")
+def _evaluate(
+    model: torch.nn.Module, kind: str, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], amp: _Precision | None = None
+) -> tuple[float, float | None]:
+    """Mean loss and accuracy (None for regression) of ``model`` in eval mode over ``batches``."""
+    model.eval()  # a compiled model passes it on to the module it wraps
+    loss_sum, correct, count = None, None, 0
+    for x, target in batches:
+        with amp.autocast() if amp is not None else contextlib.nullcontext():
+            out = model(x)
+        out = out.float()
+        loss = _loss(kind, out, target, reduction="sum")
         if kind == "multiclass":
-            correct += (out.argmax(dim=-1) == target).sum()
+            hits = (out.argmax(dim=-1) == target).sum()
         elif kind == "binary":
-            correct += ((out.squeeze(-1) > 0) == (target > 0.5)).sum()  # logit > 0 ⇔ sigmoid > 0.5
-    loss, n_correct = torch.stack([loss_sum, correct]).tolist()  # one sync
-    return loss / len(x), (None if kind == "regression" else n_correct / len(x))
+            hits = ((out.squeeze(-1) > 0) == (target > 0.5)).sum()  # logit > 0 ⇔ sigmoid > 0.5
+        else:
+            hits = torch.zeros((), device=x.device)
+        loss_sum = loss if loss_sum is None else loss_sum + loss
+        correct = hits if correct is None else correct + hits
+        count += len(target)
+    total, n_correct = torch.stack([loss_sum.float(), correct.float()]).tolist()  # one sync
+    return total / count, (None if kind == "regression" else n_correct / count)
 
 
 def _divergence(step_losses: list[float], first_loss: float, epoch: int) -> str | None:

@@ -35,8 +35,8 @@ from hposvc.nn._layers import NORM_TYPES, negative_slope
 
 __all__ = ["INIT_SCHEMES", "WEIGHT_TYPES", "initialise", "load_pretrained", "reset_norm", "zero_init_matrix"]
 
-# What convert() accepts: TrialConfig's schemes plus "default" (leave the model's own init).
-INIT_SCHEMES: tuple[str, ...] = (*INITS, "default")
+# What convert() accepts: TrialConfig's schemes, "default" (leave the model's own init) among them.
+INIT_SCHEMES: tuple[str, ...] = INITS
 # Layers whose weight a scheme sets. Transposed convs are left out: their weight is laid
 # out (in, out, k), so torch's fan computation would swap fan_in and fan_out.
 WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

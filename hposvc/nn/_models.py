@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hposvc.config import TrialConfig
+from hposvc.config import FAMILIES, TrialConfig, check_family
 from hposvc.errors import invalid
 from hposvc.nn._init import initialise
 from hposvc.nn._layers import DEFAULT_NORM_GROUPS, activation_layer, norm_layer
@@ -32,7 +32,7 @@ __all__ = [
     "count_parameters",
 ]
 
-MODEL_FAMILIES = ("mlp", "cnn1d", "cnn2d", "resnet")
+MODEL_FAMILIES = FAMILIES  # hposvc.config's: specs check them without importing torch
 CNN_KERNEL_SIZE = 5  # cnn1d; odd, so padding k // 2 keeps the length and ZerO has a kernel centre
 CNN2D_KERNEL_SIZE = 3  # cnn2d and resnet: 3×3, as in VGG and ResNet
 CNN_MIN_DOWNSAMPLE_LENGTH = 8  # a conv block halves each spatial axis only while it is at least this long
@@ -225,48 +225,13 @@ class ResNet(nn.Module):
                 nn.init.zeros_(last.weight)
 
 
-def _image_shape(family: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The per-sample shape ``family`` reads for inputs of ``shape``; None if it cannot."""
-    if family == "mlp":
-        return shape
-    if family == "cnn1d":
-        return shape if len(shape) == 2 else None
-    if len(shape) == 3:
-        return shape
-    side = math.isqrt(shape[0]) if len(shape) == 1 else 0
-    return (1, side, side) if side and side * side == shape[0] else None
-
-
-def check_family(family: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The per-sample shape ``family`` reads for a task with ``input_shape``, or an error
-    naming both. The 2-D families take ``(C, H, W)`` images, or flat square vectors as
-    one-channel images (digits' 64 features are its 1×8×8 pixels).
-
-    >>> check_family("resnet", (64,)), check_family("cnn1d", (1, 40))
-    ((1, 8, 8), (1, 40))
-    """
-    if family not in MODEL_FAMILIES:
-        raise invalid("family", family, MODEL_FAMILIES)
-    shape = tuple(int(d) for d in input_shape)
-    fitted = _image_shape(family, shape)
-    if fitted is not None:
-        return fitted
-    wants = "(channels, length)" if family == "cnn1d" else "(channels, height, width), or a flat square vector (64 → 1×8×8)"
-    fitting = [f for f in MODEL_FAMILIES if _image_shape(f, shape) is not None]
-    raise invalid(
-        "family",
-        family,
-        f"a family that fits the task's input shape {shape}",
-        hint=f"{family!r} needs per-sample inputs {wants}; this task fits {', '.join(map(repr, fitting))}.",
-    )
-
-
-def build_model(task: Task, config: TrialConfig, *, family: str | None = None, zero_init_residual: bool = False) -> nn.Module:
+def build_model(task: Task, config: TrialConfig, *, family: str | None = None, zero_init_residual: bool | None = None) -> nn.Module:
     """The network for ``task`` with ``config``'s depth, width, norm and activation,
-    initialised by ``config.init``. ``family`` overrides the task's own (``task.family``:
-    ``mlp`` or ``cnn1d``) with any of :data:`MODEL_FAMILIES`; ``zero_init_residual``
-    starts every residual branch of a ``resnet`` at 0. Random schemes draw from torch's
-    global generator, so the caller seeds torch first.
+    initialised by ``config.init``. The family is ``family``, else ``config.family``, else
+    the task's own (``task.family``), any of :data:`MODEL_FAMILIES`; ``zero_init_residual``
+    (default ``config.zero_init_residual``) starts every residual branch of a ``resnet``
+    at 0. Random schemes draw from torch's global generator, so the caller seeds torch
+    first; ``init="default"`` keeps PyTorch's own init of each layer.
 
     >>> from hposvc.tasks import load_task
     >>> task = load_task("digits")  # 64 features, 10 classes
@@ -277,7 +242,9 @@ def build_model(task: Task, config: TrialConfig, *, family: str | None = None, z
     >>> resnet(task.x_val[:2]).shape  # digits' 64 pixels as 1×8×8 images
     torch.Size([2, 10])
     """
-    family = family or task.family
+    family = family or config.family or task.family
+    if zero_init_residual is None:
+        zero_init_residual = bool(config.zero_init_residual)
     shape = check_family(family, task.input_shape)
     sizes = dict(
         depth=config.depth,
