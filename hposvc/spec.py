@@ -23,9 +23,11 @@ The format (every key; ``[study] name`` and ``task`` are required)::
     command = ["python", "train.py", "--lr={lr}"]  # or your script, any language (not with trainer)
     code_dir = "."               # where "module:function" code is imported from (default: the spec's folder)
 
-    [task]                       # options for the workload (tabular: path, target, kind)
-    [train]                      # fixed training settings: epochs, batch_size, schedule, warmup, seed
-    [model]                      # depth, width (channels: the CNN's name for width), pretrained_path
+    [task]                       # options for the workload (tabular: path, target, kind; images: path, size, ...)
+    [train]                      # fixed training settings: epochs, batch_size, schedule, warmup, seed,
+                                 # precision (fp32 | bf16 | fp16), channels_last, compile, data (auto | tensors | loader), num_workers
+    [model]                      # depth, width (channels: the CNN's name for width), pretrained_path,
+                                 # family (mlp | cnn1d | cnn2d | resnet), zero_init_residual (resnet)
     [space]                      # any TrialConfig field, fixed / list / range
     optimizer_defaults = "auto"  # what unmentioned optimizer numbers do: auto | search | fixed
     [space.optimizers.adam]      # per-optimizer lr/momentum/beta1/beta2/eps/rho/weight_decay
@@ -33,7 +35,8 @@ The format (every key; ``[study] name`` and ``task`` are required)::
 A dimension is a scalar (fixed), a list (one of these values) or a table
 ``{low, high, log = false, step}`` (a range, both ends included; integer fields take
 integer ranges). Paths in ``[task] path`` and ``[model] pretrained_path`` are relative to
-the spec file.
+the spec file. A ``[model] family`` must fit the task's inputs (digits' 64 pixels are
+1×8×8 images for cnn2d and resnet), and every searched norm must suit each family.
 
 Optimizer numbers the spec does not mention (see :data:`DEFAULT_RANGES`):
 
@@ -72,18 +75,24 @@ from typing import Any
 from hposvc.config import (
     ACTIVATIONS,
     CONDITIONAL,
+    DATA_PATHS,
+    FAMILIES,
     INITS,
     NORMS,
     ONE_SHOT_DEFAULTS,
     OPTIMIZER_PARAMS,
     OPTIMIZERS,
+    PRECISIONS,
     SCHEDULES,
     TABULAR_KINDS,
+    TASK_INPUT_SHAPES,
     TASK_MODEL_DEFAULTS,
     TASK_OPTIONS,
     TASKS,
     TrialConfig,
+    check_family,
     check_population,
+    family_input_shape,
 )
 from hposvc.errors import SpecError, invalid
 
@@ -111,10 +120,11 @@ SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid", "nsga2", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 OPTIMIZER_DEFAULTS = ("auto", "search", "fixed")
 
-# Which network family each built-in task trains; a user factory's is unknown until loaded.
-TASK_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d"}
-# Instance norm normalises each channel over its length: an MLP's features have no length.
-NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group"), "cnn1d": NORMS}
+# Which network family each built-in task trains unless [model] family says otherwise;
+# arrays' and a user factory's are known once loaded.
+TASK_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d", "images": "cnn2d"}
+# Instance norm normalises each channel over its positions: an MLP's features have none.
+NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group"), "cnn1d": NORMS, "cnn2d": NORMS, "resnet": NORMS}
 
 
 # The ranges unmentioned optimizer numbers get when they are searched (optimizer_defaults).
@@ -257,8 +267,8 @@ _STUDY_KEYS = (
     "name", "task", "metric", "n_trials", "sampler", "pruner", "seed", "population", "description",
     "model", "trainer", "command", "code_dir",
 )
-_TRAIN_KEYS = ("epochs", "batch_size", "schedule", "warmup", "seed")
-_MODEL_KEYS = ("depth", "width", "channels", "pretrained_path")
+_TRAIN_KEYS = ("epochs", "batch_size", "schedule", "warmup", "seed", "precision", "channels_last", "compile", "data", "num_workers")
+_MODEL_KEYS = ("depth", "width", "channels", "pretrained_path", "family", "zero_init_residual")
 # Every TrialConfig field but ``extra`` (user factories read that; specs pass [task] options).
 _FIELDS = tuple(f.name for f in dataclasses.fields(TrialConfig) if f.name != "extra")
 _SPACE_KEYS = _FIELDS + ("optimizers", "optimizer_defaults")
@@ -272,7 +282,11 @@ _ENUMS: dict[str, tuple[str, ...]] = {
     "init": INITS,
     "norm": NORMS,
     "activation": ACTIVATIONS,
+    "family": FAMILIES,
+    "precision": PRECISIONS,
+    "data": DATA_PATHS,
 }
+_BOOLS = ("zero_init_residual", "channels_last", "compile")
 _unit = (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 _FLOATS: dict[str, tuple[Callable[[float], bool], str]] = {
     "lr": (lambda v: v > 0, "a number > 0"),
@@ -292,13 +306,14 @@ _INTS: dict[str, tuple[Callable[[int], bool], str]] = {
     "norm_groups": (lambda v: v >= 1, "an integer >= 1"),
     "depth": (lambda v: v >= 0, "an integer >= 0"),
     "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "num_workers": (lambda v: v >= 0, "an integer >= 0"),
 }
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _DIM_HINT = "A dimension is a value (fixed), a list (one of these) or a table {low, high, log, step} (a range)."
 
 # The fields a task key names: the workload's size and budget, not the choices being compared.
-_KEY_FIELDS = ("depth", "width", "epochs")
+_KEY_FIELDS = ("family", "depth", "width", "epochs")
 
 
 @dataclass(frozen=True)
@@ -338,7 +353,12 @@ class StudySpec:
 
     @property
     def family(self) -> str | None:
-        """"mlp" or "cnn1d" for built-in tasks; None for a user factory (known once loaded)."""
+        """The built-in family trials train: [model] family when fixed, else the task's
+        ("mlp", "cnn1d", "cnn2d"); None when searched, or for arrays and user factories
+        (known once loaded)."""
+        dim = self.dims.get("family")
+        if dim is not None:
+            return dim.value if dim.kind == "fixed" else None
         return TASK_FAMILY.get(self.task)
 
     @property
@@ -741,7 +761,7 @@ class _Parser:
         if task == "tabular":
             self.check_keys("task", options, ("path", "target", "kind"), hint="'tabular' reads a file")
         elif task in TASK_OPTIONS:
-            self.check_keys("task", options, TASK_OPTIONS[task], hint=f"{task!r} takes no options")
+            self.check_keys("task", options, TASK_OPTIONS[task], hint=None if TASK_OPTIONS[task] else f"{task!r} takes no options")
         for key, value in options.items():
             if not _plain(value):
                 phrase = "a string, number, boolean, list or table"
@@ -749,6 +769,13 @@ class _Parser:
             option = TASK_OPTIONS.get(task, {}).get(key)
             if option is not None and option.check is not None and not option.check(value):
                 raise self.error(f"task.{key}", value, option.allowed)
+        if task in ("images", "arrays"):
+            value = options.get("path", MISSING)
+            if not isinstance(value, str) or not value:
+                raise self.error("task.path", value, TASK_OPTIONS[task]["path"].allowed, f"task = {task!r} needs [task] path.")
+            if "kind" in options:
+                options["kind"] = self.enum("task.kind", options["kind"], TABULAR_KINDS)
+            options["path"] = self.path(value)
         if task != "tabular":
             return dict(sorted(options.items()))
         for key in ("path", "target"):
@@ -792,6 +819,10 @@ class _Parser:
             if value not in allowed:
                 close = _close(value, allowed)
                 raise self.error(key, value, allowed, f"Did you mean {close!r}?" if close else None)
+            return value
+        if name in _BOOLS:
+            if not isinstance(value, bool):
+                raise self.error(key, value, "true or false", hint)
             return value
         if name in _FLOATS:
             check, phrase = _FLOATS[name]
@@ -898,12 +929,13 @@ class _Parser:
 
         model = self.table("model", data.get("model", {}))
         self.check_keys("model", model, _MODEL_KEYS)
-        family = TASK_FAMILY.get(task)
+        family = model.get("family") if isinstance(model.get("family"), str) else TASK_FAMILY.get(task)
         for key, raw in model.items():
             if key == "channels" and family == "mlp":
+                who = f"{task!r} trains an MLP" if "family" not in model else "[model] family is 'mlp'"
                 raise self.error(
                     "model.channels", raw, "absent for an MLP task",
-                    f"channels is the CNN's name for width; {task!r} trains an MLP, so write width.",
+                    f"channels is the CNN's name for width; {who}, so write width.",
                 )
             put("model", key, "width" if key == "channels" else key, raw)
 
@@ -965,15 +997,21 @@ class _Parser:
                 "model.pretrained_path", MISSING, "a path to a state_dict file",
                 "init 'pretrained' loads its weights from [model] pretrained_path.",
             )
-        family = TASK_FAMILY.get(task)
-        if family is not None:
+        # The built-in families trials may train ([model] family, else the task's own) must
+        # fit the task's inputs and take every norm the spec asks for.
+        families = {f or TASK_FAMILY.get(task) for f in values("family")} - {None}
+        for family in sorted(families):
+            if "family" in dims and task in TASK_INPUT_SHAPES:
+                check_family(family, TASK_INPUT_SHAPES[task], key=where["family"], source=self.source, cls=SpecError)
             allowed = NORMS_BY_FAMILY[family]
             for norm in values("norm"):
                 if norm not in allowed:
+                    who = f"{task!r} trains an MLP" if "family" not in dims else "the 'mlp' family"
+                    fits = [f for f in ("cnn2d", "resnet") if task not in TASK_INPUT_SHAPES or family_input_shape(f, TASK_INPUT_SHAPES[task])]
                     raise self.error(
                         where.get("norm", "space.norm"), norm, allowed,
-                        f"{task!r} trains an MLP, whose features have no length to normalise over; "
-                        f"{norm!r} norm needs the CNN task 'mnist1d'.",
+                        f"{who}, whose features have no length to normalise over; {norm!r} norm needs a "
+                        + ("convolutional family: the CNN task 'mnist1d'" + (f", or [model] family = {fits[0]!r}" if fits else "") + "."),
                     )
         if "group" in values("norm"):
             self.check_groups(task, dims, where)
