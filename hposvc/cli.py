@@ -641,5 +641,74 @@ def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: boo
     click.echo(rec.summary)
 
 
+# -- survey ----------------------------------------------------------------------------
+
+
+@main.group()
+def survey() -> None:
+    """Run the optimizer survey protocol (studies/survey/) and report what it shows."""
+
+
+@survey.command("run")
+@click.option("--scale", type=click.Choice(["ci", "full"]), default="full", show_default=True, help="ci: 3 small tasks, 4 optimizers, 4 lr points (minutes); full: every task and optimizer, 16 lr points.")
+@click.option("--population", default="auto", show_default=True, callback=lambda ctx, param, v: _population(v), help="Trials trained together as one vectorised population ('auto': a whole study at once).")
+@click.option("--workers", help="Worker processes: N, or 'auto' for one per device slot (default: this process).")
+@click.option("--device", default="auto", show_default=True, help="Device for in-process trials: auto, cpu, cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@storage_options
+@tracking_option
+@json_option
+def survey_run(scale: str, population: int | str | None, workers: str | None, device: str, quiet: bool, storage: str, data_dir: str | None, tracking_uri: str | None, as_json: bool) -> None:
+    """Run (or resume) the survey: every optimizer on every task of the protocol with the
+    same trials, an lr sweep plus its one-shot defaults over seeds.
+
+    \b
+    Examples:
+      hposvc survey run --scale ci --data-dir survey-ci
+      nice -n 10 hposvc survey run --scale full --workers auto --data-dir survey-data
+    """
+    from hposvc.recommendation import run_survey
+
+    result = run_survey(scale=scale, population=population, workers=workers, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, device=device, progress=not quiet)
+    row = {k: getattr(result, k) for k in result.__dataclass_fields__ if k != "studies"}
+    emit({**row, "studies": len(result.studies)}, as_json=as_json, title=f"survey {result.scale}")
+
+
+@survey.command("report")
+@click.option("--scale", type=click.Choice(["ci", "full"]), default="full", show_default=True, help="Which survey run to report on.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for RESULTS.md and results.json (default: <data dir>/survey-<scale>).")
+@click.option("--bootstrap", "n_bootstrap", default=1000, show_default=True, type=click.IntRange(min=10), help="Bootstrap resamples for the intervals.")
+@click.option("--shipped", is_flag=True, help="Print the survey result that ships with hposvc instead (no storage needed).")
+@click.option("--no-store", is_flag=True, help="Do not store the recommendation in SQL or MLflow.")
+@storage_options
+@tracking_option
+@json_option
+def survey_report(scale: str, out_dir: str | None, n_bootstrap: int, shipped: bool, no_store: bool, storage: str, data_dir: str | None, tracking_uri: str | None, as_json: bool) -> None:
+    """Recommend from a survey run: store it (SQL + MLflow), write RESULTS.md and
+    results.json, and print the table and the summary line.
+
+    \b
+    Examples:
+      hposvc survey report --scale full --data-dir survey-data --out studies/survey
+      hposvc survey report --shipped
+    """
+    from hposvc.recommendation import load_shipped_survey, survey_report as compute
+    from hposvc.storage import resolve_tracking_uri
+
+    if shipped:
+        if no_store or out_dir:
+            raise InvalidInputError("the '--shipped' option conflicts with '--out' and '--no-store': it only prints the shipped result.")
+        result = load_shipped_survey()
+    else:
+        result = compute(scale=scale, storage=storage, data_dir=data_dir, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), out_dir=out_dir, n_bootstrap=n_bootstrap, store=not no_store)
+    if as_json:
+        emit(result.to_dict(), as_json=True)
+        return
+    emit(result.optimizer_rows(), as_json=False, title=f"optimizers ({result.source})")
+    click.echo(result.summary)
+    if result.files:
+        click.echo("wrote " + ", ".join(result.files), err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -52,6 +52,7 @@ from hposvc.recommendation._stats import (
     performance_profile,
     profile_area,
 )
+from hposvc.recommendation._survey import SCALES, SurveyRun, protocol, run_survey, survey_frame
 from hposvc.recommendation._store import (
     SCHEMA_VERSION,
     load_recommendation,
@@ -68,8 +69,10 @@ __all__ = [
     "DEFAULT_BUDGET",
     "EXPERIMENT",
     "R_MAX",
+    "SCALES",
     "SCHEMA_VERSION",
     "Recommendation",
+    "SurveyRun",
     "anchored",
     "average_ranks",
     "collect_trials",
@@ -86,11 +89,14 @@ __all__ = [
     "normalise",
     "performance_profile",
     "profile_area",
+    "protocol",
     "ranked_contexts",
     "recommend",
     "recommend_from_frame",
     "recommendation_history",
+    "run_survey",
     "save_recommendation",
+    "survey_frame",
     "warm_start_configs",
     "warm_start_configs_from_frame",
     "write_plots",

@@ -3,7 +3,8 @@
 Only Optuna's public storage API is used, and only the attributes the study service
 promises to write (see the storage attribute contract): study attrs ``hposvc.task`` and
 ``hposvc.metric``, the study direction, and trial attrs ``hposvc.config`` and
-``hposvc.reason``.
+``hposvc.reason``; plus the survey's own study attrs (:data:`SURVEY_TASK`,
+:data:`SURVEY_HELD_OUT`), which :mod:`hposvc.recommendation._survey` writes.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ from hposvc import storage as _storage
 from hposvc.queue import storage_of
 from hposvc.storage import redact, resolve_data_dir, resolve_storage_url
 
-__all__ = ["CONFIG_FIELDS", "collect_trials", "open_storage"]
+__all__ = ["CONFIG_FIELDS", "SURVEY_HELD_OUT", "SURVEY_TASK", "collect_trials", "open_storage"]
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(TrialConfig.__dataclass_fields__)
-# Columns every frame from collect_trials has, before the TrialConfig fields.
-BASE_COLUMNS = ("study", "task", "number", "state", "value", "metric", "direction", "score", "cost", "reason")
+# Columns every frame from collect_trials has, before the TrialConfig fields. ``curve``:
+# the study's metric per reported epoch (what performance profiles need), None without.
+BASE_COLUMNS = ("study", "task", "number", "state", "value", "metric", "direction", "score", "cost", "reason", "curve")
+# Study attrs the survey sets beside hposvc's own: the protocol's task name, and True on
+# the held-out tasks' studies, which only test the recommendation and never enter it.
+SURVEY_TASK = "hposvc.survey.task"
+SURVEY_HELD_OUT = "hposvc.survey.held_out"
 
 
 # Whatever names a study storage: a URL (None: the configured default), a storage, a study.
@@ -114,12 +120,17 @@ def collect_trials(
     *,
     studies: str | Sequence[str] | None = None,
     tasks: str | Sequence[str] | None = None,
+    held_out: bool = False,
 ) -> pd.DataFrame:
     """One row per finished trial of the selected studies (all studies when both are None).
 
     Columns: study, task, number, state ("COMPLETE" | "PRUNED"), value, metric, direction,
-    score (higher is better), cost (1 − accuracy, or the loss), reason, and every
-    TrialConfig field (optimizer, lr, …, norm, activation, …; ``extra`` as JSON text).
+    score (higher is better), cost (1 − accuracy, or the loss), reason, curve (the metric
+    per reported epoch, a list), and every TrialConfig field (optimizer, lr, …, norm,
+    activation, …; ``extra`` as JSON text).
+
+    Studies of the survey's held-out tasks are left out unless ``held_out`` is True or
+    they are named in ``studies``: they exist to test a recommendation, not to make one.
 
     Which value a trial gets:
 
@@ -144,11 +155,11 @@ def collect_trials(
     """
     study_names = _as_list("studies", studies)
     task_names = _as_list("tasks", tasks)
-    return _collect(open_storage(storage), study_names, task_names)
+    return _collect(open_storage(storage), study_names, task_names, held_out=held_out)
 
 
 def _collect(
-    store: optuna.storages.BaseStorage, study_names: list[str] | None, task_names: list[str] | None
+    store: optuna.storages.BaseStorage, study_names: list[str] | None, task_names: list[str] | None, *, held_out: bool = False
 ) -> pd.DataFrame:
     try:
         frozen = store.get_all_studies()
@@ -167,7 +178,7 @@ def _collect(
                 )
         selected = [by_name[n] for n in dict.fromkeys(study_names)]
     else:
-        selected = list(frozen)
+        selected = [s for s in frozen if held_out or not s.user_attrs.get(SURVEY_HELD_OUT)]
     if task_names is not None:
         known_tasks = sorted({str(s.user_attrs.get(records.TASK, s.study_name)) for s in selected})
         for name in task_names:
@@ -212,6 +223,7 @@ def _collect(
                 "score": score,
                 "cost": cost,
                 "reason": t.user_attrs.get(records.REASON),
+                "curve": [float(v) for _, v in sorted(t.intermediate_values.items())] or None,
             }
             for name in CONFIG_FIELDS:
                 row[name] = config.get(name)

@@ -1,0 +1,111 @@
+"""The survey's workloads that hposvc has no built-in task for, as task factories.
+
+A survey spec names them as ``task = "hposvc.recommendation._tasks:NAME"`` (the
+``module:function`` form any user factory takes), with ``[task]`` options passed as
+keywords. Everything is offline: scikit-learn's bundled data sets (breast_cancer,
+diabetes, wine), its generators (make_classification) and mnist1d, generated locally.
+Splits and scaling are hposvc's own (:func:`hposvc.tasks.load_task` of a tabular file
+does the same), so a survey task differs from a user's only in where the data comes from.
+
+>>> task = breast_cancer(seed=0)
+>>> task.kind, task.family, task.input_shape, task.n_outputs
+('binary', 'mlp', (30,), 1)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hposvc.tasks import Task, _make, _split, _standardise, load_task
+
+__all__ = ["breast_cancer", "classification", "diabetes", "mnist1d_flat", "wine"]
+
+# Network size a spec gets when its [model] table says nothing (the same as tabular files).
+_DEFAULTS_OF = "tabular"
+
+
+def _module_name(fn: str) -> str:
+    return f"{__name__}:{fn}"
+
+
+def breast_cancer(*, seed: int = 0) -> Task:
+    """scikit-learn's bundled Wisconsin breast cancer data: 569 samples, 30 features, binary."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    parts = _split(data.data, data.target.astype(np.int64), seed, stratify=True)
+    parts[:3] = _standardise(*parts[:3])
+    parts[3:] = [a.astype(np.float32) for a in parts[3:]]
+    return _make(_module_name("breast_cancer"), "binary", "mlp", 1, parts, defaults_of=_DEFAULTS_OF)
+
+
+def wine(*, seed: int = 0) -> Task:
+    """scikit-learn's bundled wine recognition data: 178 samples, 13 features, 3 classes."""
+    from sklearn.datasets import load_wine
+
+    data = load_wine()
+    parts = _split(data.data, data.target.astype(np.int64), seed, stratify=True)
+    parts[:3] = _standardise(*parts[:3])
+    return _make(_module_name("wine"), "multiclass", "mlp", 3, parts, defaults_of=_DEFAULTS_OF)
+
+
+def diabetes(*, seed: int = 0) -> Task:
+    """scikit-learn's bundled diabetes progression data: 442 samples, 10 features, a
+    regression on the standardised target (so a val_loss of 1 is predicting the mean)."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    parts = _split(data.data, data.target.astype(np.float64), seed, stratify=False)
+    parts[:3] = _standardise(*parts[:3])
+    parts[3:] = [a[:, 0].astype(np.float32) for a in _standardise(*(a[:, None] for a in parts[3:]))]
+    return _make(_module_name("diabetes"), "regression", "mlp", 1, parts, defaults_of=_DEFAULTS_OF)
+
+
+def classification(
+    *,
+    seed: int = 0,
+    n_samples: int = 1000,
+    n_features: int = 20,
+    n_informative: int = 5,
+    n_classes: int = 3,
+    class_sep: float = 1.0,
+    flip_y: float = 0.01,
+    data_seed: int = 0,
+) -> Task:
+    """scikit-learn's ``make_classification``; ``data_seed`` draws the problem, ``seed``
+    the split, so two specs with different options are two different tasks."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=int(n_samples),
+        n_features=int(n_features),
+        n_informative=int(n_informative),
+        n_redundant=min(2, int(n_features) - int(n_informative)),
+        n_classes=int(n_classes),
+        class_sep=float(class_sep),
+        flip_y=float(flip_y),
+        random_state=int(data_seed),
+    )
+    parts = _split(x, y.astype(np.int64), seed, stratify=True)
+    parts[:3] = _standardise(*parts[:3])
+    return _make(_module_name("classification"), "multiclass", "mlp", int(n_classes), parts, defaults_of=_DEFAULTS_OF)
+
+
+def mnist1d_flat(*, seed: int = 0, num_samples: int = 5000) -> Task:
+    """mnist1d's 40-sample signals as flat feature vectors, for an MLP (the built-in
+    ``mnist1d`` task trains the 1-D CNN on the same data and split)."""
+    task = load_task("mnist1d", seed=seed, options={"num_samples": int(num_samples)})
+    flat: dict[str, Any] = {f"x_{s}": getattr(task, f"x_{s}").reshape(len(getattr(task, f"x_{s}")), -1) for s in ("train", "val", "test")}
+    return Task(
+        name=_module_name("mnist1d_flat"),
+        kind=task.kind,
+        family="mlp",
+        input_shape=(int(np.prod(task.input_shape)),),
+        n_outputs=task.n_outputs,
+        y_train=task.y_train,
+        y_val=task.y_val,
+        y_test=task.y_test,
+        **flat,
+    )
