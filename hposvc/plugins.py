@@ -5,10 +5,20 @@ A spec's ``model``, ``trainer`` and ``task`` may name a function as
 spec file's folder) or from ``sys.path``. :func:`check_spec_code` imports everything a spec
 names and checks each signature, so ``study validate`` and ``study run`` fail with exit
 code 2 before anything is written; a factory that raises later fails its trial instead.
+
+A model factory is called as ``factory(task, config)`` and returns a ``torch.nn.Module``;
+:func:`model_factory` turns it into the zero-argument builder a trial's
+:meth:`~hposvc.context.TrialContext.build_model` calls, which applies the dimensions the
+spec sets (``norm``, ``activation``, ``init`` in ``[space]``) with
+:func:`hposvc.nn.convert` and nothing else: a TrialConfig default (norm ``none``, He init)
+never strips or re-initialises the user's layers. A factory that takes ``norm_layer`` /
+``activation_layer`` keyword arguments (torchvision's convention) gets builders for the
+trial's kinds instead, and that dimension is not swapped afterwards.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import sys
@@ -17,12 +27,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hposvc.errors import invalid
+from hposvc.errors import InvalidInputError, TrainingError, invalid
 
 if TYPE_CHECKING:
-    from hposvc.spec import StudySpec
+    import torch
 
-__all__ = ["check_runnable", "check_spec_code", "load_callable"]
+    from hposvc.config import TrialConfig
+    from hposvc.nn import ConversionReport
+    from hposvc.spec import StudySpec
+    from hposvc.tasks import Task
+
+__all__ = ["APPLIED_DIMS", "applied_dims", "check_runnable", "check_spec_code", "load_callable", "model_factory"]
+
+APPLIED_DIMS = ("norm", "activation", "init")  # what hposvc applies to a user's model
+# A spec with these tasks reads files: loading them is part of checking the spec.
+_FILE_TASKS = ("tabular", "images", "arrays")
 
 
 @contextmanager
@@ -91,6 +110,7 @@ def check_spec_code(spec: "StudySpec") -> None:
         # A {field} the command names must exist for every optimizer the study can pick.
         for optimizer in spec.optimizers:
             render(list(spec.command), TrialConfig(optimizer=optimizer), source=src)
+    _check_model(spec)
 
 
 def check_runnable(spec: "StudySpec") -> None:
@@ -101,3 +121,159 @@ def check_runnable(spec: "StudySpec") -> None:
 
     check_grid_budget(spec)
     check_spec_code(spec)
+
+
+def applied_dims(spec: "StudySpec", config: "TrialConfig") -> dict[str, str]:
+    """The dimensions hposvc applies to a user's model for ``config``: those of
+    :data:`APPLIED_DIMS` that ``spec`` sets (fixed or searched), with the trial's values.
+
+    >>> from hposvc.config import TrialConfig
+    >>> from hposvc.spec import parse_spec
+    >>> spec = parse_spec({"study": {"name": "s", "task": "digits", "model": "m:f"}, "space": {"norm": ["batch", "group"]}})
+    >>> applied_dims(spec, TrialConfig(norm="group"))
+    {'norm': 'group'}
+    """
+    return {name: getattr(config, name) for name in APPLIED_DIMS if name in spec.dims}
+
+
+def model_factory(
+    spec: "StudySpec",
+    task: "Task | None",
+    config: "TrialConfig",
+    *,
+    on_built: "Callable[[torch.nn.Module, ConversionReport | None], None] | None" = None,
+) -> "Callable[[], torch.nn.Module] | None":
+    """The zero-argument model builder of one trial: the spec's model factory with the
+    dimensions the spec sets applied (:func:`applied_dims`), or the built-in family
+    (``config.family``, else the task's). ``on_built(model, report)`` is called with each
+    model built (``report``: what conversion changed; None for a built-in). None when the
+    spec has neither a model factory nor a task.
+
+    The factory's own errors fail the trial with a :class:`~hposvc.errors.TrainingError`
+    that names it.
+    """
+    if spec.model is None:
+        if task is None:
+            return None
+
+        def build_builtin() -> "torch.nn.Module":
+            from hposvc.nn import build_model
+
+            model = build_model(task, config)
+            if on_built is not None:
+                on_built(model, None)
+            return model
+
+        return build_builtin
+    fn = load_callable(spec.model, key="study.model", code_dir=spec.code_dir, source=spec.source)
+    applied = applied_dims(spec, config)
+
+    def build_user() -> "torch.nn.Module":
+        model, report = _convert_user_model(fn, spec.model, task, config, applied)
+        if on_built is not None:
+            on_built(model, report)
+        return model
+
+    return build_user
+
+
+def _layer_arguments(fn: Callable[..., Any], config: "TrialConfig", applied: dict[str, str]) -> dict[str, Any]:
+    """``norm_layer`` / ``activation_layer`` for a factory that takes them (torchvision's
+    convention: ``norm_layer(channels)``, ``activation_layer()``), for applied dimensions."""
+    from hposvc.nn import DEFAULT_NORM_GROUPS, activation_layer, norm_layer
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    out: dict[str, Any] = {}
+    if "norm" in applied and "norm_layer" in named:
+        kind, groups = applied["norm"], config.norm_groups or DEFAULT_NORM_GROUPS
+
+        def make_norm(channels: int, dims: int = 2) -> "torch.nn.Module":
+            return norm_layer(kind, channels, dims, groups=groups)
+
+        out["norm_layer"] = make_norm
+    if "activation" in applied and "activation_layer" in named:
+        kind = applied["activation"]
+        out["activation_layer"] = lambda *args, **kwargs: activation_layer(kind)  # inplace=True etc.: ignored
+    return out
+
+
+def _call_factory(fn: Callable[..., Any], ref: str, task: "Task | None", config: "TrialConfig", kwargs: dict[str, Any]) -> "torch.nn.Module":
+    from torch import nn
+
+    try:
+        model = fn(task, config, **kwargs)
+    except (InvalidInputError, TrainingError):
+        raise
+    except Exception as e:  # noqa: BLE001 (the user's code: anything can fail; the trial says which)
+        raise TrainingError(f"the model factory {ref}(task, config) raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise TrainingError(f"the model factory {ref}(task, config) returned {type(model).__name__}; it must return a torch.nn.Module.")
+    return model
+
+
+def _convert_user_model(
+    fn: Callable[..., Any], ref: str, task: "Task | None", config: "TrialConfig", applied: dict[str, str]
+) -> "tuple[torch.nn.Module, ConversionReport]":
+    from hposvc.nn import convert_with_report
+
+    kwargs = _layer_arguments(fn, config, applied)
+    model = _call_factory(fn, ref, task, config, kwargs)
+    norm = None if "norm_layer" in kwargs else applied.get("norm")
+    activation = None if "activation_layer" in kwargs else applied.get("activation")
+    init = applied.get("init")
+    return convert_with_report(
+        model,
+        norm=norm,
+        activation=activation,
+        init=init,
+        norm_groups=config.norm_groups if norm == "group" else None,
+        init_std=config.init_std if init in ("normal", "uniform") else None,
+        pretrained_path=config.pretrained_path if init == "pretrained" else None,
+    )
+
+
+def _check_model(spec: "StudySpec") -> None:
+    """Before any trial runs: load the task where the spec's checks need it (a model
+    factory, a family whose fit depends on the data, a data file), build one model and
+    convert it once per dimension the spec applies, so a model with nothing to act on
+    ("norm" searched over a model without norm layers) fails now, not after n_trials
+    identical trials."""
+    from hposvc.config import TASK_INPUT_SHAPES, check_family
+    from hposvc.space import first_config
+    from hposvc.tasks import load_task
+
+    src = spec.source
+    family_dim = spec.dims.get("family")
+    needs_task = spec.model is not None or spec.task in _FILE_TASKS or (family_dim is not None and spec.task not in TASK_INPUT_SHAPES)
+    if not needs_task or spec.command is not None:
+        return
+    task = load_task(spec.task, seed=spec.seed, options=spec.task_options)  # bad data: InvalidInputError naming the file
+    if spec.model is None:
+        if spec.trainer is None:
+            for family in family_dim.values() if family_dim is not None else (task.family,):
+                check_family(family, task.input_shape, key="model.family", source=f"{src} (task {task.name!r})")
+        return
+    config = first_config(spec, task_defaults={"depth": task.default_depth, "width": task.default_width})
+    applied = applied_dims(spec, config)
+    fn = load_callable(spec.model, key="study.model", code_dir=spec.code_dir, source=src)
+    kwargs = _layer_arguments(fn, config, applied)
+    try:
+        model = _call_factory(fn, spec.model, task, config, kwargs)
+    except TrainingError as e:
+        raise invalid("study.model", spec.model, "a factory that builds a model for this task", source=src, hint=f"Building one to check the spec failed: {e}") from e
+    from hposvc.nn import convert_with_report
+
+    for name in applied:
+        if f"{name}_layer" in kwargs:
+            continue  # the factory builds these layers itself
+        values = spec.dims[name].values() or (applied[name],)
+        # init: a scheme that sets weights, if the spec has one (default and pretrained set none)
+        value = next((v for v in values if v not in ("default", "pretrained")), values[0]) if name == "init" else values[0]
+        try:
+            convert_with_report(copy.deepcopy(model), **{name: value})
+        except InvalidInputError as e:
+            raise InvalidInputError(f"{src}: [space] {name} cannot act on the model of {spec.model}: {e}") from e

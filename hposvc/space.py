@@ -36,6 +36,7 @@ __all__ = [
     "build_sampler",
     "config_in_space",
     "epoch_bounds",
+    "first_config",
     "grid_search_space",
     "params_for_config",
     "suggest_config",
@@ -89,6 +90,32 @@ def suggest_config(
             continue
         values[name] = _suggest(trial, name, dim)
     return TrialConfig(**values)
+
+
+class _FirstValues:
+    """A stand-in trial that answers every suggestion with a dimension's first value (a
+    choice's first, a range's low end): :func:`first_config`."""
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        return choices[0]
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        return low
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float:
+        return low
+
+
+def first_config(spec: StudySpec, *, task_defaults: Mapping[str, int] | None = None) -> TrialConfig:
+    """A config from ``spec``'s space without a study: each dimension's first value. What
+    hposvc builds a model from to check a spec before any trial runs.
+
+    >>> from hposvc.spec import parse_spec
+    >>> spec = parse_spec({"study": {"name": "s", "task": "digits"}, "space": {"norm": ["group", "none"], "lr": {"low": 0.01, "high": 0.1}}})
+    >>> c = first_config(spec); c.norm, c.norm_groups, c.lr
+    ('group', 4, 0.01)
+    """
+    return suggest_config(_FirstValues(), spec, task_defaults=task_defaults)  # type: ignore[arg-type]
 
 
 def _suggest(trial: optuna.trial.BaseTrial, name: str, dim: Dim) -> Any:

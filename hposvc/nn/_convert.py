@@ -59,6 +59,31 @@ class ConversionReport:
         """The distinct group counts the group-norm layers use, e.g. ``(3, 4)``."""
         return tuple(sorted(set(self.norm_groups.values())))
 
+    def describe(self) -> str:
+        """A few lines for a trial's record (``conversion.txt``).
+
+        >>> print(ConversionReport(norms=("1",), norm_groups={"1": 3}, notes=("3 groups, not 4",)).describe())
+        norm layers replaced: 1 (1)
+        activation modules replaced: 0
+        weight layers initialised: 0
+        group norm groups: 3
+        note: 3 groups, not 4
+        """
+
+        def listing(names: tuple[str, ...]) -> str:
+            shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+            return f"{len(names)} ({shown})" if names else "0"
+
+        lines = [
+            f"norm layers replaced: {listing(self.norms)}",
+            f"activation modules replaced: {listing(self.activations)}",
+            f"weight layers initialised: {listing(self.initialised)}",
+        ]
+        if self.norm_groups:
+            lines.append("group norm groups: " + ", ".join(map(str, self.effective_norm_groups)))
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
 
 def _output_dims(module: nn.Module) -> int | None:
     for types, dims in _LAYER_DIMS:

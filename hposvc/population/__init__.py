@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from hposvc.population.model import PopulationModel, build_members
 from hposvc.population.optim import BatchedOptimizer
-from hposvc.population.train import group_configs, population_key, train_population
+from hposvc.population.train import group_configs, population_key, population_ready, train_population
 
 __all__ = [
     "BatchedOptimizer",
@@ -29,5 +29,6 @@ __all__ = [
     "build_members",
     "group_configs",
     "population_key",
+    "population_ready",
     "train_population",
 ]

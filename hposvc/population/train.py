@@ -55,14 +55,15 @@ from hposvc.population.optim import BatchedOptimizer
 from hposvc.tasks import Task
 from hposvc.train import EVAL_CHUNK, EpochMetrics, TrainResult, _divergence, _loss, seed_everything
 
-__all__ = ["group_configs", "population_key", "train_population"]
+__all__ = ["group_configs", "population_key", "population_ready", "train_population"]
 
 EVAL_MIN_CHUNK = 256  # smallest evaluation chunk, however large the population
 
 # What must be equal for trials to share a population, and why (see population_key).
 KEY_FIELDS = (
     "optimizer",  # one update rule per population: its state tensors differ per rule
-    "depth",  # the stacked parameters need one shape ...
+    "family",  # the stacked parameters need one architecture ...
+    "depth",  # ... and one shape ...
     "width",
     "norm",  # ... and one module structure runs every member (functional_call)
     "norm_groups",
@@ -75,15 +76,16 @@ KEY_FIELDS = (
 def population_key(config: TrialConfig) -> tuple[Any, ...]:
     """The grouping key: configs with equal keys (on the same task) can train together.
 
-    Must match: the optimizer (one update rule and state layout per population), depth,
-    width, norm, norm groups and activation (one stacked shape and one module that
+    Must match: the optimizer (one update rule and state layout per population), family,
+    depth, width, norm, norm groups and activation (one stacked shape and one module that
     ``functional_call`` runs for all members), batch size and epochs (members step in
     lockstep), and ``extra`` (a user task factory may read it to shape the model).
 
     Free to differ: every optimizer number (lr, momentum, β, ε, ρ, weight decay are
     per-member tensors), schedule and warm-up (each member's lr factor is looked up per
-    step), init scheme, std and pretrained file (members are initialised before they are
-    stacked), and the seed (each member shuffles with its own generator).
+    step), init scheme, std, pretrained file and zero-init of residual branches (members
+    are initialised before they are stacked), and the seed (each member shuffles with its
+    own generator).
 
     >>> a = TrialConfig(optimizer="adam", lr=1e-3, seed=1, schedule="cosine")
     >>> b = TrialConfig(optimizer="adam", lr=3e-2, seed=2, init="zero")
@@ -94,9 +96,28 @@ def population_key(config: TrialConfig) -> tuple[Any, ...]:
     return tuple(getattr(config, name) for name in KEY_FIELDS) + (extra,)
 
 
+def population_ready(config: TrialConfig) -> str | None:
+    """Why ``config`` trains alone rather than in a population, or None when it can join
+    one: the population runs fp32 on device tensors, eagerly, in the default layout.
+
+    >>> population_ready(TrialConfig()), population_ready(TrialConfig(precision="bf16"))
+    (None, "precision 'bf16' (populations train in fp32)")
+    """
+    if config.precision != "fp32":
+        return f"precision {config.precision!r} (populations train in fp32)"
+    if config.compile:
+        return "compile = true (populations are not compiled)"
+    if config.channels_last:
+        return "channels_last = true (populations keep the default layout)"
+    if config.data == "loader":
+        return "data = 'loader' (populations slice device tensors)"
+    return None
+
+
 def group_configs(configs: Sequence[TrialConfig], *, max_size: int | None = None) -> list[list[int]]:
     """Indices of ``configs`` grouped by :func:`population_key`, first-seen order, each
-    group cut into chunks of at most ``max_size`` members.
+    group cut into chunks of at most ``max_size`` members. A config that cannot join a
+    population (:func:`population_ready`) is a group of its own, so it trains alone.
 
     >>> cfgs = [TrialConfig(optimizer="sgd"), TrialConfig(optimizer="adam"), TrialConfig(optimizer="sgd", lr=0.5)]
     >>> group_configs(cfgs), group_configs(cfgs, max_size=1)
@@ -106,7 +127,8 @@ def group_configs(configs: Sequence[TrialConfig], *, max_size: int | None = None
         raise invalid("max_size", max_size, "a positive integer or None")
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, config in enumerate(configs):
-        groups.setdefault(population_key(config), []).append(i)
+        alone = population_ready(config) is not None
+        groups.setdefault(("alone", i) if alone else population_key(config), []).append(i)
     size = max_size or max(1, len(configs))
     return [g[start : start + size] for g in groups.values() for start in range(0, len(g), size)]
 
@@ -166,6 +188,7 @@ def _train_population(
     # 1) build each member as train() does (seed, build on the CPU), stack, move once
     model = PopulationModel.build(task, configs, device=dev, seed_fn=seed_everything)
     n_params = model.n_params
+    task = task.materialised()  # a dataset task: its tensors (read once per process)
     x_train, y_train = task.x_train.to(dev), task.y_train.to(dev)
     x_val, y_val = task.x_val.to(dev), task.y_val.to(dev)
     x_test, y_test = task.x_test.to(dev), task.y_test.to(dev)
