@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hposvc import interrupts, queue, records
+from hposvc import interrupts, plugins, queue, records
 from hposvc.config import TrialConfig
 from hposvc.context import TrialContext
 from hposvc.errors import TrainingError, TrialPruned
@@ -101,8 +101,21 @@ class TrialJob:
             metric=self.spec.metric,
             trial_dir=None if self.trials_dir is None else self.trials_dir / f"trial-{first}",
             logger=logging.getLogger(f"hposvc.trial.{trial.number}"),
+            model_factory=plugins.model_factory(self.spec, task, config, on_built=self.log_model),
         )
         return config
+
+    def log_model(self, model: Any, report: Any) -> None:
+        """What the trial trains, on its MLflow run: ``model.txt`` (``str(model)`` after
+        conversion), ``n_params``, and what conversion changed (``conversion.txt``)."""
+        from hposvc.nn import count_parameters
+
+        self.run.add_text("model.txt", str(model))
+        self.run.log_epoch({"n_params": count_parameters(model)}, step=0)
+        if report is not None:
+            self.run.add_text("conversion.txt", report.describe())
+            for note in report.notes:
+                self.ctx.logger.info("%s", note)
 
     def on_report(self, epoch: int, metrics: "dict[str, float]") -> bool:
         """Report an epoch to the trial (pruners) and MLflow; True when it should stop."""
