@@ -52,6 +52,7 @@ from hposvc.recommendation._stats import (
     performance_profile,
     profile_area,
 )
+from hposvc.recommendation._results import SurveyResult, load_shipped_survey, survey_report
 from hposvc.recommendation._survey import SCALES, SurveyRun, protocol, run_survey, survey_frame
 from hposvc.recommendation._store import (
     SCHEMA_VERSION,
@@ -61,7 +62,12 @@ from hposvc.recommendation._store import (
     set_mlflow_run_id,
 )
 from hposvc.recommendation._tracking import EXPERIMENT, log_recommendation, write_plots
-from hposvc.recommendation._warm import ranked_contexts, warm_start_configs, warm_start_configs_from_frame
+from hposvc.recommendation._warm import (
+    ranked_contexts,
+    shipped_warm_start_configs,
+    warm_start_configs,
+    warm_start_configs_from_frame,
+)
 
 __all__ = [
     "ACTIVATION_FAMILIES",
@@ -72,6 +78,7 @@ __all__ = [
     "SCALES",
     "SCHEMA_VERSION",
     "Recommendation",
+    "SurveyResult",
     "SurveyRun",
     "anchored",
     "average_ranks",
@@ -83,6 +90,7 @@ __all__ = [
     "expected_max_weights",
     "friedman",
     "hierarchical_bootstrap",
+    "load_shipped_survey",
     "load_recommendation",
     "log_recommendation",
     "noise_ranks",
@@ -96,7 +104,9 @@ __all__ = [
     "recommendation_history",
     "run_survey",
     "save_recommendation",
+    "shipped_warm_start_configs",
     "survey_frame",
+    "survey_report",
     "warm_start_configs",
     "warm_start_configs_from_frame",
     "write_plots",

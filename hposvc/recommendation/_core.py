@@ -534,8 +534,9 @@ def _analyse(
                     "n_trials": n,
                     "expected_best": sign * E.at[u, o],
                     "score": norm.at[u, o],
-                    "cost": costs.at[u, o] if ranked_cell and not costs.empty else np.nan,
-                    "ratio": ratios.at[u, o] if ranked_cell and not costs.empty else np.nan,
+                    # a task no optimizer reached the target on has no row in costs
+                    "cost": costs.at[u, o] if ranked_cell and u in costs.index else np.nan,
+                    "ratio": ratios.at[u, o] if ranked_cell and u in ratios.index else np.nan,
                     "rank": ranks.at[u, o] if ranked_cell else np.nan,
                     "status": status,
                 }

@@ -27,12 +27,12 @@ import pandas as pd
 from hposvc.config import ONE_SHOT_DEFAULTS, TrialConfig
 from hposvc.errors import HposvcError, StorageError
 from hposvc.recommendation._core import NUMBER_COLUMNS, _prepare, recommend_from_frame, top_trials
-from hposvc.recommendation._data import collect_trials, open_storage
+from hposvc.recommendation._data import SURVEY_HELD_OUT, collect_trials, open_storage
 
 if TYPE_CHECKING:
     from hposvc.spec import Dim, StudySpec
 
-__all__ = ["ranked_contexts", "warm_start_configs", "warm_start_configs_from_frame"]
+__all__ = ["ranked_contexts", "shipped_warm_start_configs", "warm_start_configs", "warm_start_configs_from_frame"]
 
 
 def warm_start_configs(
@@ -58,13 +58,31 @@ def warm_start_configs(
     """
     store = open_storage(storage, data_dir=data_dir)
     try:
-        names = [s.study_name for s in store.get_all_studies()]
+        # Held-out survey studies only test recommendations: they never feed one.
+        names = [s.study_name for s in store.get_all_studies() if not s.user_attrs.get(SURVEY_HELD_OUT)]
     except Exception as e:  # noqa: BLE001 (driver errors)
         raise StorageError(f"cannot list the studies in the storage: {e}") from e
     others = [n for n in names if n != spec.name]
-    if not others:
+    configs = warm_start_configs_from_frame(collect_trials(store, studies=others), spec, top=top, min_trials=min_trials) if others else []
+    return configs or shipped_warm_start_configs(spec, top=top)
+
+
+def shipped_warm_start_configs(spec: "StudySpec", *, top: int = 3) -> list[TrialConfig]:
+    """Warm-start configurations from the survey result that ships with hposvc (what a
+    fresh install, whose storage has no other study, warm-starts from); [] when none ships.
+
+    The shipped list is each optimizer's best configuration across the survey's tasks,
+    in the survey's order; here it is filtered to the spec's optimizers and fitted into
+    its space like :func:`warm_start_configs_from_frame` does.
+    """
+    from hposvc.recommendation._results import load_shipped_survey
+
+    try:
+        shipped = load_shipped_survey()
+    except HposvcError:
         return []
-    return warm_start_configs_from_frame(collect_trials(store, studies=others), spec, top=top, min_trials=min_trials)
+    ranked = [(w["optimizer"], {k: v for k, v in w.items() if k != "optimizer"}) for w in shipped.warm_start]
+    return _build(spec, [(o, n) for o, n in ranked if o in set(spec.optimizers)], contexts=[], best_rows=None, top=top)
 
 
 def warm_start_configs_from_frame(
@@ -74,8 +92,10 @@ def warm_start_configs_from_frame(
 
     - Optimizers: the allowed ones, ranked by the recommendation computed over the
       allowed optimizers only; one with enough trials but nothing to rank it against
-      ("no comparison") comes after the ranked ones. Each gets its recommended numbers
-      (medians of its top-quartile trials), clipped and snapped into the spec's ranges;
+      ("no comparison") comes after the ranked ones, after those measured on only some
+      tasks ("incomplete"). Each gets its recommended numbers — the cell of a shared lr
+      (β/μ) grid that did best on average across the tasks, a configuration that ran,
+      not medians of separate numbers — clipped and snapped into the spec's ranges;
       numbers the spec does not search keep the one-shot defaults.
     - Contexts: :func:`ranked_contexts` (all trials, any optimizer). The i-th
       configuration pairs the i-th optimizer with the i-th context (cycling when there
@@ -88,28 +108,40 @@ def warm_start_configs_from_frame(
 
     >>> warm_start_configs_from_frame(collect_trials(url), spec)  # doctest: +SKIP
     """
-    from hposvc.config import CONDITIONAL
-
     contexts = ranked_contexts(df, spec, min_trials=min_trials)
     df = df[df["optimizer"].isin(set(spec.optimizers))]
     if df.empty:
         return []
     rec = recommend_from_frame(df, n_bootstrap=0, min_trials=min_trials)
-    best_rows = top_trials(df, min_trials=min_trials)
+    status = rec.table["status"]
+    # Ranked first; then measured on only some tasks of the block; then nothing to compare with.
+    order = [o for s in ("ok", "incomplete", "no comparison") for o in rec.table.loc[status == s, "optimizer"]]
+    return _build(spec, [(o, rec.numbers.get(o, {})) for o in order], contexts=contexts, best_rows=top_trials(df, min_trials=min_trials), top=top)
+
+
+def _build(
+    spec: "StudySpec",
+    ranked: list[tuple[str, Mapping[str, Any]]],
+    *,
+    contexts: list[dict[str, Any]],
+    best_rows: pd.DataFrame | None,
+    top: int,
+) -> list[TrialConfig]:
+    """The i-th ranked optimizer with its numbers (fitted into the spec's ranges) in the
+    i-th context; other searched fields from ``_pick``. At most ``top``, in order."""
+    from hposvc.config import CONDITIONAL
+
     fixed = spec.implicit_values()
     configs: list[TrialConfig] = []
-    status = rec.table["status"]
-    order = [*rec.table.loc[status == "ok", "optimizer"], *rec.table.loc[status == "no comparison", "optimizer"]]
-    for opt in order:
+    for opt, numbers in ranked:
         if len(configs) >= top:
             break
         values: dict[str, Any] = {**fixed, "optimizer": opt}
         if contexts:
             values.update(contexts[len(configs) % len(contexts)])
-        numbers = rec.numbers.get(opt, {})
         for param, (_, dim) in spec.optimizer_space(opt).items():
             values[param] = _fit(dim, numbers.get(param, ONE_SHOT_DEFAULTS[opt][param]))
-        mine = best_rows[best_rows["optimizer"] == opt]
+        mine = best_rows[best_rows["optimizer"] == opt] if best_rows is not None else None
         for name, dim in spec.dims.items():
             if name == "optimizer" or name in _ALL_OPT_PARAMS or name in values:
                 continue  # optimizer numbers the spec does not search keep one-shot defaults
