@@ -22,7 +22,7 @@ import copy
 import importlib
 import inspect
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from hposvc.spec import StudySpec
     from hposvc.tasks import Task
 
-__all__ = ["APPLIED_DIMS", "applied_dims", "check_runnable", "check_spec_code", "load_callable", "model_factory"]
+__all__ = ["APPLIED_DIMS", "applied_dims", "build_user_model", "check_runnable", "check_spec_code", "load_callable", "model_factory"]
 
 APPLIED_DIMS = ("norm", "activation", "init")  # what hposvc applies to a user's model
 # A spec with these tasks reads files: loading them is part of checking the spec.
@@ -169,7 +169,7 @@ def model_factory(
     applied = applied_dims(spec, config)
 
     def build_user() -> "torch.nn.Module":
-        model, report = _convert_user_model(fn, spec.model, task, config, applied)
+        model, report = build_user_model(fn, task, config, apply=applied, name=spec.model)
         if on_built is not None:
             on_built(model, report)
         return model
@@ -215,13 +215,35 @@ def _call_factory(fn: Callable[..., Any], ref: str, task: "Task | None", config:
     return model
 
 
-def _convert_user_model(
-    fn: Callable[..., Any], ref: str, task: "Task | None", config: "TrialConfig", applied: dict[str, str]
+def build_user_model(
+    factory: Callable[..., Any],
+    task: "Task | None",
+    config: "TrialConfig",
+    *,
+    apply: "Mapping[str, str] | Iterable[str]" = (),
+    name: str | None = None,
 ) -> "tuple[torch.nn.Module, ConversionReport]":
+    """``factory(task, config)`` with ``config``'s values of the dimensions in ``apply``
+    (``"norm"``, ``"activation"``, ``"init"``) applied, as a trial of a spec that sets
+    them builds it; returns the model and what conversion changed. ``name`` names the
+    factory in errors.
+
+    >>> from torch import nn
+    >>> from hposvc.config import TrialConfig
+    >>> net = lambda task, config: nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    >>> model, report = build_user_model(net, None, TrialConfig(norm="layer", activation="gelu"), apply=["norm", "activation"])
+    >>> model[1], model[2], report.norms
+    (LayerNorm((8,), eps=1e-05, elementwise_affine=True, bias=True), GELU(approximate='none'), ('1',))
+    """
     from hposvc.nn import convert_with_report
 
-    kwargs = _layer_arguments(fn, config, applied)
-    model = _call_factory(fn, ref, task, config, kwargs)
+    applied = {k: getattr(config, k) for k in apply} if not isinstance(apply, Mapping) else dict(apply)
+    unknown = sorted(set(applied) - set(APPLIED_DIMS))
+    if unknown:
+        raise invalid("apply", unknown[0], APPLIED_DIMS)
+    ref = name or getattr(factory, "__qualname__", repr(factory))
+    kwargs = _layer_arguments(factory, config, applied)
+    model = _call_factory(factory, ref, task, config, kwargs)
     norm = None if "norm_layer" in kwargs else applied.get("norm")
     activation = None if "activation_layer" in kwargs else applied.get("activation")
     init = applied.get("init")

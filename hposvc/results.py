@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from hposvc import records
@@ -155,26 +156,47 @@ class Trainable:
     device: "torch.device"
 
 
-def build_training(config: TrialConfig, task: "str | Task", *, seed: int = 0, task_options: dict[str, Any] | None = None, device: str = "auto") -> Trainable:
+def build_training(
+    config: TrialConfig,
+    task: "str | Task",
+    *,
+    seed: int = 0,
+    task_options: dict[str, Any] | None = None,
+    device: str = "auto",
+    model: "str | Callable[..., torch.nn.Module] | None" = None,
+    apply: "Iterable[str]" = (),
+    code_dir: str | None = None,
+) -> Trainable:
     """Turn a TrialConfig into a model + optimizer for a task, to train it yourself.
+
+    The model is the built-in family (``config.family``, else the task's), or your factory
+    ``model`` (``"module:function"`` or the function, called as ``model(task, config)``)
+    with ``config``'s values of the dimensions in ``apply`` put in, as the study's trials
+    built it: pass the ones your spec set, e.g. ``apply=("norm", "activation", "init")``.
 
     >>> best = hposvc.best_config("digits-quick")                      # doctest: +SKIP
     >>> t = hposvc.build_training(best.config, "digits")               # doctest: +SKIP
     >>> loss = t.model(t.task.x_train[:8].to(t.device)).sum()           # doctest: +SKIP
+    >>> t = hposvc.build_training(best.config, "digits", model="mymodels:small_cnn", apply=["norm"])  # doctest: +SKIP
     """
     import math
-
-    import torch
 
     from hposvc.devices import resolve_device
     from hposvc.nn import build_model
     from hposvc.optim import build_optimizer, build_scheduler
+    from hposvc.plugins import build_user_model, load_callable
     from hposvc.tasks import Task, load_task
+    from hposvc.train import seed_everything
 
     loaded = task if isinstance(task, Task) else load_task(task, seed=seed, options=task_options)
     dev = resolve_device(device)
-    torch.manual_seed(config.seed)
-    model = build_model(loaded, config).to(dev)
-    optimizer = build_optimizer(model.parameters(), config)
+    seed_everything(config.seed)  # as a trial does before building its model
+    if model is None:
+        net = build_model(loaded, config)
+    else:
+        factory = load_callable(model, key="model", code_dir=code_dir) if isinstance(model, str) else model
+        net, _ = build_user_model(factory, loaded, config, apply=tuple(apply), name=model if isinstance(model, str) else None)
+    net = net.to(dev)
+    optimizer = build_optimizer(net.parameters(), config)
     steps = config.epochs * math.ceil(len(loaded.x_train) / config.batch_size)
-    return Trainable(loaded, model, optimizer, build_scheduler(optimizer, config, steps), dev)
+    return Trainable(loaded, net, optimizer, build_scheduler(optimizer, config, steps), dev)
