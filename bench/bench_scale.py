@@ -9,7 +9,9 @@ each path it prints:
 - claims/s: trials claimed, reported and finished per second, all workers together, from
   the moment every worker is ready (start-up excluded) to the last finish;
 - p50 / p99 claim latency, including lost races and retries;
-- lost: claim attempts lost to another worker (set_trial_state_values returned False);
+- lost: claim attempts lost to another worker (set_trial_state_values returned False).
+  Every worker tries the lowest-numbered WAITING trial first, as hposvc's queue does, so
+  N workers race for the same one; ``--order random`` starts each try at a random place;
 - conns: PostgreSQL connections to the study database (pg_stat_activity), peak and mean;
 - exact: no trial claimed twice, every trial COMPLETE with its 10 epochs, none left.
 
@@ -47,16 +49,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # --- one worker (a spawned process: imports only what a storage client needs) -----------------
 
 
-def _worker(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: float, out: "mp.Queue") -> None:
+def _worker(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: float, order: str, out: "mp.Queue") -> None:
     try:
-        out.put(_work(storage_url, study_name, ready, deadline_s))
+        out.put(_work(storage_url, study_name, ready, deadline_s, order))
     except BaseException as e:  # the parent must hear of it rather than wait for a result
         ready.abort()
         out.put({"error": f"{type(e).__name__}: {e}"})
         raise
 
 
-def _work(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: float) -> dict:
+def _work(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: float, order: str) -> dict:
+    import random
+
     import optuna
     from optuna.trial import TrialState
 
@@ -80,7 +84,11 @@ def _work(storage_url: str, study_name: str, ready: "mp.Barrier", deadline_s: fl
         # 1) claim: the first WAITING trial that this worker wins
         t0 = time.perf_counter()
         trial_id = None
-        for t in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+        if order == "random":  # start at a random place: fewer workers race for one trial
+            k = random.randrange(len(waiting)) if waiting else 0
+            waiting = waiting[k:] + waiting[:k]
+        for t in waiting:
             try:
                 # False, or UpdateFinishedTrialError when it finished since the list was read:
                 # another worker got there first
@@ -193,7 +201,7 @@ def _free_port() -> int:
 # --- one run -----------------------------------------------------------------------------------
 
 
-def run_once(pg_url: str, n_workers: int, *, via_proxy: bool, trials_per_worker: int, time_limit: float, workdir: Path) -> dict:
+def run_once(pg_url: str, n_workers: int, *, via_proxy: bool, trials_per_worker: int, time_limit: float, order: str, workdir: Path) -> dict:
     import optuna
     from optuna.trial import TrialState, create_trial
 
@@ -216,7 +224,7 @@ def run_once(pg_url: str, n_workers: int, *, via_proxy: bool, trials_per_worker:
     ctx = mp.get_context("spawn")
     ready = ctx.Barrier(n_workers + 1)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(storage_url, "scale", ready, time_limit, out)) for _ in range(n_workers)]
+    procs = [ctx.Process(target=_worker, args=(storage_url, "scale", ready, time_limit, order, out)) for _ in range(n_workers)]
     for p in procs:
         p.start()
     sampler = ConnectionSampler(pg_url, database)
@@ -279,11 +287,11 @@ def run_once(pg_url: str, n_workers: int, *, via_proxy: bool, trials_per_worker:
 def _run_all(pg_url: str, sizes: list[int], args: argparse.Namespace, workdir: Path) -> list[dict]:
     max_conn = _admin(pg_url, "SHOW max_connections")[0][0]
     print(f"PostgreSQL {_admin(pg_url, 'SHOW server_version')[0][0]}, max_connections={max_conn}; "
-          f"{os.cpu_count()} CPUs; {args.trials_per_worker} trials per worker, {EPOCHS} epochs each", file=sys.stderr)
+          f"{os.cpu_count()} CPUs; {args.trials_per_worker} trials per worker, {EPOCHS} epochs each; claim order {args.order}", file=sys.stderr)
     rows = []
     for n in sizes:
         for via_proxy in (False, True):  # interleaved: direct then proxy at each N
-            row = run_once(pg_url, n, via_proxy=via_proxy, trials_per_worker=args.trials_per_worker, time_limit=args.time_limit, workdir=workdir)
+            row = run_once(pg_url, n, via_proxy=via_proxy, trials_per_worker=args.trials_per_worker, time_limit=args.time_limit, order=args.order, workdir=workdir)
             rows.append(row)
             print(f"  {row['path']:6} N={n:3}: {row['claims_per_s']:.0f} claims/s", file=sys.stderr)
     return rows
@@ -294,6 +302,8 @@ def main() -> None:
     parser.add_argument("--workers", default="8,32", help="comma-separated N (default 8,32)")
     parser.add_argument("--trials-per-worker", type=int, default=10, help="queue length per worker (default 10)")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds of claiming per run (default 120)")
+    parser.add_argument("--order", choices=["first", "random"], default="first",
+                        help="which WAITING trial a worker tries first: the lowest-numbered (as hposvc's queue does) or a random one")
     parser.add_argument("--postgres-url", help="use this PostgreSQL (a superuser URL, loopback) instead of starting one")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
