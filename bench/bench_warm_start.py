@@ -1,181 +1,145 @@
-"""Benchmark: does ``--warm-start`` pay off on a task the recommendations never saw?
+"""Benchmark: does ``--warm-start`` pay off on tasks the recommendation never saw?
 
-1. Run the three shipped survey studies (digits, moons, mnist1d) into a fresh data dir,
-   and compute the recommendation from them (stored, as ``hposvc recommend --all`` does).
-2. On each target task (not in the survey: ``spirals``, and ``tabular``, a CSV generated
-   here with scikit-learn's make_classification), run the same search the survey runs
-   (its space: eight optimizers with their lr ranges, norms, activations, epochs) as a
-   new study, for each seed, twice: cold (plain random search) and warm
-   (``warm_start=True``: the recommended configurations are queued first). Each warm
-   study runs in its own copy of the survey database, so no target study ever learns
-   from another one.
-3. Per seed, the target is 95 % of the best validation accuracy found on that seed's
-   data by either arm; count the trials each arm needs to reach it (1-based; a run that
-   never reaches it counts as N + 1 and is shown as ">N"). Report the median of each
-   over the seeds, honestly, whatever it is. Issue 7's target: ≥ 2× fewer with warm
-   start.
+Measured on the survey's held-out tasks (``studies/survey/held-out/``), from a finished
+survey run (``hposvc survey run``), expected over orderings of the trials rather than over a
+handful of seeds:
 
-Both arms use the same seed for the sampler and the data, so after the warm arm's queued
-trials its random draws are the cold arm's first draws.
+1. Warm configurations: ``warm_start_configs(spec, storage=<survey db>)`` for the held-out
+   task's spec — what ``hposvc study run --warm-start`` would queue. It reads the protocol
+   studies only (held-out studies never feed a recommendation or a warm start).
+2. The search without warm start: a random search over the held-out task's lr-sweep
+   trials (every optimizer × 16 lr points; each trial ran once in the survey), so each
+   ordering of those trials is one equally likely run of the search.
+3. Target: 95 % of the best value any of those trials reached (accuracy; for a loss, the
+   best value divided by 0.95).
+4. Cold: expected trials to the first one at the target over uniformly random orderings
+   of the P trials, M of which reach it: (P + 1) / (M + 1).
+   Warm: the warm configurations first, each scored by its own run on the task (a sweep
+   point at seed 0; the one-shot default lr is the mean over its default seeds); if the
+   i-th reaches the target, i trials; else w + (P' + 1) / (M' + 1) over the rest.
+5. The ratio cold / warm per task and overall; the goal is >= 2x. Printed honestly,
+   whatever it is.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/bench_warm_start.py [--tasks spirals,tabular] [--seeds 5] [--trials 20] [--survey-trials 24] [--keep DIR]
+    PYTHONPATH=. python bench/bench_warm_start.py --data-dir /work/survey-data [--scale full] [--top 3]
+    PYTHONPATH=. python bench/bench_warm_start.py --run-ci     # runs the CI-scale survey first (minutes)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
-import os
-import sqlite3
-import statistics
 import tempfile
-import time
-import tomllib
 import warnings
 from pathlib import Path
 from typing import Any
 
-import optuna
-
-ROOT = Path(__file__).resolve().parents[1]
-SURVEY = ROOT / "studies" / "survey"
-SURVEY_TASKS = ("digits", "moons", "mnist1d")
-# 95 % of the best accuracy found: "good enough" as issue 7 defines it.
-FRACTION = 0.95
+FRACTION = 0.95  # "good enough": 95 % of the best value found
 
 
-def _target_spec(task: str, seed: int, n_trials: int, name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The survey's search (digits spec: its space, epochs, sampler) on another task."""
-    spec = copy.deepcopy(tomllib.loads((SURVEY / "digits.toml").read_text()))
-    spec["study"].update(name=name, task=task, seed=seed, n_trials=n_trials)
-    spec["study"].pop("description", None)
-    if options:
-        spec["task"] = dict(options)
-    return spec
+def expected_first_hit(n_pool: int, n_hits: int) -> float:
+    """Expected 1-based position of the first hit in a random ordering of ``n_pool`` items
+    of which ``n_hits`` are hits (without replacement); n_pool + 1 when there is none."""
+    return (n_pool + 1) / (n_hits + 1)
 
 
-def _values(url: str, name: str) -> list[float]:
-    """Trial values in the order the trials ran; pruned/diverged/failed count as 0."""
-    study = optuna.load_study(study_name=name, storage=url)
-    out = []
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        v = t.value if t.state == optuna.trial.TrialState.COMPLETE else None
-        out.append(float(v) if v is not None and math.isfinite(v) else 0.0)
-    return out
-
-
-def _trials_to(values: list[float], target: float) -> int:
-    for i, v in enumerate(values, start=1):
-        if v >= target:
-            return i
-    return len(values) + 1  # censored: never reached within the budget
-
-
-def _clone_db(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
-        a.backup(b)
-    a.close()
-    b.close()
-
-
-def _tabular_csv(path: Path) -> dict[str, Any]:
-    """A 3-class tabular problem with informative, redundant and noise columns."""
+def _value_of(pool: Any, defaults: Any, optimizer: str, lr: float) -> tuple[float, str]:
+    """The task's value of a warm configuration: its sweep run, or the mean of its
+    default-seed runs; else the nearest sweep point in log lr (said in the second item)."""
     import numpy as np
+
+    mine = pool[pool["optimizer"] == optimizer]
+    hit = mine[np.isclose(mine["lr"], lr, rtol=1e-6)]
+    if len(hit):
+        return float(hit["value"].iloc[0]), "sweep run"
+    d = defaults[(defaults["optimizer"] == optimizer) & np.isclose(defaults["lr"], lr, rtol=1e-6)]
+    if len(d):
+        return float(d["value"].mean()), f"default runs (mean of {len(d)} seeds)"
+    nearest = mine.iloc[int(np.argmin(np.abs(np.log(mine["lr"].to_numpy()) - math.log(lr))))]
+    return float(nearest["value"]), f"nearest sweep point lr={nearest['lr']:.3g}"
+
+
+def bench(storage: str, *, scale: str = "full", top: int = 3) -> list[dict[str, Any]]:
     import pandas as pd
-    from sklearn.datasets import make_classification
 
-    x, y = make_classification(
-        n_samples=1500, n_features=12, n_informative=6, n_redundant=2, n_classes=3, n_clusters_per_class=2,
-        class_sep=0.8, flip_y=0.02, random_state=0,
-    )  # fmt: skip
-    frame = pd.DataFrame(x.astype(np.float32), columns=[f"x{i}" for i in range(x.shape[1])])
-    frame["label"] = y
-    frame.to_csv(path, index=False)
-    return {"path": str(path), "target": "label"}
+    from hposvc.recommendation import survey_frame, warm_start_configs
+    from hposvc.recommendation._survey import _selected, protocol, SCALES
 
-
-def _compare(task: str, options: dict[str, Any] | None, root: Path, survey: Path, seeds: int, n_trials: int) -> None:
-    import hposvc
-
+    df = survey_frame(storage, scale=scale)
     rows = []
-    fmt = lambda n: f">{n_trials}" if n > n_trials else str(n)  # noqa: E731
-    for seed in range(seeds):
-        t0 = time.perf_counter()
-        spec = lambda arm: _target_spec(task, seed, n_trials, f"{task}-{arm}-{seed}", options)  # noqa: E731
-        cold = hposvc.run_study(spec("cold"), data_dir=root / f"{task}-cold-{seed}")
-        warm_dir = root / f"{task}-warm-{seed}"
-        _clone_db(survey / "hposvc.db", warm_dir / "hposvc.db")
-        warm = hposvc.run_study(spec("warm"), data_dir=warm_dir, warm_start=True)
-        cv = _values(cold.storage, cold.study_name)
-        wv = _values(warm.storage, warm.study_name)
-        study = optuna.load_study(study_name=warm.study_name, storage=warm.storage)
-        queued = [t.user_attrs["hposvc.config"] for t in study.get_trials(deepcopy=False) if t.user_attrs.get("hposvc.warm_start")]
-        first = [f"{c['optimizer']}@{c['lr']:.3g}/{c['norm']}/{c['activation']}" for c in queued]
-        best = max(cv + wv)
-        target = FRACTION * best
-        # Main measure: the common target (95 % of the best either arm found). Second view,
-        # so that a better best found by the warm arm cannot raise the cold arm's bar:
-        # 95 % of the cold arm's own best.
-        own = FRACTION * max(cv)
-        row = (_trials_to(cv, target), _trials_to(wv, target), _trials_to(cv, own), _trials_to(wv, own))
-        rows.append(row)
-        print(
-            f"{task} seed {seed}: best {best:.4f} (cold {max(cv):.4f}, warm {max(wv):.4f}); "
-            f"trials to 95% of best: cold {fmt(row[0])}, warm {fmt(row[1])}; "
-            f"to 95% of cold's best: cold {fmt(row[2])}, warm {fmt(row[3])}; "
-            f"first 3 cold {[round(v, 3) for v in cv[:3]]} warm {[round(v, 3) for v in wv[:3]]} ({time.perf_counter() - t0:.0f} s)"
+    for task in [t for t in _selected(protocol(), SCALES[scale]) if t.held_out]:
+        g = df[df["task"] == task.name]
+        pool, defaults = g[~g["at_defaults"]], g[g["at_defaults"]]
+        maximize = g["direction"].iloc[0] == "maximize"
+        values = pool["value"].astype(float).fillna(-math.inf if maximize else math.inf)
+        best = values.max() if maximize else values.min()
+        target = FRACTION * best if maximize else best / FRACTION
+        reached = values >= target if maximize else values <= target
+        cold = expected_first_hit(len(pool), int(reached.sum()))
+
+        configs = warm_start_configs(task.spec, storage=storage, top=top)
+        warm, used, queue = None, set(), []
+        for i, c in enumerate(configs, start=1):
+            value, how = _value_of(pool, defaults, c.optimizer, float(c.lr))
+            queue.append(f"{c.optimizer} lr={c.lr:.3g} -> {value:.4f} ({how})")
+            mask = (pool["optimizer"] == c.optimizer) & (abs(pool["lr"] - c.lr) <= 1e-6 * c.lr)
+            used |= set(pool.index[mask])
+            if warm is None and (value >= target if maximize else value <= target):
+                warm = float(i)
+        if warm is None:
+            rest = reached.drop(index=list(used))
+            warm = len(configs) + expected_first_hit(len(rest), int(rest.sum()))
+        rows.append(
+            {
+                "task": task.name,
+                "metric": g["metric"].iloc[0],
+                "best": float(best),
+                "target": float(target),
+                "pool": len(pool),
+                "reaching": int(reached.sum()),
+                "cold": cold,
+                "warm": warm,
+                "ratio": cold / warm,
+                "queue": queue,
+            }
         )
-    print(f"{task}: warm queue {', '.join(first) or '(none)'}")
-    for k, what in ((0, f"{FRACTION:.0%} of the best accuracy found"), (2, f"{FRACTION:.0%} of the cold arm's best")):
-        med_cold = statistics.median(r[k] for r in rows)
-        med_warm = statistics.median(r[k + 1] for r in rows)
-        ratio = med_cold / med_warm
-        print(
-            f"{task}: trials to reach {what} (median of {seeds} seeds, budget {n_trials}; never = {n_trials + 1}): "
-            f"without warm start {med_cold:g}, with warm start {med_warm:g}; ratio {ratio:.2f}x "
-            f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'})"
-        )
-    print()
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--trials", type=int, default=20, help="trials per target study (the budget N)")
-    ap.add_argument("--survey-trials", type=int, default=24, help="trials per survey study (the shipped value: 24)")
-    ap.add_argument("--tasks", default="spirals,tabular", help="target tasks, not in the survey (comma-separated)")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the data dirs here instead of a temp dir")
+    ap.add_argument("--data-dir", type=Path, help="data dir of a finished survey run")
+    ap.add_argument("--scale", default="full", choices=["ci", "full"])
+    ap.add_argument("--top", type=int, default=3, help="warm configurations queued (the CLI queues 3)")
+    ap.add_argument("--run-ci", action="store_true", help="run the CI-scale survey into a temp dir first")
     args = ap.parse_args()
-
-    import hposvc
-    from hposvc.recommendation import recommend
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    for name in ("HPOSVC_STORAGE", "MLFLOW_TRACKING_URI"):
-        os.environ.pop(name, None)
+    warnings.filterwarnings("ignore")
 
     with tempfile.TemporaryDirectory(prefix="hposvc-bench-warm-") as tmp:
-        root = args.keep or Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        survey = root / "survey"
-        t_start = time.perf_counter()
+        data = args.data_dir
+        if args.run_ci:
+            from hposvc.recommendation import run_survey
 
-        # 1) survey and recommendation
-        for task in SURVEY_TASKS:
-            t0 = time.perf_counter()
-            r = hposvc.run_study(SURVEY / f"{task}.toml", n_trials=args.survey_trials, data_dir=survey)
-            print(f"survey {task}: {r.n_done} trials, best {r.best_value:.4f} ({time.perf_counter() - t0:.0f} s)")
-        rec = recommend(data_dir=survey, budget=None)
-        print(rec.summary)
+            data, args.scale = Path(tmp) / "survey", "ci"
+            run_survey(scale="ci", data_dir=data)
+        if data is None:
+            ap.error("give --data-dir of a finished survey run, or --run-ci")
+        rows = bench(f"sqlite:///{data / 'hposvc.db'}", scale=args.scale, top=args.top)
 
-        # 2) cold and warm studies on each target task
-        for name in args.tasks.split(","):
-            options = _tabular_csv(root / "tabular.csv") if name == "tabular" else None
-            _compare(name, options, root, survey, args.seeds, args.trials)
-        print(f"total {time.perf_counter() - t_start:.0f} s")
+    for r in rows:
+        print(
+            f"{r['task']} ({r['metric']}): best {r['best']:.4f}, target {r['target']:.4f}; {r['reaching']} of {r['pool']} "
+            f"sweep trials reach it. Expected trials to the target: without warm start {r['cold']:.2f}, "
+            f"with warm start {r['warm']:.2f} -> {r['ratio']:.2f}x"
+        )
+        for q in r["queue"]:
+            print(f"    warm: {q}")
+    cold = sum(r["cold"] for r in rows) / len(rows)
+    warm = sum(r["warm"] for r in rows) / len(rows)
+    ratio = cold / warm
+    print(
+        f"held-out mean: without warm start {cold:.2f} trials, with warm start {warm:.2f}; "
+        f"{ratio:.2f}x fewer (goal >= 2x: {'met' if ratio >= 2 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

@@ -121,18 +121,24 @@ def test_recommend_all_after_the_survey_gives_numbers_stored_in_sql_and_mlflow(d
     rec = _json("recommend", "--all", "--data-dir", str(data))
     assert sorted(rec["studies"]) == ["survey-digits", "survey-mnist1d", "survey-moons"]
     assert rec["n_trials"] == sum(BUDGETS.values())  # no pruner: every trial finished
-    best = rec["best"]
-    assert best in {"sgd", "momentum", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamw"}
-    # Explicit numbers for the best optimizer: every number its optimizer takes, inside
-    # the survey's lr range for it, and the same as the recommended config.
-    numbers = rec["numbers"][best]
-    assert set(TrialConfig(optimizer=best).optimizer_params) <= set(numbers)
-    lr_dim = load_spec(SURVEY / "digits.toml").optimizer_space(best)["lr"][1]
+    # 16 random trials over 8 optimizers rarely tell one apart: best is named only when
+    # it is detectably ahead, else the summary says so and tied lists the top group.
+    best, top = rec["best"], _top(rec)
+    assert top in {"sgd", "momentum", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "adamw"}
+    if best is None:
+        assert rec["summary"].startswith(("No detectable difference among", "No recommendation")), rec["summary"]
+        assert rec["config"] is None and (rec["tied"][0] == top if rec["tied"] else True)
+    else:
+        assert best == top and rec["tied"] == [] and rec["summary"].startswith(f"Use {best} by default (lr=")
+        assert rec["config"]["optimizer"] == best and rec["config"]["lr"] == rec["numbers"][best]["lr"]
+    # Explicit numbers for the top optimizer: every number its optimizer takes, inside
+    # the survey's lr range for it.
+    numbers = rec["numbers"][top]
+    assert set(TrialConfig(optimizer=top).optimizer_params) <= set(numbers)
+    lr_dim = load_spec(SURVEY / "digits.toml").optimizer_space(top)["lr"][1]
     assert lr_dim.low <= numbers["lr"] <= lr_dim.high
-    assert rec["config"]["optimizer"] == best and rec["config"]["lr"] == numbers["lr"]
-    row = {r["optimizer"]: r for r in rec["table"]}[best]
+    row = {r["optimizer"]: r for r in rec["table"]}[top]
     assert row["status"] == "ok" and 0 <= row["p_best"] <= 1 and row["ci_low"] <= row["score"] <= row["ci_high"]
-    assert rec["summary"].startswith(f"Use {best} by default (lr=")
     # Too little data is said: with 8 mnist1d trials over 8 optimizers, none has 3 there.
     assert any(r["status"] == "insufficient data" for r in rec["task_scores"] if r["task"].startswith("mnist1d"))
 
@@ -149,7 +155,7 @@ def test_recommend_all_after_the_survey_gives_numbers_stored_in_sql_and_mlflow(d
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [rec["mlflow_run_id"]]
     run = runs[0]
-    assert run.info.status == "FINISHED" and run.data.params["best"] == best
+    assert run.info.status == "FINISHED" and run.data.params["best"] == str(best)
     assert run.data.tags["hposvc.recommendation_id"] == str(rec["id"])
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"recommendation.csv", "task_scores.csv", "budget_curves.csv", "recommendation.json"} <= files
@@ -157,13 +163,18 @@ def test_recommend_all_after_the_survey_gives_numbers_stored_in_sql_and_mlflow(d
     assert plots == {"plots/budget_curves.png", "plots/performance_profiles.png", "plots/score_distributions.png"}
     got = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "dl")))
     assert (got / "plots" / "budget_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert best in (got / "recommendation.csv").read_text().splitlines()[1]  # best first
+    assert top in (got / "recommendation.csv").read_text().splitlines()[1]  # the top first
     assert Path(exp.artifact_location.removeprefix("file://")).is_relative_to(data)  # inside the data dir
+
+
+def _top(rec: dict) -> str:
+    """The first ranked optimizer: the best one, or the top of the tied group."""
+    return next(r["optimizer"] for r in rec["table"] if r["status"] == "ok")
 
 
 def test_warm_start_enqueues_the_recommendation_inside_the_spec_space(data: Path, tmp_path: Path) -> None:
     rec = _json("recommend", "--all", "--data-dir", str(data), "--no-store")
-    best = rec["best"]
+    best = _top(rec)  # warm start follows the ranking whether or not the top is detectably best
     spec_path = _spirals_spec(tmp_path / "spirals.toml", "spirals-warm", ["sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw"])
     spec = load_spec(spec_path)
     assert best in spec.optimizers  # the survey's usual winners are all in this subset
@@ -187,7 +198,7 @@ def test_warm_start_enqueues_the_recommendation_inside_the_spec_space(data: Path
 
 def test_warm_start_never_enqueues_an_optimizer_the_spec_excludes(data: Path, tmp_path: Path) -> None:
     rec = _json("recommend", "--all", "--data-dir", str(data), "--no-store")
-    best = rec["best"]
+    best = _top(rec)
     # The runner-up(s) with survey data, and sgd (whatever data it has), but not the best.
     measured = [r["optimizer"] for r in rec["table"] if r["status"] == "ok" and r["optimizer"] != best]
     allowed = list(dict.fromkeys([*measured[:2], "sgd"]))
