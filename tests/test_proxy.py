@@ -8,6 +8,9 @@ bind is refused without ``--allow-remote``; bad URLs and a missing proxy are nam
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -122,6 +125,79 @@ def test_a_waiting_trial_is_claimed_once_through_the_proxy(proxy: Proxy) -> None
     assert remote.get_all_trials(sid, states=(TrialState.WAITING,)) == []
     assert remote.set_trial_state_values(first, TrialState.COMPLETE, [1.0]) is True
     assert direct.get_trial(first).state == TrialState.COMPLETE
+
+
+SPEC = """\
+[study]
+name = "viaproxy"
+task = "digits"
+n_trials = 4
+sampler = "random"
+pruner = "none"
+seed = 5
+
+[train]
+epochs = 150
+
+[model]
+depth = 1
+width = 32
+
+[space]
+optimizer = ["adam", "momentum"]
+lr = { low = 1e-3, high = 1e-1, log = true }
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_through_the_proxy_one_killed(tmp_path: Path, postgres_url: str, mlflow_server) -> None:
+    # The many-worker recipe: workers know only grpc://; one dies with kill -9 mid-trial, the
+    # other notices its heartbeat stop, fails and re-queues its trial, and finishes the study.
+    proxy = Proxy(postgres_url, tmp_path / "proxy.log")
+    try:
+        proxy.storage()
+        (tmp_path / "viaproxy.toml").write_text(SPEC)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HPOSVC_HEARTBEAT_INTERVAL": "1", "HPOSVC_GRACE_PERIOD": "3"}
+        cli = [sys.executable, "-m", "hposvc.cli"]
+        common = ["--storage", proxy.url, "--tracking-uri", mlflow_server.uri]
+        created = subprocess.run([*cli, "study", "create", str(tmp_path / "viaproxy.toml"), *common, "--json"], capture_output=True, text=True, timeout=180, env=env)
+        assert created.returncode == 0, created.stderr
+        assert json.loads(created.stdout)["waiting"] == 4
+
+        def worker(name: str) -> subprocess.Popen:
+            with open(tmp_path / f"{name}.stderr", "wb") as log:
+                return subprocess.Popen([*cli, "worker", "viaproxy", *common, "--quiet", "--json", "--worker-id", name], env=env, stdout=subprocess.PIPE if name == "survivor" else subprocess.DEVNULL, stderr=log)
+
+        def trials() -> list[optuna.trial.FrozenTrial]:  # straight from PostgreSQL
+            return optuna.load_study(study_name="viaproxy", storage=postgres_url).trials
+
+        victim, survivor = worker("victim"), worker("survivor")
+        deadline = time.monotonic() + 300
+        while not any(t.state == TrialState.RUNNING and t.user_attrs.get("hposvc.worker") == "victim" and t.intermediate_values for t in trials()):
+            assert victim.poll() is None, (tmp_path / "victim.stderr").read_text()
+            assert time.monotonic() < deadline, "the victim never got into the middle of a trial"
+            time.sleep(0.25)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        killed = [t for t in trials() if t.state == TrialState.RUNNING and t.user_attrs.get("hposvc.worker") == "victim"]
+        assert len(killed) == 1, killed
+
+        out, _ = survivor.communicate(timeout=500)
+        assert survivor.returncode == 0, (tmp_path / "survivor.stderr").read_text()
+        final = trials()
+        done = [t for t in final if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(done) == 4, [(t.number, t.state.name) for t in final]
+        assert not [t for t in final if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        assert next(t for t in final if t.number == killed[0].number).state == TrialState.FAIL
+        retry = [t for t in final if t.system_attrs.get("failed_trial") == killed[0].number]
+        assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == killed[0].params
+        # `best` through the proxy reads what PostgreSQL holds
+        best = subprocess.run([*cli, "best", "viaproxy", "--storage", proxy.url, "--json"], capture_output=True, text=True, timeout=180, env=env)
+        assert best.returncode == 0, best.stderr
+        study = optuna.load_study(study_name="viaproxy", storage=postgres_url)
+        assert json.loads(best.stdout)["value"] == pytest.approx(study.best_value)
+    finally:
+        proxy.stop()
 
 
 def _serve(*args: str) -> tuple[int, str]:
