@@ -1,9 +1,12 @@
 """The trial queue: how ``n_trials`` stays exact with any number of workers.
 
-The process that creates (or resumes) a study tops its queue up to ``n_trials`` WAITING
-trials (counting COMPLETE, PRUNED, RUNNING and WAITING ones), and workers only ever claim
-WAITING trials with the storage's atomic WAITING → RUNNING transition, so two workers can
-never both start the "last" trial. A claimed trial carries a heartbeat; a trial whose
+Workers only ever claim WAITING trials, with the storage's atomic WAITING → RUNNING
+transition. The queue is kept short: :func:`top_up` adds plain WAITING trials a few at a
+time (:data:`LOOKAHEAD`), never past ``n_trials`` counting COMPLETE, PRUNED, RUNNING and
+WAITING ones — a long queue would make every read of the study re-read every waiting trial
+(Optuna re-reads unfinished trials), which grows with ``n_trials``. Two workers topping up
+at once can add a few trials too many; :func:`claim` then lets only the lowest-numbered
+claims run (the others go back to WAITING), so the finished count is exactly ``n_trials``. A claimed trial carries a heartbeat; a trial whose
 heartbeat stops (its worker died) is failed by whichever worker notices and re-queued with
 the same parameters, at most :data:`MAX_RETRY` times, which keeps the count exact too.
 
@@ -29,7 +32,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from hposvc.errors import InvalidInputError
-from hposvc.records import DONE_STATES, HEARTBEAT, REASON, counts
+from hposvc.records import DONE_STATES, HEARTBEAT, REASON, Counts, counts
 from hposvc.storage import with_retries
 
 if TYPE_CHECKING:
@@ -41,6 +44,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "MAX_RETRY",
     "StaleWatch",
+    "WriteBehind",
     "backend_of",
     "claim",
     "grid_exhausted",
@@ -70,30 +74,43 @@ HEARTBEAT_INTERVAL = _env_seconds("HPOSVC_HEARTBEAT_INTERVAL", 10)
 GRACE_PERIOD = _env_seconds("HPOSVC_GRACE_PERIOD", max(6 * HEARTBEAT_INTERVAL, 60))
 # A trial killed with its worker is retried this many times with the same parameters.
 MAX_RETRY = 2
+# How many WAITING trials the queue holds ahead of the workers (at least a population).
+LOOKAHEAD = 4
 
 
-def top_up(study: "optuna.Study", n_trials: int) -> int:
-    """Add plain WAITING trials until the study holds ``n_trials`` live or finished ones.
+def _done_states() -> tuple:
+    from optuna.trial import TrialState
+
+    return tuple(TrialState[s] for s in DONE_STATES)
+
+
+def top_up(study: "optuna.Study", n_trials: int, *, lookahead: int = LOOKAHEAD, c: "Counts | None" = None) -> int:
+    """Add plain WAITING trials until ``lookahead`` wait, without passing ``n_trials`` live
+    or finished ones. Returns how many were added.
 
     The trials carry no parameters: the sampler fills them when they are claimed, so it
-    sees every result finished by then. Returns how many were added.
+    sees every result finished by then. ``c``: the counts, when the caller has just read them.
     """
     from optuna.trial import TrialState, create_trial
 
-    c = counts(study)
+    c = c or counts(study)
     deficit = n_trials - sum(c[s] for s in (*DONE_STATES, "RUNNING", "WAITING"))
-    if deficit > 0:
-        study.add_trials([create_trial(state=TrialState.WAITING) for _ in range(deficit)])
-    return max(deficit, 0)
+    add = min(deficit, lookahead - c["WAITING"])
+    if add > 0:
+        with_retries(lambda: study.add_trials([create_trial(state=TrialState.WAITING) for _ in range(add)]), what="queueing trials")
+    return max(add, 0)
 
 
-def claim(study: "optuna.Study") -> "optuna.Trial | None":
+def claim(study: "optuna.Study", n_trials: int | None = None) -> "optuna.Trial | None":
     """Atomically move one WAITING trial to RUNNING and return it, or None.
 
     ``Study.ask`` would create a new trial when the queue is empty, which lets parallel
-    workers overshoot ``n_trials``; this is its queue half alone. The first heartbeat is
-    recorded at once: Optuna never counts a trial without one as stale, so a worker dying
-    right after the claim would otherwise leave it RUNNING forever.
+    workers overshoot ``n_trials``; this is its queue half alone. With ``n_trials``, a
+    claim that would make more than ``n_trials`` trials finished or running goes back to
+    WAITING unless it is among the lowest-numbered of the running ones (so of two workers
+    claiming the last trial at once, exactly one runs it). The first heartbeat is recorded
+    at once: a trial without one is never stale, so a worker dying right after the claim
+    would otherwise leave it RUNNING forever.
     """
     import optuna
 
@@ -113,7 +130,21 @@ def claim(study: "optuna.Study") -> "optuna.Trial | None":
     if trial_id is None:
         return None
     with_retries(lambda: _beat(storage, trial_id), what="recording a heartbeat")
+    if n_trials is not None and not _within(study, trial_id, n_trials):
+        with_retries(lambda: storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.WAITING), what="returning a claim")
+        return None
     return optuna.Trial(study, trial_id)
+
+
+def _within(study: "optuna.Study", trial_id: int, n_trials: int) -> bool:
+    """Whether a just-claimed trial may run: finished + running stays within ``n_trials``,
+    the lowest-numbered running trials first."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False, states=(*_done_states(), optuna.trial.TrialState.RUNNING))
+    done = sum(t.state.name in DONE_STATES for t in trials)
+    running = sorted(_trial_id(t) for t in trials if t.state.name == "RUNNING")
+    return done + len(running) <= n_trials or trial_id in running[: max(n_trials - done, 0)]
 
 
 def _beat(storage: "optuna.storages.BaseStorage", trial_id: int) -> None:
@@ -250,6 +281,36 @@ def heartbeat(trials: "Sequence[optuna.Trial]") -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+class WriteBehind:
+    """A running trial's storage writes (attributes, intermediate values), sent in order from
+    one background thread so that training never waits for the database.
+
+    :meth:`flush` before a trial's result is told: everything the result depends on is
+    stored by then. A worker killed before that loses only the writes of the trial it was
+    running, which ends FAIL anyway.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hposvc-storage")
+        self._pending: list[Future] = []
+
+    def submit(self, fn: "Callable[[], object]", *, what: str) -> None:
+        self._pending.append(self._pool.submit(with_retries, fn, what=what))
+
+    def flush(self) -> None:
+        """Wait for every queued write; raise the first one's error."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def trial_id(trial: "optuna.Trial | FrozenTrial") -> int:

@@ -618,11 +618,14 @@ def _log_study_plots(client: "MlflowClient", run_id: str, study: "optuna.Study")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
+    from optuna.importance import PedAnovaImportanceEvaluator
 
     plots = {
         "plots/optimization_history.png": ovm.plot_optimization_history,
         "plots/slice.png": ovm.plot_slice,
-        "plots/param_importances.png": ovm.plot_param_importances,
+        # PED-ANOVA: Optuna's fast importance evaluator (milliseconds where fANOVA's random
+        # forest takes seconds, on the critical path of every study's end).
+        "plots/param_importances.png": lambda study: ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()),
     }
     import warnings
 

@@ -12,8 +12,11 @@ model (:func:`hposvc.population.train_population`) where they share a structure.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,10 @@ __all__ = ["Outcome", "TrialJob", "run_population", "run_trial", "train_trial"]
 
 log = logging.getLogger(__name__)
 
+# How stale the completed trials a local pruning decision reads may get (seconds): other
+# workers' results reach a long trial's decisions at most this late.
+SNAPSHOT_SECONDS = 10.0
+
 
 class TrialJob:
     """One claimed trial from config to its end in Optuna and MLflow.
@@ -57,9 +64,17 @@ class TrialJob:
         device: Any,
         worker_id: str,
         trials_dir: Path | None = None,
+        writes: "queue.WriteBehind | None" = None,
+        snapshot: "CompletedTrials | None" = None,
     ) -> None:
         self.study, self.trial, self.spec, self.tracker = study, trial, spec, tracker
         self.device, self.worker_id, self.trials_dir = device, worker_id, trials_dir
+        self.writes = writes or queue.WriteBehind()
+        # Pruners that read only completed trials decide here, on a snapshot, without a
+        # database read per epoch; the others (successive halving, hyperband) go through
+        # Optuna's should_prune, which reads and writes the study's rungs.
+        self.snapshot = snapshot if snapshot is not None and snapshot.serves(study.pruner) else None
+        self.frozen: Any = None  # this trial as the local pruner sees it
         self.run: TrialRun | None = None
         self.ctx: TrialContext | None = None
         self.ended = False
@@ -88,9 +103,13 @@ class TrialJob:
             records.WORKER: self.worker_id,
         }
         for key, value in attrs.items():
-            with_retries(lambda: trial.set_user_attr(key, value), what="storing trial attributes")
+            self.writes.submit(lambda key=key, value=value: trial.set_user_attr(key, value), what="storing trial attributes")
+        frozen = trial.storage.get_trial(trial_id)
+        if self.snapshot is not None:
+            self.snapshot.refresh()
+            self.frozen = copy.deepcopy(frozen)
         # A retry shares the folder of the trial it retries, so it finds that one's checkpoint.
-        first = trial.storage.get_trial(trial_id).system_attrs.get("failed_trial", trial.number)
+        first = frozen.system_attrs.get("failed_trial", trial.number)
         self.ctx = TrialContext(
             config,
             on_report=self.on_report,
@@ -120,10 +139,17 @@ class TrialJob:
     def on_report(self, epoch: int, metrics: "dict[str, float]") -> bool:
         """Report an epoch to the trial (pruners) and MLflow; True when it should stop."""
         value = metrics[self.spec.metric]
-        with_retries(lambda: self.trial.report(value, epoch), what="reporting an epoch")
         self.run.log_epoch(metrics, step=epoch)
-        interrupts.check()  # a signal some library caught and wrapped: stop here
-        return self.prunes and with_retries(self.trial.should_prune, what="asking the pruner")
+        if self.snapshot is not None or not self.prunes:
+            self.writes.submit(lambda: self.trial.report(value, epoch), what="reporting an epoch")
+            interrupts.check()  # a signal some library caught and wrapped: stop here
+            if not self.prunes:
+                return False
+            self.frozen.intermediate_values[epoch] = value
+            return bool(self.study.pruner.prune(self.snapshot, self.frozen))
+        with_retries(lambda: self.trial.report(value, epoch), what="reporting an epoch")
+        interrupts.check()
+        return with_retries(self.trial.should_prune, what="asking the pruner")
 
     def on_epoch(self, m: Any) -> bool:
         """hposvc's own loop (and the population's): one epoch's EpochMetrics."""
@@ -151,7 +177,8 @@ class TrialJob:
 
             probes[records.UNIT_SYMMETRY] = records.finite_or_none(unit_symmetry(outcome.model))
         for key, value in probes.items():
-            with_retries(lambda: self.trial.set_user_attr(key, value), what="storing probes")
+            self.writes.submit(lambda key=key, value=value: self.trial.set_user_attr(key, value), what="storing probes")
+        self.writes.flush()  # the intermediate values and attributes land before the result
         if outcome.completed:
             state, reason = "COMPLETE", None
             with_retries(lambda: self.study.tell(self.trial, outcome.final[self.spec.metric], skip_if_finished=True), what="storing the trial's result")
@@ -182,6 +209,10 @@ class TrialJob:
 
         if self.ended:
             return "FAIL"
+        try:
+            self.writes.flush()
+        except Exception as flush_error:  # noqa: BLE001 (the trial fails either way; say why below)
+            log.warning("trial %s: storing its epochs failed too: %s", self.trial.number, flush_error)
         if (stop := interrupts.interruption(e)) is not None and stop is not e:
             self.fail(stop)
             raise stop from e
@@ -210,6 +241,36 @@ class TrialJob:
         if frozen.state.name == "FAIL" and not isinstance(e, STOPS):
             queue.requeue(self.study, frozen)
         return "FAIL"
+
+
+class CompletedTrials:
+    """The completed trials of a study, as a pruner that reads nothing else sees them
+    (Optuna's median and percentile pruners): read once per trial and at most every
+    :data:`SNAPSHOT_SECONDS` while it runs, instead of at every epoch."""
+
+    def __init__(self, study: "optuna.Study") -> None:
+        self.study = study
+        self.direction = study.direction
+        self.directions = study.directions
+        self._trials: list = []
+        self._read_at = -math.inf
+
+    @staticmethod
+    def serves(pruner: Any) -> bool:
+        import optuna
+
+        return type(pruner) in (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner, optuna.pruners.NopPruner)
+
+    def refresh(self) -> None:
+        import optuna
+
+        self._trials = with_retries(lambda: self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), what="reading completed trials")
+        self._read_at = time.monotonic()
+
+    def get_trials(self, deepcopy: bool = False, states: Any = None) -> list:
+        if time.monotonic() - self._read_at > SNAPSHOT_SECONDS:
+            self.refresh()  # other workers' results, during a long trial
+        return [t for t in self._trials if states is None or t.state in states]
 
 
 @dataclass(frozen=True)
@@ -321,6 +382,8 @@ def run_trial(
     device: str = "auto",
     worker_id: str = "",
     trials_dir: Path | None = None,
+    writes: "queue.WriteBehind | None" = None,
+    snapshot: CompletedTrials | None = None,
 ) -> str:
     """Train one claimed trial and tell Optuna and MLflow how it ended; returns the state.
 
@@ -329,7 +392,7 @@ def run_trial(
     """
     from hposvc.devices import resolve_device
 
-    job = TrialJob(study, trial, spec=spec, tracker=tracker, device=resolve_device(device), worker_id=worker_id, trials_dir=trials_dir)
+    job = TrialJob(study, trial, spec=spec, tracker=tracker, device=resolve_device(device), worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=snapshot)
     # The heartbeat starts before anything else touches the trial: a trial without one
     # could never be recognised as stale if this worker died right now.
     with queue.heartbeat([trial]):
@@ -353,6 +416,8 @@ def run_population(
     device: str = "auto",
     worker_id: str = "",
     trials_dir: Path | None = None,
+    writes: "queue.WriteBehind | None" = None,
+    snapshot: CompletedTrials | None = None,
 ) -> list[str]:
     """Train several claimed trials together where they share a structure.
 
@@ -365,7 +430,8 @@ def run_population(
     from hposvc.devices import resolve_device
     from hposvc.population import group_configs, train_population
     dev = resolve_device(device)
-    jobs = [TrialJob(study, t, spec=spec, tracker=tracker, device=dev, worker_id=worker_id, trials_dir=trials_dir) for t in trials]
+    writes = writes or queue.WriteBehind()
+    jobs = [TrialJob(study, t, spec=spec, tracker=tracker, device=dev, worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=snapshot) for t in trials]
     states: dict[int, str] = {}
     with queue.heartbeat(list(trials)):
         try:

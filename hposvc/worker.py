@@ -88,7 +88,7 @@ def run_worker(
     >>> hposvc.run_worker("digits-quick", max_trials=4)  # doctest: +SKIP
     """
     from hposvc.tasks import load_task
-    from hposvc.trial import run_population, run_trial
+    from hposvc.trial import CompletedTrials, run_population, run_trial
 
     url = resolve_storage_url(storage, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
@@ -112,18 +112,22 @@ def run_worker(
     started = time.monotonic()
     ran = 0
     watch = queue.StaleWatch()
+    writes = queue.WriteBehind()
+    snapshot = CompletedTrials(study)
     drain = threading.Event()
-    with interrupts.signals_raise(drain), Progress(study, n_trials, enabled=progress) as bar, _draining(tracker):
+    with interrupts.signals_raise(drain), Progress(study, n_trials, enabled=progress) as bar, _draining(tracker, writes):
         while (max_trials is None or ran < max_trials) and not drain.is_set():
             if timeout is not None and time.monotonic() - started >= timeout:
                 break
-            if records.counts(study).done >= n_trials or queue.grid_exhausted(study):
+            c = records.counts(study)
+            if c.done >= n_trials or queue.grid_exhausted(study):
                 break  # also when --n-trials was lowered on resume: extra queued trials stay
             interrupts.check()
             want = k if max_trials is None else min(k, max_trials - ran)
+            queue.top_up(study, n_trials, lookahead=max(queue.LOOKAHEAD, want), c=c)
             claimed: list[optuna.Trial] = []
             try:
-                while len(claimed) < want and (trial := queue.claim(study)) is not None:
+                while len(claimed) < want and (trial := queue.claim(study, n_trials)) is not None:
                     claimed.append(trial)
             except BaseException:
                 # Interrupted while claiming: claimed trials have no heartbeat thread yet
@@ -134,14 +138,16 @@ def run_worker(
             if not claimed:
                 watch.fail_stale(study, on_stale=tracker.close_stale_trial)
                 c = records.counts(study)
+                if c["WAITING"] == 0 and c.done + c["RUNNING"] < n_trials:
+                    continue  # room for more: the next turn tops the queue up
                 if c["WAITING"] == 0 and (c["RUNNING"] == 0 or c.done >= n_trials):
                     break
                 time.sleep(POLL_SECONDS)
                 continue
             if len(claimed) == 1:
-                run_trial(study, claimed[0], spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id, trials_dir=trials_dir)
+                run_trial(study, claimed[0], spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=snapshot)
             else:
-                run_population(study, claimed, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id, trials_dir=trials_dir)
+                run_population(study, claimed, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=snapshot)
             ran += len(claimed)
             bar.update()
             tracker.sync_soon()
@@ -174,11 +180,12 @@ def population_size(value: int | str | None, *, device: str = "auto", task: "Tas
 
 
 @contextmanager
-def _draining(tracker: Tracker) -> Iterator[None]:
-    """However the loop ends, queued MLflow writes are sent (or kept) before we return."""
+def _draining(tracker: Tracker, writes: "queue.WriteBehind") -> Iterator[None]:
+    """However the loop ends, queued storage and MLflow writes are sent (or kept) before we return."""
     try:
         yield
     finally:
+        writes.close()
         tracker.drain()
 
 

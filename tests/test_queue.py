@@ -21,8 +21,8 @@ def _study(url: str, name: str = "q") -> optuna.Study:
 
 def test_top_up_and_claims_are_exact(storage_url: str) -> None:
     study = _study(storage_url)
-    assert queue.top_up(study, 5) == 5
-    assert queue.top_up(study, 5) == 0  # idempotent: a resume adds nothing
+    assert queue.top_up(study, 5, lookahead=5) == 5
+    assert queue.top_up(study, 5, lookahead=5) == 0  # idempotent: a resume adds nothing
     claimed = []
     while (t := queue.claim(study)) is not None:
         claimed.append(t)
@@ -34,6 +34,28 @@ def test_top_up_and_claims_are_exact(storage_url: str) -> None:
     assert (c.done, c["FAIL"], c["RUNNING"]) == (1, 1, 3)
     assert study.trials[1].user_attrs[records.REASON] == "boom"
     assert queue.top_up(study, 5) == 1  # the failed trial is replaced, the running ones are not
+
+
+def test_the_queue_stays_short(sqlite_url: str) -> None:
+    # Every read of a study re-reads its unfinished trials: a queue of n_trials would cost
+    # O(n_trials) per claim. It holds LOOKAHEAD, and never more than n_trials in all.
+    study = _study(sqlite_url, "short")
+    assert queue.top_up(study, 1000) == queue.LOOKAHEAD
+    assert queue.top_up(study, 2, lookahead=10) == 0  # already past n_trials: nothing
+
+
+def test_of_two_claims_of_the_last_trial_exactly_one_runs(sqlite_url: str) -> None:
+    # Two workers topped up at once: one trial too many waits. Both claim; the one with the
+    # lower number runs, the other goes back to WAITING, so n_trials stays exact.
+    study = _study(sqlite_url, "race")
+    queue.top_up(study, 2, lookahead=2)
+    queue.top_up(study, 3, lookahead=3)  # the other worker's top-up, counted a moment earlier
+    first = queue.claim(study, 2)
+    study.tell(first, 1.0)
+    a, b = queue.claim(study, 2), queue.claim(study, 2)
+    assert a is not None and a.number == 1
+    assert b is None  # trial 2 would be the third of two
+    assert records.counts(study)["WAITING"] == 1 and records.counts(study)["RUNNING"] == 1
 
 
 def test_adapter_agrees_with_the_public_api(storage_url: str) -> None:
