@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
-from hposvc.errors import InvalidInputError, StorageError
+from hposvc.errors import InvalidInputError, StorageError, invalid
 
 if TYPE_CHECKING:
     import optuna
