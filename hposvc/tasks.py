@@ -581,6 +581,13 @@ def _tabular(seed: int, *, path: Any, target: Any, kind: Any) -> Task:
     return _make(name, "multiclass", "mlp", len(classes), parts, defaults_of="tabular")
 
 
+def _carve_fractions(val: float, test: float, *, source: str) -> tuple[tuple[str, float], ...]:
+    """The order splits are carved out of the training data, with their fractions."""
+    if val + test >= 1.0:
+        raise invalid("val_fraction", val, f"a fraction below 1 - test_fraction ({1.0 - test:g})", source=source, hint="Something must be left to train on.")
+    return (("test", test), ("val", val))
+
+
 def _image_files(folder: Path, *, source: str) -> dict[str, list[Path]]:
     """Class name -> image files (sorted) of an ImageFolder-style ``folder``."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -644,12 +651,13 @@ def _images(seed: int, *, path: Any, size: Any, grayscale: bool, val_fraction: f
     labels = {s: np.array([label[c] for c, fs in found.items() for _ in fs], dtype=np.int64) for s, found in by_split.items()}
     # 2) carve the splits the disk does not have out of train (indices, before reading)
     index = {s: np.arange(len(files[s])) for s in files}
-    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+    carved = 0.0  # the fractions are of the whole pool: val's is rescaled once test is out
+    for split, fraction in _carve_fractions(val_fraction, test_fraction, source=source):
         if split not in files:
-            keep, cut, _, _ = _cut(index["train"], labels["train"][index["train"]], fraction, seed, stratify=True)
+            keep, cut, _, _ = _cut(index["train"], labels["train"][index["train"]], fraction / (1.0 - carved), seed, stratify=True)
             files[split], labels[split] = [files["train"][i] for i in cut], labels["train"][cut]
             index["train"] = keep
-            index[split] = np.arange(len(cut))
+            carved += fraction
     files["train"], labels["train"] = [files["train"][i] for i in index["train"]], labels["train"][index["train"]]
     # 3) read, scale to [0, 1], standardise each channel with training statistics
     xs = {s: _read_images(files[s], size=shape, grayscale=grayscale, source=source).astype(np.float32) / 255.0 for s in ("train", "val", "test")}
@@ -719,10 +727,12 @@ def _arrays(seed: int, *, path: Any, kind: str | None, val_fraction: float, test
             raise invalid("kind", kind, "'classification'", source=source, hint=f"The labels in {p} go up to {n_classes - 1}.")
     # 3) carve missing splits out of train
     x_train, y_train = splits["train"]
-    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+    carved = 0.0  # the fractions are of the whole: val's is rescaled once test is out
+    for split, fraction in _carve_fractions(val_fraction, test_fraction, source=source):
         if split not in splits:
-            x_train, x_cut, y_train, y_cut = _cut(x_train, y_train, fraction, seed, stratify=kind != "regression")
+            x_train, x_cut, y_train, y_cut = _cut(x_train, y_train, fraction / (1.0 - carved), seed, stratify=kind != "regression")
             splits[split] = (x_cut, y_cut)
+            carved += fraction
     order = ("train", "val", "test")
     splits["train"] = (x_train, y_train)
     parts = [splits[s][0].astype(np.float32) for s in order]

@@ -386,25 +386,26 @@ class _Precision:
 
 
 def _compiled(model: torch.nn.Module, config: TrialConfig, data: "_Tensors | _Loaders", amp: _Precision, notes: list[str]) -> torch.nn.Module:
-    """``torch.compile(model)``, tried on one batch (forward and backward) with the model's
-    state, gradients and RNG put back after; where it fails, the model itself and a note."""
+    """``torch.compile(model)``, tried on one batch (forward and backward; compiling happens
+    at the first call) with the model's state, gradients and RNG put back after; where it
+    fails, the model itself and a note saying why."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
     try:
         compiled = torch.compile(model)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        rng = torch.random.get_rng_state()
         x, y = next(iter(data.eval_batches("val", channels_last=False)))
         model.train()
         with amp.autocast():
             loss = _loss(data.task.kind, compiled(x[: config.batch_size]), y[: config.batch_size])
         loss.backward()
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(state)
-        torch.random.set_rng_state(rng)
-        return compiled
     except Exception as e:  # noqa: BLE001 (any compiler error: train eagerly, say why)
-        model.zero_grad(set_to_none=True)
-        notes.append(f"torch.compile failed, trained eagerly: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-        return model
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        notes.append(f"torch.compile failed, trained eagerly: {type(e).__name__}: {first_line}")
+        compiled = model
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    torch.random.set_rng_state(rng)
+    return compiled
 
 
 def _loss(kind: str, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
