@@ -189,15 +189,15 @@ def _layer_arguments(fn: Callable[..., Any], config: "TrialConfig", applied: dic
     named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     out: dict[str, Any] = {}
     if "norm" in applied and "norm_layer" in named:
-        kind, groups = applied["norm"], config.norm_groups or DEFAULT_NORM_GROUPS
+        norm, groups = applied["norm"], config.norm_groups or DEFAULT_NORM_GROUPS
 
         def make_norm(channels: int, dims: int = 2) -> "torch.nn.Module":
-            return norm_layer(kind, channels, dims, groups=groups)
+            return norm_layer(norm, channels, dims, groups=groups)
 
         out["norm_layer"] = make_norm
     if "activation" in applied and "activation_layer" in named:
-        kind = applied["activation"]
-        out["activation_layer"] = lambda *args, **kwargs: activation_layer(kind)  # inplace=True etc.: ignored
+        activation = applied["activation"]
+        out["activation_layer"] = lambda *args, **kwargs: activation_layer(activation)  # inplace=True etc.: ignored
     return out
 
 
