@@ -46,7 +46,7 @@ COPY pyproject.toml README.md ./
 COPY hposvc ./hposvc
 COPY studies ./studies
 # The installed torch satisfies the project's torch range, so pip keeps it.
-RUN pip install ".[postgres]" "mlflow==${MLFLOW_VERSION}" \
+RUN pip install ".[postgres,grpc]" "mlflow==${MLFLOW_VERSION}" \
     && useradd --create-home --uid 1000 hposvc \
     && mkdir -p /data && chown hposvc: /data
 USER hposvc

@@ -575,11 +575,22 @@ def sync_outbox(tracker: Tracker, *, study: str | None = None) -> int:
     return sent
 
 
-def open_tracker(study: "optuna.Study", *, spec: Mapping[str, Any], tracking_uri: str, data_dir: str | os.PathLike[str] | None = None) -> Tracker:
+def open_tracker(
+    study: "optuna.Study",
+    *,
+    spec: Mapping[str, Any],
+    tracking_uri: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    wait: bool = True,
+) -> Tracker:
     """The study's tracker, with its experiment and parent run created once.
 
     The parent run id is stored on the study, so every worker on every host logs its
-    trials under the same parent instead of racing to create one each.
+    trials under the same parent instead of racing to create one each. ``wait=False``
+    creates them on the tracker's writer thread instead, while the caller goes on (a
+    worker starting its first trial): importing MLflow and creating its store then
+    overlap the first trial instead of preceding it. A store that refuses (a deleted
+    experiment) is then logged with its fix rather than raised.
     """
     info = records.study_info(study)
     tracker = Tracker(
@@ -590,9 +601,16 @@ def open_tracker(study: "optuna.Study", *, spec: Mapping[str, Any], tracking_uri
         data_dir=data_dir,
         tags={"hposvc.spec_hash": info.spec_hash or "", "hposvc.task": info.task or ""},
     )
-    parent = tracker.start_study(spec=spec)
-    if parent and info.parent_run_id != parent:
-        study.set_user_attr(records.PARENT_RUN_ID, parent)
+
+    def start() -> None:
+        parent = tracker.start_study(spec=spec)
+        if parent and info.parent_run_id != parent:
+            study.set_user_attr(records.PARENT_RUN_ID, parent)
+
+    if wait:
+        start()
+    else:
+        tracker._submit(start)
     return tracker
 
 

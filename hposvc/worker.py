@@ -99,7 +99,7 @@ def run_worker(
     elif spec is None:
         raise InvalidInputError("run_worker needs the spec with a study object; pass the study's name to load both.")
     n_trials = records.study_info(study).n_trials or spec.n_trials
-    tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir)
+    tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, wait=False)
     task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
     k = population_size(population if population is not None else spec.population, device=device, task=task)
     if k > 1 and (spec.trainer is not None or spec.command is not None):
