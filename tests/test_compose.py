@@ -302,7 +302,7 @@ def dockerfile_problems(text: str) -> list[str]:
     hposvc_part = "\n".join(lines[lines.index(last_from[0]) :]) if last_from else ""
     if 'ENTRYPOINT ["hposvc"]' not in hposvc_part:
         problems.append('the hposvc stage needs ENTRYPOINT ["hposvc"]')
-    if '".[postgres]"' not in hposvc_part:
+    if not re.search(r'"\.\[[^"\]]*\bpostgres\b[^"\]]*\]"', hposvc_part):
         problems.append("the hposvc stage must install the project with the postgres extra")
     mlflow_part = "\n".join(lines[: lines.index(last_from[0])]) if last_from else ""
     if "psycopg" not in mlflow_part:
