@@ -340,20 +340,77 @@ def pg_server(pg_cluster: PgCluster) -> Iterator[PgServer]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def sql_storage_url(request: pytest.FixtureRequest) -> str:
+    """A fresh, empty SQL storage URL, once per database (SQLite, PostgreSQL)."""
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "grpc"])
 def storage_url(request: pytest.FixtureRequest) -> str:
     """A fresh, empty storage URL, once per backend hposvc supports (like Optuna's StorageSupplier).
 
-    A test that takes it runs twice: ``test_x[sqlite]`` gets ``sqlite_url`` (a file in
-    tmp_path) and ``test_x[postgres]`` gets ``postgres_url`` (a database of its own in the
-    session's PostgreSQL, dropped afterwards; marked ``postgres``)::
+    A test that takes it runs three times: ``test_x[sqlite]`` gets ``sqlite_url`` (a file in
+    tmp_path), ``test_x[postgres]`` gets ``postgres_url`` (a database of its own in the
+    session's PostgreSQL, dropped afterwards; marked ``postgres``) and ``test_x[grpc]`` gets
+    ``grpc_url`` (Optuna's storage proxy, ``hposvc storage serve``, in front of a fresh
+    SQLite file)::
 
         def test_n_trials_is_exact(storage_url):
             hposvc.run_study(SPEC, name="q", storage=storage_url, n_trials=3)
             assert len(hposvc.trials("q", storage=storage_url)) == 3
 
-    Pick one backend with ``-k sqlite`` / ``-k postgres``, or ``-m "not postgres"``.
+    Pick one backend with ``-k sqlite`` / ``-k postgres`` / ``-k grpc``, or ``-m "not postgres"``.
     """
     return request.getfixturevalue(f"{request.param}_url")
+
+
+class Proxy:
+    """A ``hposvc storage serve`` subprocess; ``url`` is its grpc:// address."""
+
+    def __init__(self, storage_url: str, log_file: Path) -> None:
+        self.storage_url = storage_url
+        self.port = free_port()
+        self.url = f"grpc://127.0.0.1:{self.port}"
+        self.log_file = log_file
+        with open(log_file, "wb") as log:  # a file, not a pipe nobody reads
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hposvc.cli", "storage", "serve", "--storage", storage_url, "--port", str(self.port)],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
+
+    def storage(self):  # -> optuna.storages.GrpcStorageProxy
+        """A client, once the proxy answers (it fails the test if the proxy died)."""
+        from hposvc.errors import StorageError
+        from hposvc.storage import grpc_storage
+
+        deadline = time.monotonic() + 120  # imports on two busy cores take a while
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the proxy exited with {self.proc.returncode}:\n{self.log_file.read_text()}")
+            try:
+                return grpc_storage(self.url, ready_timeout=2)
+            except StorageError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the proxy did not answer in 120 s:\n{self.log_file.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def grpc_url(tmp_path: Path) -> Iterator[str]:
+    """``grpc://127.0.0.1:PORT``: a storage proxy in front of a fresh SQLite file, ready."""
+    proxy = Proxy(f"sqlite:///{tmp_path / 'behind-proxy.db'}", tmp_path / "proxy.log")
+    try:
+        proxy.storage().close()
+        yield proxy.url
+    finally:
+        proxy.stop()
 
 
 # --- MLflow tracking server ---------------------------------------------------------------------

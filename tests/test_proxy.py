@@ -26,49 +26,15 @@ from hposvc.cli import main
 from hposvc.errors import InvalidInputError, StorageError
 from hposvc.proxy import is_loopback
 from hposvc.storage import grpc_storage, open_storage
-from tests.conftest import free_port
+from tests.conftest import Proxy, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 
-class Proxy:
-    """A `hposvc storage serve` subprocess; ``url`` is its grpc:// address."""
-
-    def __init__(self, storage_url: str, log_file: Path) -> None:
-        self.storage_url = storage_url
-        self.port = free_port()
-        self.url = f"grpc://127.0.0.1:{self.port}"
-        self.log_file = log_file
-        with open(log_file, "wb") as log:  # a file, not a pipe nobody reads
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hposvc.cli", "storage", "serve", "--storage", storage_url, "--port", str(self.port)],
-                stdout=subprocess.DEVNULL, stderr=log,
-            )
-
-    def storage(self) -> optuna.storages.GrpcStorageProxy:
-        deadline = time.monotonic() + 120  # imports on two busy cores take a while
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the proxy exited with {self.proc.returncode}:\n{self.log_file.read_text()}")
-            try:
-                return grpc_storage(self.url, ready_timeout=2)
-            except StorageError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the proxy did not answer in 120 s:\n{self.log_file.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-
 @pytest.fixture
-def proxy(storage_url: str, tmp_path: Path) -> Iterator[Proxy]:
-    """A proxy in front of a fresh storage, once per backend (sqlite, postgres)."""
-    p = Proxy(storage_url, tmp_path / "proxy.log")
+def proxy(sql_storage_url: str, tmp_path: Path) -> Iterator[Proxy]:
+    """A proxy in front of a fresh storage, once per database (sqlite, postgres)."""
+    p = Proxy(sql_storage_url, tmp_path / "proxy.log")
     try:
         yield p
     finally:
