@@ -59,7 +59,7 @@ DECAY_PARAMS = ("momentum", "beta1", "beta2", "rho")
 SIGNIFICANT_DIGITS = 3
 DECAY_DIGITS = 2
 # Keys of Recommendation.numbers[opt] that describe the numbers rather than being one.
-NUMBER_META = ("grid", "grid_tasks", "loto_regret")
+NUMBER_META = ("grid", "grid_tasks", "grid_score", "loto_regret")
 # Activation families for `by="activation"`: pooling similar activations keeps enough
 # trials per context to rank optimizers at all.
 ACTIVATION_FAMILIES: dict[str, str] = {
@@ -698,7 +698,9 @@ def _numbers(f: pd.DataFrame, optimizers: list[str], anchors: pd.DataFrame) -> d
         if M is not None and chosen:
             coverage = M.notna().sum(axis=0)
             cols = coverage.index[coverage == coverage.max()]
-            win = M[cols].mean(axis=0).idxmax()
+            cell_means = M[cols].mean(axis=0)
+            win = cell_means.idxmax()
+            grid_score = float(cell_means.max())
             runs = g[(cell == win).to_numpy()]
             for p in chosen:
                 numbers[p] = _grid_value(p, float(keys[p][0].loc[runs.index[0]]), keys[p][1], pd.to_numeric(runs[p], errors="coerce"))
@@ -712,6 +714,7 @@ def _numbers(f: pd.DataFrame, optimizers: list[str], anchors: pd.DataFrame) -> d
         else:
             runs = g
             grid, grid_tasks, regrets = "nothing searched", int(g["unit"].nunique()), []
+            grid_score = float(g.groupby("unit")["_norm"].mean().mean())
         for p in params:
             if p in numbers:
                 continue
@@ -730,6 +733,7 @@ def _numbers(f: pd.DataFrame, optimizers: list[str], anchors: pd.DataFrame) -> d
                     numbers["warmup"] = _round("warmup", float(np.median(w)))
         numbers["grid"] = grid
         numbers["grid_tasks"] = grid_tasks
+        numbers["grid_score"] = grid_score  # the chosen cell's mean anchored score over the tasks
         numbers["loto_regret"] = float(np.mean(regrets)) if regrets else math.nan
         out[str(opt)] = numbers
     return out

@@ -4,7 +4,7 @@ Only Optuna's public storage API is used, and only the attributes the study serv
 promises to write (see the storage attribute contract): study attrs ``hposvc.task`` and
 ``hposvc.metric``, the study direction, and trial attrs ``hposvc.config`` and
 ``hposvc.reason``; plus the survey's own study attrs (:data:`SURVEY_TASK`,
-:data:`SURVEY_HELD_OUT`), which :mod:`hposvc.recommendation._survey` writes.
+:data:`SURVEY_HELD_OUT`, :data:`SURVEY_SCALE`), which :mod:`hposvc.recommendation._survey` writes.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from hposvc import storage as _storage
 from hposvc.queue import storage_of
 from hposvc.storage import redact, resolve_data_dir, resolve_storage_url
 
-__all__ = ["CONFIG_FIELDS", "SURVEY_HELD_OUT", "SURVEY_TASK", "collect_trials", "open_storage"]
+__all__ = ["CONFIG_FIELDS", "SURVEY_HELD_OUT", "SURVEY_SCALE", "SURVEY_TASK", "collect_trials", "open_storage"]
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(TrialConfig.__dataclass_fields__)
 # Columns every frame from collect_trials has, before the TrialConfig fields. ``curve``:
@@ -37,6 +37,7 @@ BASE_COLUMNS = ("study", "task", "number", "state", "value", "metric", "directio
 # the held-out tasks' studies, which only test the recommendation and never enter it.
 SURVEY_TASK = "hposvc.survey.task"
 SURVEY_HELD_OUT = "hposvc.survey.held_out"
+SURVEY_SCALE = "hposvc.survey.scale"  # "ci" | "full": which survey run a study belongs to
 
 
 # Whatever names a study storage: a URL (None: the configured default), a storage, a study.

@@ -169,7 +169,7 @@ def survey_report(
         cells=_cells(main, budgets),
         tasks=_tasks(main, df, held_recs.get(headline)),
         defaults_vs_tuned=_defaults_vs_tuned(proto, main),
-        warm_start=_warm_list(proto),
+        warm_start=survey_warm_list(proto),
         protocol=_protocol(sc),
         run=_run_info(opened, df),
         versions=dict(versions()),
@@ -393,14 +393,16 @@ def _defaults_vs_tuned(proto: pd.DataFrame, main: Recommendation) -> dict[str, A
     }
 
 
-def _warm_list(proto: pd.DataFrame) -> list[dict[str, Any]]:
+def survey_warm_list(proto: pd.DataFrame) -> list[dict[str, Any]]:
     """Each optimizer's best configuration across the protocol tasks (its recommended
-    numbers: the grid cell best on average over the tasks), in the recommendation's
-    order at the default budget: what a fresh install's --warm-start queues."""
-    rec = recommend_from_frame(proto, n_bootstrap=0)
-    status = rec.table["status"]
-    order = [o for s in ("ok", "incomplete", "no comparison") for o in rec.table.loc[status == s, "optimizer"]]
-    return [{"optimizer": o, **{k: v for k, v in rec.numbers.get(o, {}).items() if k not in NUMBER_META}} for o in order]
+    numbers: the cell of the shared lr grid with the best mean anchored score over the
+    tasks), best first by that score: a configuration that runs once should do well
+    on any task, which is what a warm-start trial is. One per optimizer, so the few
+    queued trials hedge over optimizers; what a fresh install's --warm-start queues."""
+    numbers = recommend_from_frame(proto, n_bootstrap=0).numbers
+    scored = [(o, n) for o, n in numbers.items() if n and n.get("grid_score") is not None and math.isfinite(n["grid_score"])]
+    scored.sort(key=lambda on: -on[1]["grid_score"])
+    return [{"optimizer": o, **{k: v for k, v in n.items() if k not in NUMBER_META}, "score": n["grid_score"]} for o, n in scored]
 
 
 def _protocol(sc: Scale) -> dict[str, Any]:
@@ -607,10 +609,13 @@ def _markdown(r: SurveyResult) -> str:
     lines += [
         "## Warm start",
         "",
-        "`--warm-start` on a fresh install queues the first of these that the new study's space allows (each optimizer's",
-        "lr grid cell that did best on average over the protocol tasks), fitted into its ranges:",
+        "`--warm-start` on a fresh install queues the first three of these that the new study's space allows (each",
+        "optimizer's lr grid cell with the best mean anchored score over the protocol tasks, best first), fitted into its ranges:",
         "",
-        *_table(["#", "optimizer", "numbers"], [[str(i + 1), w["optimizer"], ", ".join(f"{k}={_g(v)}" for k, v in w.items() if k != "optimizer")] for i, w in enumerate(r.warm_start)]),
+        *_table(["#", "optimizer", "numbers", "mean anchored score"], [
+            [str(i + 1), w["optimizer"], ", ".join(f"{k}={_g(v)}" for k, v in w.items() if k not in ("optimizer", "score", "schedule")), _f(w.get("score"))]
+            for i, w in enumerate(r.warm_start)
+        ]),
         "",
     ]
     return "\n".join(lines)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from hposvc.config import ONE_SHOT_DEFAULTS, TrialConfig
 from hposvc.errors import HposvcError, InvalidInputError, invalid
-from hposvc.recommendation._data import SURVEY_HELD_OUT, SURVEY_TASK
+from hposvc.recommendation._data import SURVEY_HELD_OUT, SURVEY_SCALE, SURVEY_TASK
 
 if TYPE_CHECKING:
     import optuna
@@ -54,8 +54,6 @@ __all__ = ["SCALES", "Scale", "SurveyRun", "SurveyTask", "cells", "protocol", "r
 # Where the protocol's specs live among the built-in specs (studies/ is hposvc._studies).
 PROTOCOL_GROUP = "survey/protocol"
 HELD_OUT_GROUP = "survey/held-out"
-# Study attr naming the scale a survey study belongs to.
-SURVEY_SCALE = "hposvc.survey.scale"
 SIGNIFICANT_DIGITS = 3  # sweep points read as 0.000316, not 0.00031622776601683794
 
 

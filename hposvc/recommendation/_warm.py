@@ -27,12 +27,18 @@ import pandas as pd
 from hposvc.config import ONE_SHOT_DEFAULTS, TrialConfig
 from hposvc.errors import HposvcError, StorageError
 from hposvc.recommendation._core import NUMBER_COLUMNS, _prepare, recommend_from_frame, top_trials
-from hposvc.recommendation._data import SURVEY_HELD_OUT, collect_trials, open_storage
+from hposvc.recommendation._data import SURVEY_HELD_OUT, SURVEY_SCALE, collect_trials, open_storage
 
 if TYPE_CHECKING:
     from hposvc.spec import Dim, StudySpec
 
-__all__ = ["ranked_contexts", "shipped_warm_start_configs", "warm_start_configs", "warm_start_configs_from_frame"]
+__all__ = [
+    "ranked_contexts",
+    "shipped_warm_start_configs",
+    "survey_warm_start_configs",
+    "warm_start_configs",
+    "warm_start_configs_from_frame",
+]
 
 
 def warm_start_configs(
@@ -45,9 +51,13 @@ def warm_start_configs(
 ) -> list[TrialConfig]:
     """Recommended configurations to run first in a new study of ``spec``, best first.
 
-    Computed from the finished trials of every *other* study in ``storage`` (all tasks:
-    transfer to an unseen task is the point) by :func:`warm_start_configs_from_frame`.
-    Nothing is stored. Empty when no other study has enough data.
+    Where a survey ran in ``storage`` (``hposvc survey run``): the configurations that did
+    best across its protocol tasks (:func:`survey_warm_start_configs`). Otherwise computed
+    from the finished trials of every *other* study in ``storage`` (all tasks: transfer to
+    an unseen task is the point) by :func:`warm_start_configs_from_frame`; and when that
+    gives nothing (a fresh install), from the survey result that ships with hposvc
+    (:func:`shipped_warm_start_configs`). Held-out survey studies are never used. Nothing
+    is stored.
 
     ``storage`` is the study database URL (None: resolved from ``data_dir`` and the
     environment by :mod:`hposvc.storage`), an optuna storage, or the new study itself.
@@ -59,12 +69,30 @@ def warm_start_configs(
     store = open_storage(storage, data_dir=data_dir)
     try:
         # Held-out survey studies only test recommendations: they never feed one.
-        names = [s.study_name for s in store.get_all_studies() if not s.user_attrs.get(SURVEY_HELD_OUT)]
+        frozen = [s for s in store.get_all_studies() if not s.user_attrs.get(SURVEY_HELD_OUT) and s.study_name != spec.name]
     except Exception as e:  # noqa: BLE001 (driver errors)
         raise StorageError(f"cannot list the studies in the storage: {e}") from e
-    others = [n for n in names if n != spec.name]
+    scales = {s.user_attrs.get(SURVEY_SCALE) for s in frozen} - {None}
+    if scales:
+        # A survey ran here: its configurations, computed as `survey report` computes them.
+        return survey_warm_start_configs(spec, storage=store, scale="full" if "full" in scales else sorted(scales)[0], top=top)
+    others = [s.study_name for s in frozen]
     configs = warm_start_configs_from_frame(collect_trials(store, studies=others), spec, top=top, min_trials=min_trials) if others else []
     return configs or shipped_warm_start_configs(spec, top=top)
+
+
+def survey_warm_start_configs(
+    spec: "StudySpec", *, storage: "str | optuna.storages.BaseStorage | None" = None, scale: str = "full", top: int = 3
+) -> list[TrialConfig]:
+    """Warm-start configurations from a survey run in ``storage``: each optimizer's best
+    configuration across the protocol tasks (never the held-out ones), best first by its
+    mean anchored score over them, filtered to the spec's optimizers and fitted into its space."""
+    from hposvc.recommendation._results import survey_warm_list
+    from hposvc.recommendation._survey import survey_frame
+
+    df = survey_frame(storage, scale=scale)
+    ranked = [(w["optimizer"], {k: v for k, v in w.items() if k not in ("optimizer", "score")}) for w in survey_warm_list(df[~df["held_out"]])]
+    return _build(spec, [(o, n) for o, n in ranked if o in set(spec.optimizers)], contexts=[], best_rows=None, top=top)
 
 
 def shipped_warm_start_configs(spec: "StudySpec", *, top: int = 3) -> list[TrialConfig]:
@@ -81,7 +109,7 @@ def shipped_warm_start_configs(spec: "StudySpec", *, top: int = 3) -> list[Trial
         shipped = load_shipped_survey()
     except HposvcError:
         return []
-    ranked = [(w["optimizer"], {k: v for k, v in w.items() if k != "optimizer"}) for w in shipped.warm_start]
+    ranked = [(w["optimizer"], {k: v for k, v in w.items() if k not in ("optimizer", "score")}) for w in shipped.warm_start]
     return _build(spec, [(o, n) for o, n in ranked if o in set(spec.optimizers)], contexts=[], best_rows=None, top=top)
 
 
