@@ -369,3 +369,42 @@ def test_the_resnet_family_reaches_95_percent_on_digits_as_images(tmp_path: Path
     assert result.exit_code == 0, result.output
     best = hposvc.best_config("resnet-digits", storage=f"sqlite:///{data / 'hposvc.db'}")
     assert best.value >= 0.95 and best.config.family == "resnet"
+
+
+# -- spec keys for families and training paths -----------------------------------------
+
+HEAD = '[study]\nname = "s"\ntask = "digits"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (HEAD + '[model]\nfamily = "cnn1d"\n', "'model.family' parameter must be a family that fits the task's input shape (64,). Got 'cnn1d' instead. 'cnn1d' needs per-sample inputs (channels, length); this task fits 'mlp', 'cnn2d', 'resnet'."),
+        ('[study]\nname = "s"\ntask = "moons"\n[space]\nfamily = ["mlp", "resnet"]\n', "'space.family' parameter must be a family that fits the task's input shape (2,). Got 'resnet'"),
+        (HEAD + '[space]\nnorm = ["batch", "instance"]\n', "'digits' trains an MLP, whose features have no length to normalise over; 'instance' norm needs a convolutional family: the CNN task 'mnist1d', or [model] family = 'cnn2d'."),
+        (HEAD + '[model]\nfamily = "resnet"\n[space]\nfamily = "cnn2d"\n', "set in one place only"),
+        (HEAD + '[model]\nfamily = "cnn2d"\nzero_init_residual = true\n', "'model.zero_init_residual' parameter must be absent. Got True instead. It only applies when family is one of resnet"),
+        (HEAD + '[train]\nprecision = "fp8"\n', "'train.precision' parameter must be one of 'fp32', 'bf16', 'fp16'. Got 'fp8' instead."),
+        (HEAD + '[train]\ncompile = "yes"\n', "'train.compile' parameter must be true or false. Got 'yes' instead."),
+        (HEAD + '[train]\ndata = ["tensors", "loader"]\n', "'train.data' parameter must be a single value"),
+        (HEAD + '[train]\nnum_workers = -1\n', "'train.num_workers' parameter must be an integer >= 0. Got -1 instead."),
+        (HEAD + 'model = "m:f"\npopulation = 4\n', "'study.population' parameter must be absent with a [study] model"),
+    ],
+    ids=["family-shape", "searched-family-shape", "instance-on-mlp", "family-twice", "zero-init-on-cnn2d", "precision", "compile", "data-searched", "workers", "population-with-model"],
+)
+def test_family_and_training_keys_are_checked_in_the_spec(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["study", "validate", str(path)])
+    assert result.exit_code == 2 and needle in " ".join(result.output.split()), result.output
+
+
+def test_family_keys_reach_the_trials_config(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(HEAD + '[train]\nprecision = "bf16"\ndata = "loader"\nnum_workers = 2\n[model]\nfamily = "resnet"\nzero_init_residual = true\n[space]\nnorm = ["instance", "group"]\n')
+    spec = load_spec(path)
+    assert spec.family == "resnet" and spec.task_key == "digits[family=resnet,depth=2,width=128,epochs=10]"
+    from hposvc.space import first_config
+
+    config = first_config(spec)
+    assert (config.family, config.zero_init_residual, config.norm, config.precision, config.data, config.num_workers) == ("resnet", True, "instance", "bf16", "loader", 2)
