@@ -22,8 +22,8 @@ turns that into the report, RESULTS.md and the shipped ``results.json``.
 
 >>> [s.name for s in SCALES.values()]
 ['ci', 'full']
->>> sweep(1e-3, 3.16e-5, 3.16e-2, 4)
-[5.62e-05, 0.000316, 0.00178, 0.01]
+>>> sweep(3.16e-5, 3.16e-2, 4)  # adam's range (one-shot lr 1e-3), CI scale
+[7.49e-05, 0.000421, 0.00237, 0.0133]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hposvc.config import ONE_SHOT_DEFAULTS, TrialConfig
+from hposvc.config import TrialConfig
 from hposvc.errors import HposvcError, InvalidInputError, invalid
 from hposvc.recommendation._data import SURVEY_HELD_OUT, SURVEY_SCALE, SURVEY_TASK
 
@@ -126,11 +126,11 @@ class SurveyRun:
     population: int | str | None  # trials trained together per claim
 
 
-def sweep(default: float, low: float, high: float, points: int) -> list[float]:
+def sweep(low: float, high: float, points: int) -> list[float]:
     """``points`` lr values spread evenly in log space over [low, high]: the centres of
-    equal log-bins, rounded to 3 significant digits (``default`` is only for messages)."""
+    equal log-bins, rounded to 3 significant digits."""
     if not (0 < low < high):
-        raise invalid("lr range", (low, high), f"0 < low < high around the default {default}")
+        raise invalid("lr range", (low, high), "0 < low < high")
     ratio = math.log(high / low)
     return [float(f"{low * math.exp(ratio * (i + 0.5) / points):.{SIGNIFICANT_DIGITS}g}") for i in range(points)]
 
@@ -201,10 +201,9 @@ def _configs(spec: "StudySpec", opt: str, sc: Scale) -> list[TrialConfig]:
     fixed.update(spec.implicit_values())
     fixed.pop("seed", None)
     lr_dim = spec.optimizer_space(opt).get("lr", (None, None))[1]
-    default = ONE_SHOT_DEFAULTS[opt]["lr"]
     if lr_dim is None or lr_dim.kind != "range":
         raise invalid("lr", None if lr_dim is None else lr_dim.to_json(), "a range {low, high, log = true}", source=spec.source, hint="The survey sweeps each optimizer's lr over its range.")
-    search = [TrialConfig(optimizer=opt, lr=lr, seed=spec.seed, **fixed) for lr in sweep(default, lr_dim.low, lr_dim.high, sc.sweep_points)]
+    search = [TrialConfig(optimizer=opt, lr=lr, seed=spec.seed, **fixed) for lr in sweep(lr_dim.low, lr_dim.high, sc.sweep_points)]
     defaults = [TrialConfig(optimizer=opt, seed=seed, **fixed) for seed in sc.default_seeds]
     return search + defaults
 
