@@ -37,13 +37,28 @@ if TYPE_CHECKING:
     from hposvc.tracking import Tracker, TrialRun
     from hposvc.train import TrainResult
 
-__all__ = ["Outcome", "TrialJob", "run_population", "run_trial", "train_trial"]
+__all__ = ["CompletedTrials", "Outcome", "TrialEnv", "TrialJob", "run_population", "run_trial", "train_trial"]
 
 log = logging.getLogger(__name__)
 
 # How stale the completed trials a local pruning decision reads may get (seconds): other
 # workers' results reach a long trial's decisions at most this late.
 SNAPSHOT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class TrialEnv:
+    """What every trial a worker runs shares."""
+
+    study: "optuna.Study"
+    spec: "StudySpec"
+    task: "Task | None"
+    tracker: "Tracker"
+    device: Any  # a torch.device (hposvc.devices.resolve_device)
+    worker_id: str = ""
+    trials_dir: Path | None = None  # checkpoints and logs, one folder per trial
+    writes: "queue.WriteBehind" = field(default_factory=lambda: queue.WriteBehind())
+    snapshot: "CompletedTrials | None" = None  # for pruning without a read per epoch
 
 
 class TrialJob:
@@ -54,32 +69,20 @@ class TrialJob:
     (:meth:`on_report`); :meth:`finish` and :meth:`fail` end the trial.
     """
 
-    def __init__(
-        self,
-        study: "optuna.Study",
-        trial: "optuna.Trial",
-        *,
-        spec: "StudySpec",
-        tracker: "Tracker",
-        device: Any,
-        worker_id: str,
-        trials_dir: Path | None = None,
-        writes: "queue.WriteBehind | None" = None,
-        snapshot: "CompletedTrials | None" = None,
-    ) -> None:
-        self.study, self.trial, self.spec, self.tracker = study, trial, spec, tracker
-        self.device, self.worker_id, self.trials_dir = device, worker_id, trials_dir
-        self.writes = writes or queue.WriteBehind()
+    def __init__(self, env: "TrialEnv", trial: "optuna.Trial") -> None:
+        self.env, self.trial = env, trial
+        self.study, self.spec, self.tracker, self.device = env.study, env.spec, env.tracker, env.device
+        self.worker_id, self.trials_dir, self.writes = env.worker_id, env.trials_dir, env.writes
         # Pruners that read only completed trials decide here, on a snapshot, without a
         # database read per epoch; the others (successive halving, hyperband) go through
         # Optuna's should_prune, which reads and writes the study's rungs.
-        self.snapshot = snapshot if snapshot is not None and snapshot.serves(study.pruner) else None
+        self.snapshot = env.snapshot if env.snapshot is not None and env.snapshot.serves(env.study.pruner) else None
         self.frozen: Any = None  # this trial as the local pruner sees it
         self.run: TrialRun | None = None
         self.ctx: TrialContext | None = None
         self.ended = False
         self.init_std: list[float | None] | None = None
-        self.prunes = spec.pruner != "none"  # no pruner: skip the per-epoch storage read
+        self.prunes = self.spec.pruner != "none"  # no pruner: skip the per-epoch storage read
 
     def start(self, task: "Task | None") -> TrialConfig:
         """Sample the config, open the MLflow run, record where the trial runs, and make
@@ -372,33 +375,18 @@ def _runner(spec: "StudySpec") -> "Callable[[TrialJob, Task | None], Outcome]":
     return _train_builtin
 
 
-def run_trial(
-    study: "optuna.Study",
-    trial: "optuna.Trial",
-    *,
-    spec: "StudySpec",
-    task: "Task",
-    tracker: "Tracker",
-    device: str = "auto",
-    worker_id: str = "",
-    trials_dir: Path | None = None,
-    writes: "queue.WriteBehind | None" = None,
-    snapshot: CompletedTrials | None = None,
-) -> str:
+def run_trial(env: TrialEnv, trial: "optuna.Trial") -> str:
     """Train one claimed trial and tell Optuna and MLflow how it ended; returns the state.
 
     What trains it: hposvc's own loop, the spec's trainer function, or its command.
-    ``trials_dir``: where trials keep their checkpoints and logs (one folder per trial).
     """
-    from hposvc.devices import resolve_device
-
-    job = TrialJob(study, trial, spec=spec, tracker=tracker, device=resolve_device(device), worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=snapshot)
+    job = TrialJob(env, trial)
     # The heartbeat starts before anything else touches the trial: a trial without one
     # could never be recognised as stale if this worker died right now.
     with queue.heartbeat([trial]):
         try:
-            job.start(task)
-            return job.finish(_runner(spec)(job, task))
+            job.start(env.task)
+            return job.finish(_runner(env.spec)(job, env.task))
         except STOPS as e:
             job.fail(e)
             raise
@@ -406,19 +394,7 @@ def run_trial(
             return job.fail(e)
 
 
-def run_population(
-    study: "optuna.Study",
-    trials: "Sequence[optuna.Trial]",
-    *,
-    spec: "StudySpec",
-    task: "Task",
-    tracker: "Tracker",
-    device: str = "auto",
-    worker_id: str = "",
-    trials_dir: Path | None = None,
-    writes: "queue.WriteBehind | None" = None,
-    snapshot: CompletedTrials | None = None,
-) -> list[str]:
+def run_population(env: TrialEnv, trials: "Sequence[optuna.Trial]") -> list[str]:
     """Train several claimed trials together where they share a structure.
 
     Trials are grouped by :func:`hposvc.population.population_key`; each group of two or
@@ -427,11 +403,10 @@ def run_population(
     trial that fits no group trains the ordinary way. One heartbeat thread beats for all
     of them, so a dead worker's trials are failed and retried as in sequential mode.
     """
-    from hposvc.devices import resolve_device
     from hposvc.population import group_configs, train_population
-    dev = resolve_device(device)
-    writes = writes or queue.WriteBehind()
-    jobs = [TrialJob(study, t, spec=spec, tracker=tracker, device=dev, worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=snapshot) for t in trials]
+
+    task, dev = env.task, env.device
+    jobs = [TrialJob(env, t) for t in trials]
     states: dict[int, str] = {}
     with queue.heartbeat(list(trials)):
         try:

@@ -88,7 +88,8 @@ def run_worker(
     >>> hposvc.run_worker("digits-quick", max_trials=4)  # doctest: +SKIP
     """
     from hposvc.tasks import load_task
-    from hposvc.trial import CompletedTrials, run_population, run_trial
+    from hposvc.devices import resolve_device
+    from hposvc.trial import CompletedTrials, TrialEnv, run_population, run_trial
 
     url = resolve_storage_url(storage, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
@@ -113,7 +114,10 @@ def run_worker(
     ran = 0
     watch = queue.StaleWatch()
     writes = queue.WriteBehind()
-    snapshot = CompletedTrials(study)
+    env = TrialEnv(
+        study, spec, task, tracker, resolve_device(device),
+        worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=CompletedTrials(study),
+    )
     drain = threading.Event()
     with interrupts.signals_raise(drain), Progress(study, n_trials, enabled=progress) as bar, _draining(tracker, writes):
         while (max_trials is None or ran < max_trials) and not drain.is_set():
@@ -145,9 +149,9 @@ def run_worker(
                 time.sleep(POLL_SECONDS)
                 continue
             if len(claimed) == 1:
-                run_trial(study, claimed[0], spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=snapshot)
+                run_trial(env, claimed[0])
             else:
-                run_population(study, claimed, spec=spec, task=task, tracker=tracker, device=device, worker_id=worker_id, trials_dir=trials_dir, writes=writes, snapshot=snapshot)
+                run_population(env, claimed)
             ran += len(claimed)
             bar.update()
             tracker.sync_soon()
