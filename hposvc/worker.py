@@ -87,8 +87,8 @@ def run_worker(
     >>> import hposvc
     >>> hposvc.run_worker("digits-quick", max_trials=4)  # doctest: +SKIP
     """
-    from hposvc.tasks import load_task
     from hposvc.devices import resolve_device
+    from hposvc.tasks import load_task
     from hposvc.trial import CompletedTrials, TrialEnv, run_population, run_trial
 
     url = resolve_storage_url(storage, data_dir=data_dir)
@@ -99,16 +99,17 @@ def run_worker(
         spec = spec or stored_spec
     elif spec is None:
         raise InvalidInputError("run_worker needs the spec with a study object; pass the study's name to load both.")
-    n_trials = records.study_info(study).n_trials or spec.n_trials
-    tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, wait=False)
-    task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
-    k = population_size(population if population is not None else spec.population, device=device, task=task)
-    if k > 1 and (spec.trainer is not None or spec.command is not None):
+    if population is not None and (spec.trainer is not None or spec.command is not None):
         raise InvalidInputError(
             "the 'population' parameter must be absent for a study with its own trainer or command "
             "(a population trains inside hposvc's own loop). Drop --population; run more workers instead (--workers auto)."
         )
-    trials_dir = resolve_data_dir(data_dir) / "trials" / (records.study_info(study).uid or study.study_name)
+    info = records.study_info(study)
+    n_trials = info.n_trials or spec.n_trials
+    tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, wait=False)
+    task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
+    k = population_size(population if population is not None else spec.population, device=device, task=task)
+    trials_dir = resolve_data_dir(data_dir) / "trials" / (info.uid or study.study_name)
 
     started = time.monotonic()
     ran = 0
