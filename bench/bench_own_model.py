@@ -21,7 +21,13 @@ the repeats is reported. It then prints what converting a model (norm, activatio
 init applied with :func:`hposvc.nn.convert`) and logging it (``str(model)``, the
 parameter count) cost per trial, as a fraction of one trial's training time.
 
+``--paths`` instead trains the resnet family on digits-as-images once per training path
+(fp32, bf16, fp16, channels_last, compile, a DataLoader with worker processes) and prints
+each one's accuracy, time and notes: on a GPU, the check of the CUDA-only paths that the
+CPU tests cannot run.
+
     python bench/bench_own_model.py [--device auto] [--images 600] [--trials 4] [--epochs 2] [--repeats 2]
+    python bench/bench_own_model.py --paths [--device cuda]
 """
 
 from __future__ import annotations
@@ -214,6 +220,30 @@ def conversion_cost(images: Path, *, epochs: int, batch_size: int, device: str, 
     return float(np.median(seconds)), result.wall_time
 
 
+def training_paths(device: str) -> None:
+    """One training per path, same config otherwise; a path that fails raises."""
+    from hposvc.config import TrialConfig
+    from hposvc.tasks import load_task
+    from hposvc.train import train
+
+    task = load_task("digits")
+    base = TrialConfig(optimizer="adam", lr=3e-3, epochs=5, batch_size=64, family="resnet", depth=1, width=16, norm="batch", schedule="cosine")
+    paths = {
+        "fp32": base,
+        "bf16": base.replace(precision="bf16"),
+        "fp16": base.replace(precision="fp16"),
+        "channels_last": base.replace(channels_last=True),
+        "compile": base.replace(compile=True),
+        "loader, 2 workers": base.replace(data="loader", num_workers=2),
+    }
+    for name, config in paths.items():
+        result = train(config, task, device=device)
+        notes = "; ".join(result.notes) or "-"
+        print(f"{name:>18}: {result.status}, val_accuracy {result.final['val_accuracy']:.3f}, {result.wall_time:.2f} s on {result.device} via {result.data}; notes: {notes}", flush=True)
+        if result.status != "completed":
+            raise SystemExit(f"{name}: {result.reason}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
@@ -222,7 +252,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side, after one warm-up each")
+    parser.add_argument("--paths", action="store_true", help="train once per training path (precision, channels_last, compile, loader) instead")
     args = parser.parse_args()
+    if args.paths:
+        training_paths(args.device)
+        return
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     import logging
