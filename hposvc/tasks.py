@@ -766,4 +766,4 @@ def _from_factory(name: str, seed: int, options: dict[str, Any]) -> Task:
             hint=f"{name}(seed={seed}) returned {type(task).__name__}.",
         )
     # Stored studies key their results on the name the user asked for.
-    return task if task.name == name else replace(task, name=name)
+    return task if task.name == name else replace(task, name=name, _cache={})
