@@ -265,10 +265,15 @@ def heartbeat(trials: "Sequence[optuna.Trial]") -> Iterator[None]:
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL):
-            for storage, trial_id in beats:
+        import optuna
+
+        live = list(beats)
+        while live and not stop.wait(HEARTBEAT_INTERVAL):
+            for storage, trial_id in list(live):
                 try:
                     _beat(storage, trial_id)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    live.remove((storage, trial_id))  # it ended (a population member pruned early)
                 except Exception as e:  # noqa: BLE001 (a missed beat is retried next interval)
                     log.warning("heartbeat for trial %s failed: %s", trial_id, e)
 
