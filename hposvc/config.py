@@ -210,6 +210,7 @@ class TrialConfig:
     compile: bool = False  # torch.compile the model; where compiling fails, eager, with the reason logged
     data: str = "auto"  # how batches reach the model (DATA_PATHS)
     num_workers: int | None = None  # DataLoader worker processes; None: 0 on the CPU, up to 4 on CUDA
+    checkpoint_every: int = 0  # hposvc's own loop saves a checkpoint every N epochs (0: never); a retry resumes from it
     # Task-specific knobs a user factory may read; kept sorted so equality is stable.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -294,6 +295,8 @@ class TrialConfig:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "zero_init_residual"):
                 raise invalid(name, value, "true or false")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise invalid("checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: no checkpoints)")
         if self.num_workers is not None and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0):
             raise invalid("num_workers", self.num_workers, "an integer >= 0 or None (automatic)")
         set_("extra", dict(sorted(dict(self.extra).items())))

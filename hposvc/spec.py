@@ -25,7 +25,7 @@ The format (every key; ``[study] name`` and ``task`` are required)::
 
     [task]                       # options for the workload (tabular: path, target, kind; images: path, size, ...)
     [train]                      # fixed training settings: epochs, batch_size, schedule, warmup, seed,
-                                 # precision (fp32 | bf16 | fp16), channels_last, compile, data (auto | tensors | loader), num_workers
+                                 # precision (fp32 | bf16 | fp16), channels_last, compile, data (auto | tensors | loader), num_workers, checkpoint_every
     [model]                      # depth, width (channels: the CNN's name for width), pretrained_path,
                                  # family (mlp | cnn1d | cnn2d | resnet), zero_init_residual (resnet)
     [space]                      # any TrialConfig field, fixed / list / range
@@ -267,7 +267,7 @@ _STUDY_KEYS = (
     "name", "task", "metric", "n_trials", "sampler", "pruner", "seed", "population", "description",
     "model", "trainer", "command", "code_dir",
 )
-_TRAIN_KEYS = ("epochs", "batch_size", "schedule", "warmup", "seed", "precision", "channels_last", "compile", "data", "num_workers")
+_TRAIN_KEYS = ("epochs", "batch_size", "schedule", "warmup", "seed", "precision", "channels_last", "compile", "data", "num_workers", "checkpoint_every")
 _MODEL_KEYS = ("depth", "width", "channels", "pretrained_path", "family", "zero_init_residual")
 # Every TrialConfig field but ``extra`` (user factories read that; specs pass [task] options).
 _FIELDS = tuple(f.name for f in dataclasses.fields(TrialConfig) if f.name != "extra")
@@ -307,6 +307,7 @@ _INTS: dict[str, tuple[Callable[[int], bool], str]] = {
     "depth": (lambda v: v >= 0, "an integer >= 0"),
     "seed": (lambda v: v >= 0, "an integer >= 0"),
     "num_workers": (lambda v: v >= 0, "an integer >= 0"),
+    "checkpoint_every": (lambda v: v >= 0, "an integer >= 0 (0: no checkpoints)"),
 }
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")

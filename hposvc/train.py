@@ -137,6 +137,8 @@ def train(
     on_epoch: Callable[[EpochMetrics], bool] | None = None,
     keep_model: bool = False,
     model: torch.nn.Module | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> TrainResult:
     """Train ``task``'s model family with ``config`` and return curves and final metrics.
 
@@ -144,8 +146,10 @@ def train(
     ``torch.device``. ``on_epoch`` is called after every epoch; returning True stops
     training. ``keep_model=True`` puts the trained model in ``result.model``. ``model``: a
     model built already (seeded, as :meth:`TrialContext.build_model` does) instead of the
-    built-in family (``config.family``, else the task's). The thread count is left as it
-    is (the worker layer sets it). Running out of device memory raises
+    built-in family (``config.family``, else the task's). ``checkpoint(state)`` is called
+    every ``config.checkpoint_every`` epochs with the model, optimizer, schedule and shuffle
+    state; ``resume`` (such a state) continues after its epoch. The thread count is left as
+    it is (the worker layer sets it). Running out of device memory raises
     :class:`~hposvc.errors.TrainingError`.
 
     >>> from hposvc.config import TrialConfig
@@ -156,7 +160,7 @@ def train(
     """
     dev = resolve_device(device)
     try:
-        return _train(config, task, dev, on_epoch, keep_model, model)
+        return _train(config, task, dev, on_epoch, keep_model, model, checkpoint, resume)
     except torch.OutOfMemoryError as e:
         raise TrainingError(f"out of memory on {dev} training {task.name} with batch size {config.batch_size}") from e
 
@@ -183,6 +187,8 @@ def _train(
     on_epoch: Callable[[EpochMetrics], bool] | None,
     keep_model: bool,
     model: torch.nn.Module | None,
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> TrainResult:
     t0 = time.perf_counter()
     # 1) seed, build the model and move it to the device; choose how batches get there
@@ -211,11 +217,20 @@ def _train(
     optimizer = build_optimizer(model.parameters(), config)
     scheduler = build_scheduler(optimizer, config, total_steps)
 
-    # 3) the loop
+    # 3) the loop, from a checkpoint's epoch when a retried trial left one
     history: list[EpochMetrics] = []
     status, reason, first_loss = "completed", None, None
-    step = 0
-    for epoch in range(1, config.epochs + 1):
+    step, start = 0, 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        # a checkpoint of the last epoch re-runs that epoch: the loop must run once for its metrics
+        step, first_loss, start = resume["step"], resume["first_loss"], min(resume["epoch"] + 1, config.epochs)
+        if resume.get("shuffle") is not None and hasattr(data, "shuffle"):
+            data.shuffle.set_state(resume["shuffle"])
+    metrics = None
+    for epoch in range(start, config.epochs + 1):
         model.train()
         losses = []
         for x, y in data.train_batches(batch_size, n_batches, channels_last=channels_last):
@@ -247,6 +262,12 @@ def _train(
         if on_epoch is not None and on_epoch(metrics):
             status, reason = "stopped", f"stopped: on_epoch asked to stop after epoch {epoch}"
             break
+        if checkpoint is not None and config.checkpoint_every and epoch % config.checkpoint_every == 0:
+            checkpoint({
+                "epoch": epoch, "step": step, "first_loss": first_loss,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "shuffle": data.shuffle.get_state() if hasattr(data, "shuffle") else None,
+            })
 
     # 4) final metrics with the weights training ended with (validation: the last epoch's)
     test_loss, test_acc = _evaluate(forward, task.kind, data.eval_batches("test", channels_last=channels_last), amp)

@@ -299,7 +299,13 @@ def train_trial(ctx: TrialContext) -> "TrainResult":
     from hposvc.train import train
 
     model = ctx.model if ctx.model is not None else ctx.build_model()
-    return train(ctx.config, ctx.task, device=ctx.device, model=model, keep_model=True, on_epoch=lambda m: ctx.should_stop(m.epoch, **m.metrics()))
+    every = ctx.config.checkpoint_every and ctx.trial_dir is not None  # [train] checkpoint_every
+    return train(
+        ctx.config, ctx.task, device=ctx.device, model=model, keep_model=True,
+        on_epoch=lambda m: ctx.should_stop(m.epoch, **m.metrics()),
+        checkpoint=ctx.checkpoint if every else None,
+        resume=ctx.restore() if every else None,
+    )
 
 
 def _train_builtin(job: TrialJob, task: "Task") -> Outcome:

@@ -284,3 +284,28 @@ def test_a_killed_worker_s_trial_resumes_from_its_checkpoint(tmp_path: Path) -> 
     first = min(retry.intermediate_values)
     assert first in (k, k + 1), f"the retry started at epoch {first}, the killed trial had reported {k}"
     assert max(retry.intermediate_values) == 8
+
+
+def test_hposvc_s_own_loop_resumes_from_its_checkpoint_exactly() -> None:
+    # [train] checkpoint_every: a run resumed from the epoch-2 checkpoint ends with the same
+    # weights and curve as the run that was never interrupted (CPU, same seed).
+    import torch
+
+    from hposvc.config import TrialConfig
+    from hposvc.tasks import load_task
+    from hposvc.train import train
+
+    task = load_task("moons", seed=1)
+    config = TrialConfig(optimizer="momentum", lr=0.05, epochs=4, width=16, depth=1, checkpoint_every=2, schedule="cosine")
+    saved: list[dict] = []
+    whole = train(config, task, device="cpu", keep_model=True, checkpoint=lambda state: saved.append(__import__("copy").deepcopy(state)))
+    assert [s["epoch"] for s in saved] == [2, 4]
+    resumed = train(config, task, device="cpu", keep_model=True, resume=saved[0])
+    assert [m.epoch for m in resumed.history] == [3, 4]
+    assert resumed.history[-1].val_loss == pytest.approx(whole.history[-1].val_loss, rel=1e-6)
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+    from hposvc.spec import parse_spec
+
+    spec = parse_spec({"study": {"name": "c", "task": "moons"}, "train": {"checkpoint_every": 5}})
+    assert spec.dims["checkpoint_every"].values() == (5,)
