@@ -601,11 +601,12 @@ def report(studies: tuple[str, ...], guide: bool, out_dir: str, run_first: bool,
 @click.option("--reference", help="Normalise scores relative to this optimizer instead of the worst one.")
 @click.option("--bootstrap", "n_bootstrap", default=1000, show_default=True, type=click.IntRange(min=10), help="Bootstrap resamples for the intervals.")
 @click.option("--history", is_flag=True, help="List the stored recommendations instead of computing one.")
+@click.option("--shipped", is_flag=True, help="Print the survey result that ships with hposvc (studies/survey/RESULTS.md); needs no studies.")
 @click.option("--no-store", is_flag=True, help="Do not store the result in SQL or MLflow.")
 @storage_options
 @tracking_option
 @json_option
-def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: bool, budget: int | None, by: str | None, reference: str | None, n_bootstrap: int, history: bool, no_store: bool, storage: str, data_dir: str | None, tracking_uri: str | None, as_json: bool) -> None:
+def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: bool, budget: int | None, by: str | None, reference: str | None, n_bootstrap: int, history: bool, shipped: bool, no_store: bool, storage: str, data_dir: str | None, tracking_uri: str | None, as_json: bool) -> None:
     """Which optimizer to use by default, with which numbers, and how sure that is.
 
     \b
@@ -613,10 +614,16 @@ def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: boo
       hposvc recommend --all --budget 10
       hposvc recommend --study survey-digits --study survey-moons --by norm --json
       hposvc recommend --history
+      hposvc recommend --shipped      # the survey result that ships with hposvc
     """
-    from hposvc.recommendation import recommend as compute, recommendation_history
+    from hposvc.recommendation import load_shipped_survey, recommend as compute, recommendation_history
     from hposvc.storage import resolve_tracking_uri
 
+    if shipped:
+        if study_names or tasks or use_all or history:
+            raise InvalidInputError("the '--shipped' option conflicts with '--study', '--task', '--all' and '--history': it prints the shipped survey result.")
+        _emit_survey(load_shipped_survey(), as_json=as_json)
+        return
     if history:
         emit(recommendation_history(storage), as_json=as_json, title="stored recommendations")
         return
@@ -701,6 +708,11 @@ def survey_report(scale: str, out_dir: str | None, n_bootstrap: int, shipped: bo
         result = load_shipped_survey()
     else:
         result = compute(scale=scale, storage=storage, data_dir=data_dir, tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), out_dir=out_dir, n_bootstrap=n_bootstrap, store=not no_store)
+    _emit_survey(result, as_json=as_json)
+
+
+def _emit_survey(result: Any, *, as_json: bool) -> None:
+    """A survey result as a table and its summary line, or as JSON."""
     if as_json:
         emit(result.to_dict(), as_json=True)
         return

@@ -178,3 +178,17 @@ def test_ci_survey_runs_reports_stores_and_resumes(tmp_path: Path) -> None:
     # Running it again resumes: nothing is trained twice.
     again = json.loads(_cli("survey", "run", "--scale", "ci", "--data-dir", str(data), "--quiet", "--json").stdout)
     assert again["ran"] == 0 and again["n_done"] == run["n_done"]
+
+
+def test_recommend_reads_the_shipped_survey_with_no_studies(tmp_path: Path) -> None:
+    # A fresh install has no studies: `hposvc recommend --shipped` prints what ships.
+    import json
+
+    from hposvc.recommendation import load_shipped_survey
+
+    r = _cli("recommend", "--shipped", "--json", "--data-dir", str(tmp_path / "empty"))
+    shipped = json.loads(r.stdout)
+    assert shipped == json.loads(json.dumps(load_shipped_survey().to_dict()))
+    assert not (tmp_path / "empty").exists()  # nothing written
+    r = _cli("recommend", "--shipped", "--all", code=2)
+    assert "'--shipped' option conflicts with '--study', '--task', '--all'" in r.stderr
