@@ -685,14 +685,12 @@ class _Parser:
             raise self.error("study.command", list(command), "absent when [study] trainer is given", "A trial runs either a trainer function or a command, not both.")
         if command is not None and model is not None:
             raise self.error("study.model", model, "absent with [study] command", "A command builds its own model; name it in the command instead.")
-        if population is not None and (trainer is not None or command is not None or model is not None):
-            kind = "trainer" if trainer is not None else "command" if command is not None else "model"
+        if population is not None and (trainer is not None or command is not None):
+            kind = "trainer" if trainer is not None else "command"
             raise self.error(
                 "study.population", population, "absent with a [study] " + kind,
-                "A population trains several trials as one vectorised model inside hposvc's own loop"
-                + (" from its built-in families" if kind == "model" else "")
-                + "; your own " + ("model" if kind == "model" else "training code")
-                + " runs one trial at a time (run more workers instead: --workers auto).",
+                "A population trains several trials as one vectorised model inside hposvc's own loop; "
+                "your own training code runs one trial at a time (run more workers instead: --workers auto).",
             )
         code_dir = study.get("code_dir")
         if code_dir is not None and (not isinstance(code_dir, str) or not code_dir):

@@ -41,6 +41,8 @@ __all__ = ["CompletedTrials", "Outcome", "TrialEnv", "TrialJob", "run_population
 
 log = logging.getLogger(__name__)
 
+# Studies whose "a user's model trains alone" note this process has logged (once each).
+_SAID_ALONE: set[str] = set()
 # How stale the completed trials a local pruning decision reads may get (seconds): other
 # workers' results reach a long trial's decisions at most this late.
 SNAPSHOT_SECONDS = 10.0
@@ -425,7 +427,15 @@ def run_population(env: TrialEnv, trials: "Sequence[optuna.Trial]") -> list[str]
                     raise
                 except Exception as e:  # noqa: BLE001
                     states[job.trial.number] = job.fail(e)
-            for group in group_configs([c for _, c in started]):
+            if env.spec.model is not None:
+                # hposvc vectorises only its own families; a user's model trains alone
+                if env.spec.name not in _SAID_ALONE:
+                    _SAID_ALONE.add(env.spec.name)
+                    log.info("study %s: population members with [study] model = %r train one at a time (only hposvc's own families are vectorised)", env.spec.name, env.spec.model)
+                groups = [[i] for i in range(len(started))]
+            else:
+                groups = group_configs([c for _, c in started])
+            for group in groups:
                 members = [started[i] for i in group]
                 try:
                     if len(members) == 1:

@@ -388,9 +388,9 @@ HEAD = '[study]\nname = "s"\ntask = "digits"\n'
         (HEAD + '[train]\ncompile = "yes"\n', "'train.compile' parameter must be true or false. Got 'yes' instead."),
         (HEAD + '[train]\ndata = ["tensors", "loader"]\n', "'train.data' parameter must be a single value"),
         (HEAD + '[train]\nnum_workers = -1\n', "'train.num_workers' parameter must be an integer >= 0. Got -1 instead."),
-        (HEAD + 'model = "m:f"\npopulation = 4\n', "'study.population' parameter must be absent with a [study] model"),
+        (HEAD + 'trainer = "m:f"\npopulation = 4\n', "'study.population' parameter must be absent with a [study] trainer"),
     ],
-    ids=["family-shape", "searched-family-shape", "instance-on-mlp", "family-twice", "zero-init-on-cnn2d", "precision", "compile", "data-searched", "workers", "population-with-model"],
+    ids=["family-shape", "searched-family-shape", "instance-on-mlp", "family-twice", "zero-init-on-cnn2d", "precision", "compile", "data-searched", "workers", "population-with-trainer"],
 )
 def test_family_and_training_keys_are_checked_in_the_spec(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "s.toml"
@@ -408,3 +408,17 @@ def test_family_keys_reach_the_trials_config(tmp_path: Path) -> None:
 
     config = first_config(spec)
     assert (config.family, config.zero_init_residual, config.norm, config.precision, config.data, config.num_workers) == ("resnet", True, "instance", "bf16", "loader", 2)
+
+
+def test_a_population_of_a_users_model_trains_each_trial_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # hposvc vectorises only its own families: --population with a model factory runs, each
+    # member training alone, and says so once.
+    spec = write_study(tmp_path, name="pop-model", n_trials=4, space='norm = ["batch", "none"]\nactivation = ["relu", "gelu"]\n')
+    data = tmp_path / "data"
+    with caplog.at_level("INFO", logger="hposvc.trial"):
+        result = run(spec, data, "--population", "4")
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name="pop-model", storage=f"sqlite:///{data / 'hposvc.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    said = [r.getMessage() for r in caplog.records if "train one at a time" in r.getMessage()]
+    assert len(said) == 1 and "mymodels:" in said[0]
