@@ -575,22 +575,13 @@ def sync_outbox(tracker: Tracker, *, study: str | None = None) -> int:
     return sent
 
 
-def open_tracker(
-    study: "optuna.Study",
-    *,
-    spec: Mapping[str, Any],
-    tracking_uri: str,
-    data_dir: str | os.PathLike[str] | None = None,
-    wait: bool = True,
-) -> Tracker:
+def open_tracker(study: "optuna.Study", *, spec: Mapping[str, Any], tracking_uri: str, data_dir: str | os.PathLike[str] | None = None) -> Tracker:
     """The study's tracker, with its experiment and parent run created once.
 
     The parent run id is stored on the study, so every worker on every host logs its
-    trials under the same parent instead of racing to create one each. ``wait=False``
-    creates them on the tracker's writer thread instead, while the caller goes on; only
-    for a caller that imports nothing heavy meanwhile (two threads importing the same
-    libraries can see half-initialised modules). A store that refuses (a deleted
-    experiment) is then logged with its fix rather than raised.
+    trials under the same parent instead of racing to create one each. Done here, in the
+    caller's thread: MLflow imported on the writer thread while the caller imports torch
+    and the task's libraries could hand either a half-initialised module.
     """
     info = records.study_info(study)
     tracker = Tracker(
@@ -601,16 +592,9 @@ def open_tracker(
         data_dir=data_dir,
         tags={"hposvc.spec_hash": info.spec_hash or "", "hposvc.task": info.task or ""},
     )
-
-    def start() -> None:
-        parent = tracker.start_study(spec=spec)
-        if parent and info.parent_run_id != parent:
-            study.set_user_attr(records.PARENT_RUN_ID, parent)
-
-    if wait:
-        start()
-    else:
-        tracker._submit(start)
+    parent = tracker.start_study(spec=spec)
+    if parent and info.parent_run_id != parent:
+        study.set_user_attr(records.PARENT_RUN_ID, parent)
     return tracker
 
 

@@ -106,9 +106,6 @@ def run_worker(
         )
     info = records.study_info(study)
     n_trials = info.n_trials or spec.n_trials
-    # Synchronously: MLflow imported on the writer thread while this one imports torch and
-    # the task's libraries can hand either a half-initialised module (Python's import locks
-    # break a cross-thread cycle that way).
     tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir)
     task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
     k = population_size(population if population is not None else spec.population, device=device, task=task)
