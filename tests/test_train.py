@@ -167,6 +167,32 @@ def test_on_epoch_true_stops_training():
     assert seen[0].elapsed <= seen[1].elapsed <= result.wall_time
 
 
+class _TimeUp(Exception):
+    pass
+
+
+@pytest.mark.parametrize("population", [False, True])
+def test_on_batch_raising_ends_training_mid_epoch(population):
+    """on_batch is the one place the loop core checks between steps (a time limit raises
+    there): it runs after every step, for one trial and for a population alike."""
+    from hposvc.population import train_population
+
+    steps: list[int] = []
+
+    def on_batch() -> None:
+        steps.append(1)
+        if len(steps) == 3:
+            raise _TimeUp
+
+    config = TrialConfig(epochs=5, width=8, batch_size=16)
+    with pytest.raises(_TimeUp):
+        if population:
+            train_population([config, config.replace(lr=0.5)], load_task("moons"), device="cpu", on_batch=on_batch)
+        else:
+            train(config, load_task("moons"), device="cpu", on_batch=on_batch)
+    assert len(steps) == 3
+
+
 def test_same_config_and_seed_give_identical_metrics():
     task = load_task("moons")
     config = TrialConfig(optimizer="momentum", norm="batch", epochs=3, width=16)
