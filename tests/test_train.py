@@ -184,12 +184,14 @@ def test_on_batch_raising_ends_training_mid_epoch(population):
         if len(steps) == 3:
             raise _TimeUp
 
+    x, y = torch.randn(64, 3), torch.tensor([0, 1] * 32)
+    task = Task("toy", "multiclass", "mlp", (3,), 2, x, y, x, y, x, y)
     config = TrialConfig(epochs=5, width=8, batch_size=16)
     with pytest.raises(_TimeUp):
         if population:
-            train_population([config, config.replace(lr=0.5)], load_task("moons"), device="cpu", on_batch=on_batch)
+            train_population([config, config.replace(lr=0.5)], task, device="cpu", on_batch=on_batch)
         else:
-            train(config, load_task("moons"), device="cpu", on_batch=on_batch)
+            train(config, task, device="cpu", on_batch=on_batch)
     assert len(steps) == 3
 
 
