@@ -155,7 +155,7 @@ TASK_OPTIONS: dict[str, dict[str, TaskOption]] = {
     },
 }
 
-NORMS = ("none", "batch", "instance", "layer", "group")
+NORMS = ("none", "batch", "instance", "layer", "group", "rms")
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "mish", "sigmoid", "tanh", "softsign")
 
 # Fields that only mean something for some values of another field: (field, owner, values,

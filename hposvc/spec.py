@@ -124,7 +124,7 @@ OPTIMIZER_DEFAULTS = ("auto", "search", "fixed")
 # arrays' and a user factory's are known once loaded.
 TASK_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d", "images": "cnn2d"}
 # Instance norm normalises each channel over its positions: an MLP's features have none.
-NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group"), "cnn1d": NORMS, "cnn2d": NORMS, "resnet": NORMS}
+NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group", "rms"), "cnn1d": NORMS, "cnn2d": NORMS, "resnet": NORMS}
 
 
 # The ranges unmentioned optimizer numbers get when they are searched (optimizer_defaults).

@@ -16,7 +16,10 @@ __all__ = [
     "ACTIVATION_TYPES",
     "DEFAULT_NORM_GROUPS",
     "NORM_TYPES",
+    "NORM_EPS",
+    "ChannelsFirst",
     "ChannelsLast",
+    "MapRMSNorm",
     "activation_layer",
     "group_count",
     "negative_slope",
@@ -24,6 +27,11 @@ __all__ = [
 ]
 
 DEFAULT_NORM_GROUPS = 4  # TrialConfig's norm_groups when a spec searches group norm without one
+# The eps of every norm layer hposvc builds, rms included: torch's default for batch,
+# instance, group and layer norm. Not torch.nn.RMSNorm's own default (None: the dtype's
+# machine epsilon, 1.2e-7 in float32) nor LLaMA's 1e-6, so that a search over norm kinds
+# compares normalisations, not epsilons. convert() carries a replaced layer's eps over.
+NORM_EPS = 1e-5
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -69,7 +77,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
     nn.LayerNorm,
     nn.RMSNorm,
-)
+)  # and hposvc's MapRMSNorm, added below
 
 _BATCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -141,6 +149,49 @@ class ChannelsLast(nn.Module):
         return self.norm(y.flatten(2)).reshape(y.shape).movedim(1, -1)
 
 
+class ChannelsFirst(nn.Module):
+    """Runs a channels-last norm (``nn.LayerNorm(C)``, ``nn.RMSNorm(C)``) on channels-first
+    input ``(N, C, *spatial)``, so that it normalises over the C channels at each position:
+    what ConvNeXt's and SAM's ``LayerNorm2d`` do. :func:`norm_layer` builds it with
+    ``per_position=True``."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class MapRMSNorm(nn.Module):
+    """RMS norm of channels-first maps ``(N, C, *spatial)``: each sample is divided by the
+    root mean square of all its values (over C and the positions, like hposvc's layer norm
+    ``GroupNorm(1, C)`` but without subtracting the mean), then scaled per channel.
+
+    >>> norm = MapRMSNorm(3)
+    >>> y = norm(torch.full((2, 3, 4, 4), 2.0)).detach()
+    >>> y.shape, round(float(y[0, 0, 0, 0]), 4)
+    (torch.Size([2, 3, 4, 4]), 1.0)
+    """
+
+    def __init__(self, num_channels: int, eps: float = NORM_EPS) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = tuple(range(1, x.dim()))
+        y = x * torch.rsqrt(x.pow(2).mean(axes, keepdim=True) + self.eps)
+        return y * self.weight.view(-1, *(1,) * (x.dim() - 2))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}"
+
+
+NORM_TYPES += (MapRMSNorm,)
+
+
 def norm_layer(
     kind: str,
     channels: int,
@@ -148,6 +199,8 @@ def norm_layer(
     *,
     groups: int = DEFAULT_NORM_GROUPS,
     channels_last: bool = False,
+    per_position: bool = False,
+    eps: float | None = None,
 ) -> nn.Module:
     """The ``kind`` normalisation layer for ``channels`` channels.
 
@@ -162,6 +215,8 @@ def norm_layer(
     batch    feature, over N (BatchNorm1d)              channel, over N and positions
     layer    sample, over C (LayerNorm(C))              sample, over C and positions
                                                         (GroupNorm(1, C))
+    rms      sample, over C (RMSNorm(C))                sample, over C and positions
+                                                        (:class:`MapRMSNorm`)
     group    sample and group of C/G features           sample and group, over C/G and
                                                         positions (GroupNorm(G, C))
     instance (error: no spatial axis)                   sample and channel, over positions
@@ -178,13 +233,26 @@ def norm_layer(
     ``nn.LayerNorm(C)``; a ``nn.LayerNorm`` over ``[C, H, W]`` would tie the model to one
     image size and learn a scale per pixel.
 
+    RMS norm (Zhang & Sennrich 2019) is layer norm without subtracting the mean and
+    without a bias, over the same values layer norm uses in the same place: a sample's C
+    features (``torch.nn.RMSNorm(C)``) or, on maps, a sample's C channels and positions
+    (:class:`MapRMSNorm`, a per-channel scale), so that ``layer`` and ``rms`` differ only
+    in the centring.
+
     Group norm uses :func:`group_count` ``(channels, groups)`` groups (the largest
     divisor at most ``groups``); read ``.num_groups`` on the result. Every layer has
-    affine parameters (instance norm included) starting at weight 1 / bias 0.
+    affine parameters (instance norm included) starting at weight 1 / bias 0 (rms: a
+    weight only).
 
     ``channels_last=True`` builds the layer for inputs ``(N, ..., C)`` (a transformer's
-    tokens): ``layer`` is ``nn.LayerNorm(C)``, other kinds are wrapped in
-    :class:`ChannelsLast`.
+    tokens): ``layer`` is ``nn.LayerNorm(C)``, ``rms`` is ``nn.RMSNorm(C)``, other kinds
+    are wrapped in :class:`ChannelsLast`. ``per_position=True`` builds ``layer`` and
+    ``rms`` for channels-first maps normalised over C at each position (ConvNeXt's
+    ``LayerNorm2d``): ``nn.LayerNorm(C)`` / ``nn.RMSNorm(C)`` in :class:`ChannelsFirst`;
+    other kinds ignore it.
+
+    ``eps`` is the layer's epsilon; None gives :data:`NORM_EPS` (1e-5) for every kind,
+    ``rms`` included (torch's RMSNorm would default to the dtype's machine epsilon).
 
     >>> norm_layer("batch", 16, 2)
     BatchNorm2d(16, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
@@ -192,6 +260,12 @@ def norm_layer(
     GroupNorm(1, 16, eps=1e-05, affine=True, bias=True)
     >>> type(norm_layer("layer", 16, 0)).__name__, type(norm_layer("instance", 16, 3)).__name__
     ('LayerNorm', 'InstanceNorm3d')
+    >>> norm_layer("rms", 16, 0), norm_layer("rms", 16, 2, eps=1e-6)
+    (RMSNorm((16,), eps=1e-05, elementwise_affine=True), MapRMSNorm(16, eps=1e-06))
+    >>> norm_layer("rms", 16, 2, per_position=True)  # over C at each pixel
+    ChannelsFirst(
+      (norm): RMSNorm((16,), eps=1e-05, elementwise_affine=True)
+    )
     >>> norm_layer("group", 24, 2, groups=16).num_groups  # 16 does not divide 24
     12
     """
@@ -204,29 +278,35 @@ def norm_layer(
             "channels", channels, "an integer >= 1",
             hint="A lazy layer has no channel count until its first forward call: run one batch first.",
         )
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0):
+        raise invalid("eps", eps, "a number > 0, or None for 1e-5")
+    eps = NORM_EPS if eps is None else float(eps)
     if kind == "none":
         return nn.Identity()
+    if kind in ("layer", "rms") and (channels_last or dims == 0 or per_position):
+        norm = nn.LayerNorm(channels, eps=eps) if kind == "layer" else nn.RMSNorm(channels, eps=eps)
+        return ChannelsFirst(norm) if per_position and not channels_last and dims > 0 else norm
     if channels_last:
-        if kind == "layer":
-            return nn.LayerNorm(channels)
-        return ChannelsLast(norm_layer(kind, channels, 1, groups=groups))
+        return ChannelsLast(norm_layer(kind, channels, 1, groups=groups, eps=eps))
     if kind == "batch":
-        return _BATCH[max(dims, 1)](channels)
+        return _BATCH[max(dims, 1)](channels, eps=eps)
     if kind == "group":
-        return nn.GroupNorm(group_count(channels, groups), channels)
+        return nn.GroupNorm(group_count(channels, groups), channels, eps=eps)
     if kind == "layer":
-        return nn.LayerNorm(channels) if dims == 0 else nn.GroupNorm(1, channels)
+        return nn.GroupNorm(1, channels, eps=eps)
+    if kind == "rms":
+        return MapRMSNorm(channels, eps=eps)
     if dims == 0:
         raise invalid(
             "norm",
             kind,
-            ("none", "batch", "layer", "group"),
+            ("none", "batch", "layer", "group", "rms"),
             hint=(
                 "Instance norm normalises each channel of each sample over a spatial axis, but "
                 "features after a Linear layer have one value per channel per sample, so there is "
-                "nothing to average. Use 'layer' or 'group' (per sample) or 'batch' norm, or a "
+                "nothing to average. Use 'layer', 'rms' or 'group' (per sample) or 'batch' norm, or a "
                 "convolutional model (the 1-D CNN of mnist1d, cnn2d, resnet), where instance norm "
                 "is meaningful."
             ),
         )
-    return _INSTANCE[dims](channels, affine=True)
+    return _INSTANCE[dims](channels, affine=True, eps=eps)
