@@ -17,6 +17,7 @@ from hposvc.nn import (
     ACTIVATION_TYPES,
     NORM_TYPES,
     ChannelsLast,
+    MapRMSNorm,
     activation_layer,
     convert,
     convert_with_report,
@@ -122,6 +123,7 @@ RESNET_NORMS = {
     "group": ({nn.GroupNorm}, "GroupNorm(4, "),
     "layer": ({nn.GroupNorm}, "GroupNorm(1, "),
     "instance": ({nn.InstanceNorm2d}, "InstanceNorm2d("),
+    "rms": ({MapRMSNorm}, "MapRMSNorm("),
     "none": (set(), None),
 }
 
@@ -136,8 +138,8 @@ def test_every_norm_of_a_resnet18_becomes_the_requested_kind(kind: str) -> None:
     types, shown = RESNET_NORMS[kind]
     assert {type(m) for m in norm_layers(converted)} == types
     text = str(converted)
-    for other in ("BatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm"):
-        if shown is None or not shown.startswith(other):
+    for other in ("BatchNorm", "InstanceNorm", "GroupNorm", "LayerNorm", "RMSNorm"):
+        if shown is None or other not in shown:
             assert other not in text, other
     if shown is not None:
         assert text.count(shown) == before
@@ -158,6 +160,7 @@ MIXED_NORMS = {
     "batch": [nn.BatchNorm2d] * 4 + [nn.BatchNorm1d, nn.BatchNorm1d, ChannelsLast],
     "group": [nn.GroupNorm] * 6 + [ChannelsLast],
     "layer": [nn.GroupNorm] * 5 + [nn.LayerNorm, nn.LayerNorm],
+    "rms": [MapRMSNorm] * 5 + [nn.RMSNorm, nn.RMSNorm],
     "none": [nn.Identity] * 7,
 }
 

@@ -120,8 +120,8 @@ CNN_TASK = Task(
 MODEL_CASES = [
     (task, norm, act)
     for task, norms in (
-        (MLP_TASK, ("none", "batch", "layer", "group")),
-        (CNN_TASK, ("none", "batch", "instance", "layer", "group")),
+        (MLP_TASK, ("none", "batch", "layer", "group", "rms")),
+        (CNN_TASK, ("none", "batch", "instance", "layer", "group", "rms")),
     )
     for norm, act in itertools.product(norms, ACTIVATIONS)
 ]
