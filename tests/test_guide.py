@@ -334,17 +334,18 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def test_verdicts_from_constructed_trials():
-    # claim 4 on made-up numbers: batch norm loses 0.2 at batch 2, group/layer norm nothing
+    # claim 4 on made-up numbers: batch norm loses 0.2 at batch 2, group/layer/rms norm nothing
     rng = np.random.default_rng(0)
     rows = [
         {"norm": norm, "batch_size": bs, "seed": seed, "score": 0.9 - (0.2 if norm == "batch" and bs == 2 else 0.0) + rng.normal(0, 0.005)}
-        for norm in ("batch", "group", "layer") for bs in (2, 64) for seed in range(5)
+        for norm in ("batch", "group", "layer", "rms") for bs in (2, 64) for seed in range(5)
     ]  # fmt: skip
     data = StudyData("guide-norm-batch", "val_accuracy", "maximize", "mnist1d", "mnist1d", 0.1, _frame(rows), {})
     claim = claim_for_study("guide-norm-batch")
     result = claim.evaluate({"guide-norm-batch": data})
     assert result.verdict == SUPPORTED
-    assert [v.estimate for v in result.verdicts] == [pytest.approx(0.2, abs=0.02)] * 2
+    assert [v.estimate for v in result.verdicts] == [pytest.approx(0.2, abs=0.02)] * 3
+    assert [v.key for v in result.verdicts] == ["bn-drop-vs-group", "bn-drop-vs-layer", "bn-drop-vs-rms"]
     # the same with no effect: the intervals straddle 0
     flat = [dict(r, score=0.9 + rng.normal(0, 0.005)) for r in rows]
     result = claim.evaluate({"guide-norm-batch": replace(data, trials=_frame(flat))})

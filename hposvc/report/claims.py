@@ -472,7 +472,7 @@ def _eval_norm_batch(data: Mapping[str, StudyData]) -> ClaimResult:
 
     verdicts = []
     bn = drop("batch")
-    for other, label in (("group", "group"), ("layer", "layer")):
+    for other, label in (("group", "group"), ("layer", "layer"), ("rms", "RMS")):
         if not (f.norm == other).any():
             continue
         est = bootstrap({"d": _paired(bn.dropna(), drop(other).dropna())}, _mean("d"))
