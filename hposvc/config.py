@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -27,21 +29,27 @@ __all__ = [
     "CONDITIONAL",
     "DATA_PATHS",
     "FAMILIES",
+    "FIELDS",
     "INITS",
     "NORMS",
     "ONE_SHOT_DEFAULTS",
     "OPTIMIZERS",
     "OPTIMIZER_PARAMS",
+    "PARAM_NAME_RE",
     "PRECISIONS",
+    "RESERVED_PARAM_NAMES",
     "SCHEDULES",
     "TABULAR_KINDS",
     "TASKS",
     "TASK_INPUT_SHAPES",
     "TASK_MODEL_DEFAULTS",
     "TASK_OPTIONS",
+    "Rejected",
+    "Rule",
     "TaskOption",
     "TrialConfig",
     "check_family",
+    "check_param_value",
     "check_population",
     "family_input_shape",
 ]
@@ -158,17 +166,143 @@ TASK_OPTIONS: dict[str, dict[str, TaskOption]] = {
 NORMS = ("none", "batch", "instance", "layer", "group", "rms")
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "mish", "sigmoid", "tanh", "softsign")
 
-# Fields that only mean something for some values of another field: (field, owner, values,
-# default when it applies). Outside those values the field must be None.
-_CONDITIONAL = (
-    ("init_std", "init", ("normal", "uniform"), 0.01),
-    ("pretrained_path", "init", ("pretrained",), None),
-    ("norm_groups", "norm", ("group",), 4),
-    ("warmup", "schedule", ("warmup_cosine",), 0.1),
-    ("zero_init_residual", "family", ("resnet",), False),
-)
-# The same rule by field: field -> (owner, the owner's values for which it applies).
-CONDITIONAL: dict[str, tuple[str, tuple[str, ...]]] = {name: (owner, values) for name, owner, values, _ in _CONDITIONAL}
+# -- the fields ---------------------------------------------------------------------------
+#
+# Each TrialConfig field is defined once, below, by a Rule: its kind, default, allowed
+# values or range, which spec table may fix it, and (for conditional fields) when it
+# applies. TrialConfig checks its values with it; hposvc.spec parses spec values with it.
+
+
+class Rejected(ValueError):
+    """A value a Rule does not allow; ``allowed`` says what is (a phrase or the values)."""
+
+    def __init__(self, allowed: Any, *, wrong_type: bool) -> None:
+        super().__init__(allowed if isinstance(allowed, str) else ", ".join(map(repr, allowed)))
+        self.allowed = allowed
+        self.wrong_type = wrong_type  # e.g. a string for a number: a spec also says what a dimension is
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one TrialConfig field is checked, defaulted and set in a spec.
+
+    >>> FIELDS["lr"].clean(3), FIELDS["norm"].allowed[:2]
+    (3.0, ('none', 'batch'))
+    """
+
+    kind: str  # "choice" | "bool" | "int" | "float" | "path"
+    default: Any  # the field's default (None: unset until the optimizer or owner gives one)
+    allowed: tuple = ()  # choice: the values
+    test: "Callable[[Any], bool] | None" = None  # int / float: the range
+    phrase: str = ""  # what is allowed, as messages say it
+    table: str = "space"  # where a spec may fix it: "train", "model", or "space" only
+    none_ok: bool = False  # None is a value of its own (family: the task's; num_workers: automatic)
+    owner: str | None = None  # conditional fields: the field whose values decide whether it applies
+    active: tuple = ()  # ... and those values
+    when_active: Any = None  # its default when it applies (None: required, e.g. pretrained_path)
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in ("int", "float")
+
+    def clean(self, value: Any) -> Any:
+        """``value`` normalised (ints to floats for float fields); raises :class:`Rejected`."""
+        if value is None and self.none_ok:
+            return None
+        if self.kind == "choice":
+            if isinstance(value, str) and value in self.allowed:
+                return value
+            raise Rejected(self.allowed, wrong_type=not isinstance(value, str))
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise Rejected("true or false", wrong_type=True)
+        if self.kind == "path":
+            if isinstance(value, (str, os.PathLike)) and str(value):
+                return str(value)
+            raise Rejected(self.phrase, wrong_type=True)
+        number = (int,) if self.kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise Rejected(self.phrase, wrong_type=True)
+        if not math.isfinite(value) or not self.test(value):
+            raise Rejected(self.phrase, wrong_type=False)
+        return float(value) if self.kind == "float" else value
+
+
+def _choice(default: Any, values: tuple, *, table: str = "space", none_ok: bool = False) -> Rule:
+    return Rule("choice", default, allowed=values, table=table, none_ok=none_ok)
+
+
+def _flag(default: bool | None, *, table: str = "space", **conditional: Any) -> Rule:
+    return Rule("bool", default, phrase="true or false", table=table, **conditional)
+
+
+def _int(default: int | None, least: int, *, table: str = "space", phrase: str | None = None, **kw: Any) -> Rule:
+    return Rule("int", default, test=lambda v: v >= least, phrase=phrase or f"an integer >= {least}", table=table, **kw)
+
+
+def _float(test: "Callable[[float], bool]", phrase: str, *, table: str = "space", **conditional: Any) -> Rule:
+    return Rule("float", None, test=test, phrase=phrase, table=table, **conditional)
+
+
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_UNIT = (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+# Every field of TrialConfig, in its order. The unconditional defaults here are the
+# dataclass's defaults; the optimizer numbers' come from ONE_SHOT_DEFAULTS.
+FIELDS: dict[str, Rule] = {
+    "optimizer": _choice("adam", OPTIMIZERS),
+    "lr": _float(*_POSITIVE),
+    "momentum": _float(*_UNIT),  # heavy-ball / Nesterov μ
+    "beta1": _float(*_UNIT),  # Adam-family first-moment decay
+    "beta2": _float(*_UNIT),  # Adam-family second-moment decay
+    "eps": _float(*_POSITIVE),  # denominator guard of adaptive methods
+    "rho": _float(*_UNIT),  # Adadelta ρ / RMSprop α
+    "weight_decay": _float(lambda v: v >= 0, "a number >= 0"),  # L2 (coupled) or decoupled for AdamW
+    "schedule": _choice("constant", SCHEDULES, table="train"),  # learning-rate schedule over all steps
+    # warmup_cosine: the fraction of steps spent warming up
+    "warmup": _float(lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)", table="train", owner="schedule", active=("warmup_cosine",), when_active=0.1),
+    "init": _choice("he_normal", INITS),  # weight-init scheme of every linear/conv layer
+    # normal: the std; uniform: the half-width of U(-a, a)
+    "init_std": _float(*_POSITIVE, owner="init", active=("normal", "uniform"), when_active=0.01),
+    # init "pretrained": a state_dict file (required then)
+    "pretrained_path": Rule("path", None, phrase="a path to a state_dict file", table="model", owner="init", active=("pretrained",)),
+    "norm": _choice("none", NORMS),  # normalisation after each hidden layer
+    "norm_groups": _int(None, 1, owner="norm", active=("group",), when_active=4),  # group norm: channel groups
+    "activation": _choice("relu", ACTIVATIONS),
+    "batch_size": _int(64, 1, table="train"),
+    "epochs": _int(10, 1, table="train"),
+    "depth": _int(2, 0, table="model"),  # hidden layers (MLP), conv blocks (CNN), residual blocks per stage (ResNet)
+    "width": _int(128, 1, table="model"),  # hidden units (MLP) or channels (CNN; a ResNet's first stage)
+    "family": _choice(None, FAMILIES, table="model", none_ok=True),  # built-in family; None: the task's own
+    # resnet: every residual branch starts at 0 (Goyal et al. 2017)
+    "zero_init_residual": _flag(None, table="model", owner="family", active=("resnet",), when_active=False),
+    "seed": _int(0, 0, table="train"),
+    "precision": _choice("fp32", PRECISIONS, table="train"),  # autocast dtype (fp16 adds a gradient scaler)
+    "channels_last": _flag(False, table="train"),  # 2-D convs in channels-last memory format (CUDA only)
+    "compile": _flag(False, table="train"),  # torch.compile; where compiling fails, eager, with the reason logged
+    "data": _choice("auto", DATA_PATHS, table="train"),  # how batches reach the model
+    "num_workers": _int(None, 0, table="train", none_ok=True),  # DataLoader workers; None: 0 on the CPU, up to 4 on CUDA
+    # hposvc's own loop saves a checkpoint every N epochs (0: never); a retry resumes from it
+    "checkpoint_every": _int(0, 0, table="train", phrase="an integer >= 0 (0: no checkpoints)"),
+}
+# Conditional fields by name: field -> (owner, the owner's values for which it applies).
+CONDITIONAL: dict[str, tuple[str, tuple[str, ...]]] = {n: (r.owner, r.active) for n, r in FIELDS.items() if r.owner}
+# Names a spec's [space.params] may not take: hposvc's own fields, and what factories and
+# trainers are already called with.
+RESERVED_PARAM_NAMES: tuple[str, ...] = (*FIELDS, "extra", "params", "task", "config", "ctx", "seed")
+PARAM_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _default(name: str) -> Any:
+    return FIELDS[name].default
+
+
+def check_param_value(name: str, value: Any) -> Any:
+    """A value of a user dimension (``[space.params]``): a bool, int, finite float or string."""
+    if isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise invalid(f"params.{name}", value, "a boolean, integer, finite number or string")
 
 
 @dataclass(frozen=True)
@@ -177,109 +311,82 @@ class TrialConfig:
 
     Construct with keywords; hyper-parameters that apply to ``optimizer`` and are left
     ``None`` are filled with its one-shot defaults. Invalid values raise
-    :class:`~hposvc.errors.InvalidInputError` naming the field and what is allowed.
+    :class:`~hposvc.errors.InvalidInputError` naming the field and what is allowed. Each
+    field's rules (and its comment) are in :data:`FIELDS`.
     """
 
-    optimizer: str = "adam"
+    optimizer: str = _default("optimizer")
     # Optimizer numbers: None means "not used by this optimizer" once constructed.
     lr: float | None = None
-    momentum: float | None = None  # heavy-ball / Nesterov μ
-    beta1: float | None = None  # Adam-family first-moment decay
-    beta2: float | None = None  # Adam-family second-moment decay
-    eps: float | None = None  # denominator guard of adaptive methods
-    rho: float | None = None  # Adadelta ρ / RMSprop α
-    weight_decay: float | None = None  # L2 (coupled) or decoupled for AdamW
-    schedule: str = "constant"  # learning-rate schedule over all training steps
-    warmup: float | None = None  # warmup_cosine: fraction of steps spent warming up
-    init: str = "he_normal"  # weight-init scheme of every linear/conv layer
-    init_std: float | None = None  # normal: std; uniform: half-width of U(-a, a)
-    pretrained_path: str | None = None  # init "pretrained": a state_dict file
-    norm: str = "none"  # normalisation after each hidden layer
-    norm_groups: int | None = None  # group norm: number of channel groups
-    activation: str = "relu"
-    batch_size: int = 64
-    epochs: int = 10
-    depth: int = 2  # hidden layers (MLP), conv blocks (CNN) or residual blocks per stage (ResNet)
-    width: int = 128  # hidden units (MLP) or channels (CNN; a ResNet's first stage)
-    family: str | None = None  # built-in model family (FAMILIES); None: the task's own
-    zero_init_residual: bool | None = None  # resnet: every residual branch starts at 0 (Goyal et al. 2017)
-    seed: int = 0
-    # How the trial trains (speed and memory; precision can also move the numbers):
-    precision: str = "fp32"  # autocast dtype: fp32 | bf16 | fp16 (fp16 adds a gradient scaler)
-    channels_last: bool = False  # 2-D convs in channels-last memory format (used on CUDA only)
-    compile: bool = False  # torch.compile the model; where compiling fails, eager, with the reason logged
-    data: str = "auto"  # how batches reach the model (DATA_PATHS)
-    num_workers: int | None = None  # DataLoader worker processes; None: 0 on the CPU, up to 4 on CUDA
-    checkpoint_every: int = 0  # hposvc's own loop saves a checkpoint every N epochs (0: never); a retry resumes from it
+    momentum: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    rho: float | None = None
+    weight_decay: float | None = None
+    schedule: str = _default("schedule")
+    warmup: float | None = None  # conditional fields are None where they do not apply
+    init: str = _default("init")
+    init_std: float | None = None
+    pretrained_path: str | None = None
+    norm: str = _default("norm")
+    norm_groups: int | None = None
+    activation: str = _default("activation")
+    batch_size: int = _default("batch_size")
+    epochs: int = _default("epochs")
+    depth: int = _default("depth")
+    width: int = _default("width")
+    family: str | None = _default("family")
+    zero_init_residual: bool | None = None
+    seed: int = _default("seed")
+    precision: str = _default("precision")
+    channels_last: bool = _default("channels_last")
+    compile: bool = _default("compile")
+    data: str = _default("data")
+    num_workers: int | None = _default("num_workers")
+    checkpoint_every: int = _default("checkpoint_every")
     # Task-specific knobs a user factory may read; kept sorted so equality is stable.
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # The user's own dimensions ([space.params]): name -> value, passed to their command,
+    # trainer (ctx.params) and factories; kept sorted.
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        if self.optimizer not in ONE_SHOT_DEFAULTS:
-            raise invalid("optimizer", self.optimizer, OPTIMIZERS)
+
+        def check(name: str, value: Any) -> Any:
+            try:
+                return FIELDS[name].clean(value)
+            except Rejected as e:
+                raise invalid(name, value, (*e.allowed, None) if FIELDS[name].none_ok and not isinstance(e.allowed, str) else e.allowed) from None
+
+        check("optimizer", self.optimizer)
+        # 1) the optimizer's numbers: its own filled from the one-shot defaults, the rest None
         uses = ONE_SHOT_DEFAULTS[self.optimizer]
         for name in OPTIMIZER_PARAMS:
             value = getattr(self, name)
-            if name not in uses:
-                if value is not None:
-                    raise invalid(
-                        name,
-                        value,
-                        "None",
-                        hint=f"{self.optimizer!r} does not use {name!r}; it uses {', '.join(uses)}.",
-                    )
+            if name in uses:
+                set_(name, check(name, uses[name] if value is None else value))
+            elif value is not None:
+                hint = f"{self.optimizer!r} does not use {name!r}; it uses {', '.join(uses)}."
+                raise invalid(name, value, "None", hint=hint)
+        # 2) every other field by its rule, conditional ones only where their owner says
+        for name, rule in FIELDS.items():
+            if name == "optimizer" or name in OPTIMIZER_PARAMS:
                 continue
-            value = uses[name] if value is None else value
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise invalid(name, value, "a finite number")
-            value = float(value)
-            if name in ("lr", "eps") and value <= 0:
-                raise invalid(name, value, "a number > 0")
-            if name in ("momentum", "beta1", "beta2", "rho") and not 0.0 <= value < 1.0:
-                raise invalid(name, value, "a number in [0, 1)")
-            if name == "weight_decay" and value < 0:
-                raise invalid(name, value, "a number >= 0")
-            set_(name, value)
-        for name, allowed in (
-            ("schedule", SCHEDULES),
-            ("init", INITS),
-            ("norm", NORMS),
-            ("activation", ACTIVATIONS),
-            ("precision", PRECISIONS),
-            ("data", DATA_PATHS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise invalid(name, getattr(self, name), allowed)
-        for name, owner, values, default in _CONDITIONAL:
-            applies = getattr(self, owner) in values
             value = getattr(self, name)
-            if not applies:
-                if value is not None:
-                    raise invalid(name, value, "None", hint=f"It only applies when {owner} is one of {values}.")
-                continue
-            if value is None:
-                if default is None:
-                    raise invalid(name, value, "a path to a state_dict file", hint=f"{owner}={getattr(self, owner)!r} needs it.")
-                value = default
-            set_(name, value)
-        if self.init_std is not None:
-            if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
-                raise invalid("init_std", self.init_std, "a number > 0")
-            set_("init_std", float(self.init_std))
-        if self.warmup is not None:
-            if not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup < 1.0:
-                raise invalid("warmup", self.warmup, "a fraction in [0, 1)")
-            set_("warmup", float(self.warmup))
-        if self.pretrained_path is not None:
-            set_("pretrained_path", str(self.pretrained_path))
-        for name in ("batch_size", "epochs", "depth", "width", "norm_groups"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "depth" else 1):
-                limit = "an integer >= 0" if name == "depth" else "an integer >= 1"
-                raise invalid(name, value, limit)
+            if rule.owner is not None:
+                owner = getattr(self, rule.owner)
+                if owner not in rule.active:
+                    if value is not None:
+                        raise invalid(name, value, "None", hint=f"It only applies when {rule.owner} is one of {rule.active}.")
+                    continue
+                if value is None:
+                    if rule.when_active is None:
+                        raise invalid(name, value, rule.phrase, hint=f"{rule.owner}={owner!r} needs it.")
+                    value = rule.when_active
+            set_(name, check(name, value))
+        # 3) rules across fields
         if self.norm_groups is not None and self.width % self.norm_groups:
             raise invalid(
                 "norm_groups",
@@ -287,26 +394,25 @@ class TrialConfig:
                 f"a divisor of width={self.width}",
                 hint="Group norm splits the channels into equal groups.",
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise invalid("seed", self.seed, "an integer")
-        if self.family is not None and self.family not in FAMILIES:
-            raise invalid("family", self.family, (*FAMILIES, None))
-        for name in ("zero_init_residual", "channels_last", "compile"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name == "zero_init_residual"):
-                raise invalid(name, value, "true or false")
-        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise invalid("checkpoint_every", self.checkpoint_every, "an integer >= 0 (0: no checkpoints)")
-        if self.num_workers is not None and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0):
-            raise invalid("num_workers", self.num_workers, "an integer >= 0 or None (automatic)")
         set_("extra", dict(sorted(dict(self.extra).items())))
+        params = dict(self.params)
+        for name, value in params.items():
+            if not isinstance(name, str) or not PARAM_NAME_RE.fullmatch(name) or name in RESERVED_PARAM_NAMES:
+                raise invalid("params", name, "a name of letters, digits and '_' that is not one of hposvc's fields")
+            check_param_value(name, value)
+        set_("params", dict(sorted(params.items())))
 
     # -- conversions -----------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a plain dict (JSON-safe); ``from_dict`` inverts it exactly."""
+        """All fields as a plain dict (JSON-safe); ``from_dict`` inverts it exactly.
+        ``params`` is left out when empty, so configs without user dimensions read as before."""
         out = dataclasses.asdict(self)
         out["extra"] = dict(self.extra)
+        if self.params:
+            out["params"] = dict(self.params)
+        else:
+            del out["params"]
         return out
 
     @classmethod
@@ -326,9 +432,11 @@ class TrialConfig:
         return cls.from_dict(json.loads(text))
 
     def flat_params(self) -> dict[str, str]:
-        """The fields that are set, as strings: MLflow params and table columns."""
-        out = {k: v for k, v in self.to_dict().items() if k != "extra" and v is not None}
+        """The fields that are set, as strings: MLflow params and table columns. The user's
+        own dimensions keep their plain names (they cannot clash with a field's)."""
+        out = {k: v for k, v in self.to_dict().items() if k not in ("extra", "params") and v is not None}
         out.update({f"extra.{k}": v for k, v in self.extra.items()})
+        out.update(self.params)
         return {k: str(v) for k, v in out.items()}
 
     def replace(self, **changes: Any) -> "TrialConfig":
@@ -338,11 +446,9 @@ class TrialConfig:
         if "optimizer" in changes and changes["optimizer"] != self.optimizer:
             for name in OPTIMIZER_PARAMS:
                 data[name] = None
-        for owner_field in ("init", "norm", "schedule", "family"):
-            if owner_field in changes:
-                for name, owner, _, _ in _CONDITIONAL:
-                    if owner == owner_field and name not in changes:
-                        data[name] = None
+        for name, (owner, _) in CONDITIONAL.items():
+            if owner in changes and name not in changes:
+                data[name] = None
         data.update(changes)
         return TrialConfig.from_dict(data)
 

@@ -73,22 +73,20 @@ from pathlib import Path
 from typing import Any
 
 from hposvc.config import (
-    ACTIVATIONS,
     CONDITIONAL,
-    DATA_PATHS,
-    FAMILIES,
-    INITS,
+    FIELDS,
     NORMS,
     ONE_SHOT_DEFAULTS,
     OPTIMIZER_PARAMS,
     OPTIMIZERS,
-    PRECISIONS,
-    SCHEDULES,
+    PARAM_NAME_RE,
+    RESERVED_PARAM_NAMES,
     TABULAR_KINDS,
     TASK_INPUT_SHAPES,
     TASK_MODEL_DEFAULTS,
     TASK_OPTIONS,
     TASKS,
+    Rejected,
     TrialConfig,
     check_family,
     check_population,
@@ -267,48 +265,13 @@ _STUDY_KEYS = (
     "name", "task", "metric", "n_trials", "sampler", "pruner", "seed", "population", "description",
     "model", "trainer", "command", "code_dir",
 )
-_TRAIN_KEYS = ("epochs", "batch_size", "schedule", "warmup", "seed", "precision", "channels_last", "compile", "data", "num_workers", "checkpoint_every")
-_MODEL_KEYS = ("depth", "width", "channels", "pretrained_path", "family", "zero_init_residual")
-# Every TrialConfig field but ``extra`` (user factories read that; specs pass [task] options).
-_FIELDS = tuple(f.name for f in dataclasses.fields(TrialConfig) if f.name != "extra")
-_SPACE_KEYS = _FIELDS + ("optimizers", "optimizer_defaults")
+# [train] and [model] fix the fields whose Rule names that table (config.FIELDS);
+# "channels" is the CNN's name for width.
+_TRAIN_KEYS = tuple(name for name, rule in FIELDS.items() if rule.table == "train")
+_MODEL_KEYS = (*(name for name, rule in FIELDS.items() if rule.table == "model"), "channels")
+_FIELDS = tuple(FIELDS)
+_SPACE_KEYS = _FIELDS + ("optimizers", "optimizer_defaults", "params")
 _TOP_KEYS = ("study", "task", "train", "model", "space")
-
-# How each field's values are checked: enums by their allowed values, numbers by a test and
-# the phrase that describes it; pretrained_path (the one string field) is any non-empty path.
-_ENUMS: dict[str, tuple[str, ...]] = {
-    "optimizer": OPTIMIZERS,
-    "schedule": SCHEDULES,
-    "init": INITS,
-    "norm": NORMS,
-    "activation": ACTIVATIONS,
-    "family": FAMILIES,
-    "precision": PRECISIONS,
-    "data": DATA_PATHS,
-}
-_BOOLS = ("zero_init_residual", "channels_last", "compile")
-_unit = (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
-_FLOATS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "lr": (lambda v: v > 0, "a number > 0"),
-    "eps": (lambda v: v > 0, "a number > 0"),
-    "momentum": _unit,
-    "beta1": _unit,
-    "beta2": _unit,
-    "rho": _unit,
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "warmup": (lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
-    "init_std": (lambda v: v > 0, "a number > 0"),
-}
-_INTS: dict[str, tuple[Callable[[int], bool], str]] = {
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "width": (lambda v: v >= 1, "an integer >= 1"),
-    "norm_groups": (lambda v: v >= 1, "an integer >= 1"),
-    "depth": (lambda v: v >= 0, "an integer >= 0"),
-    "seed": (lambda v: v >= 0, "an integer >= 0"),
-    "num_workers": (lambda v: v >= 0, "an integer >= 0"),
-    "checkpoint_every": (lambda v: v >= 0, "an integer >= 0 (0: no checkpoints)"),
-}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _DIM_HINT = "A dimension is a value (fixed), a list (one of these) or a table {low, high, log, step} (a range)."
@@ -345,6 +308,9 @@ class StudySpec:
     model: str | None = None  # "module:function" model factory, or None: the task's built-in family
     trainer: str | None = None  # "module:function" training function, or None: hposvc's own loop
     command: tuple[str, ...] | None = None  # a script run per trial, with {field} placeholders
+    # [space.params]: the user's own dimensions by name, passed to their command, trainer
+    # (ctx.params) and factories; Optuna params of the same plain names.
+    params: Mapping[str, Dim] = field(default_factory=dict)
     # Where user code is imported from and commands run: the spec file's folder unless
     # [study] code_dir says otherwise. A path of this machine, so not part of the hash.
     code_dir: str | None = field(default=None, compare=False)
@@ -413,6 +379,7 @@ class StudySpec:
             for name, dim in self.optimizer_space(optimizer).values():
                 if dim.searched:
                     out[name] = dim
+        out.update({name: dim for name, dim in self.params.items() if dim.searched})
         return out
 
     def implicit_values(self, task_defaults: Mapping[str, int] | None = None) -> dict[str, Any]:
@@ -485,6 +452,8 @@ class StudySpec:
             study["code_dir"] = self.code_dir
         space: dict[str, Any] = {name: self.dims[name].to_json() for name in _FIELDS if name in self.dims}
         space["optimizer_defaults"] = self.optimizer_defaults
+        if self.params:
+            space["params"] = {name: dim.to_json() for name, dim in self.params.items()}
         if self.optimizer_overrides:
             space["optimizers"] = {
                 opt: {p: dim.to_json() for p, dim in params.items()}
@@ -520,7 +489,7 @@ class StudySpec:
                 raise invalid("override", key, allowed, source=self.source, cls=SpecError)
             if value is not None:
                 data["study"][key] = value
-        return _Parser(self.source, base_dir=None).spec(data)
+        return _SpecParser(self.source, base_dir=None).spec(data)
 
 
 def _close(value: Any, allowed: Iterable[str]) -> str | None:
@@ -583,7 +552,7 @@ def load_spec(path: str | Path) -> StudySpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _toml_error(source, text, e) from None
-    return _Parser(source, base_dir=p.resolve().parent).spec(data)
+    return _SpecParser(source, base_dir=p.resolve().parent).spec(data)
 
 
 def _toml_error(source: str, text: str, e: Exception) -> SpecError:
@@ -615,11 +584,15 @@ def parse_spec(data: Mapping[str, Any], *, source: str = "<dict>") -> StudySpec:
     ...
     hposvc.errors.SpecError: <dict>: the 'study.task' parameter must be ...
     """
-    return _Parser(source, base_dir=None).spec(data)
+    return _SpecParser(source, base_dir=None).spec(data)
 
 
-class _Parser:
-    """One pass over a spec; every error carries ``source``."""
+# -- parsing: one small reader per table ------------------------------------------------------
+
+
+class _Reader:
+    """What every table's reader shares: the source for messages, the spec's folder for
+    relative paths, and the checks of tables, keys and single values."""
 
     def __init__(self, source: str, *, base_dir: Path | None) -> None:
         self.source = source
@@ -627,8 +600,6 @@ class _Parser:
 
     def error(self, key: str, value: Any, allowed: Any, hint: str | None = None) -> SpecError:
         return invalid(key, value, allowed, source=self.source, hint=hint, cls=SpecError)  # type: ignore[return-value]
-
-    # -- tables and keys --------------------------------------------------------------------
 
     def table(self, key: str, value: Any) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
@@ -652,76 +623,6 @@ class _Parser:
             phrase = "a table with keys among " + ", ".join(repr(a) for a in allowed) if allowed else "an empty table"
             raise self.error(key or "spec", name, phrase, text)
 
-    # -- the whole spec -----------------------------------------------------------------------
-
-    def spec(self, data: Any) -> StudySpec:
-        data = self.table("spec", data)
-        self.check_keys("", data, _TOP_KEYS)
-        study = self.table("study", data.get("study", {}))
-        self.check_keys("study", study, _STUDY_KEYS)
-
-        name = study.get("name", MISSING)
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise self.error(
-                "study.name",
-                name,
-                "a name of letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)",
-                "Every spec needs [study] name and task." if name is MISSING else None,
-            )
-        task = self.task(study.get("task", MISSING))
-        options = self.task_options(task, data.get("task", {}))
-        metric = self.metric(task, options, study.get("metric", MISSING))
-        n_trials = self.integer("study.n_trials", study.get("n_trials", 20), minimum=1)
-        sampler = self.enum("study.sampler", study.get("sampler", "tpe"), SAMPLERS)
-        pruner = self.enum("study.pruner", study.get("pruner", "median"), PRUNERS)
-        seed = self.integer("study.seed", study.get("seed", 0), minimum=0)
-        population = check_population(study.get("population"), key="study.population", source=self.source, cls=SpecError)
-        description = study.get("description", "")
-        if not isinstance(description, str):
-            raise self.error("study.description", description, "a string")
-        model, trainer = (self.factory(f"study.{key}", study.get(key)) for key in ("model", "trainer"))
-        command = self.command(study.get("command"))
-        if trainer is not None and command is not None:
-            raise self.error("study.command", list(command), "absent when [study] trainer is given", "A trial runs either a trainer function or a command, not both.")
-        if command is not None and model is not None:
-            raise self.error("study.model", model, "absent with [study] command", "A command builds its own model; name it in the command instead.")
-        if population is not None and (trainer is not None or command is not None):
-            kind = "trainer" if trainer is not None else "command"
-            raise self.error(
-                "study.population", population, "absent with a [study] " + kind,
-                "A population trains several trials as one vectorised model inside hposvc's own loop; "
-                "your own training code runs one trial at a time (run more workers instead: --workers auto).",
-            )
-        code_dir = study.get("code_dir")
-        if code_dir is not None and (not isinstance(code_dir, str) or not code_dir):
-            raise self.error("study.code_dir", code_dir, "a folder path (relative to the spec file)")
-        code_dir = self.path(code_dir) if code_dir is not None else (str(self.base_dir) if self.base_dir is not None else None)
-
-        dims, overrides, optimizer_defaults = self.space(task, data, sampler)
-        return StudySpec(
-            name=name,
-            task=task,
-            task_options=options,
-            metric=metric,
-            direction=DIRECTIONS[metric],
-            n_trials=n_trials,
-            sampler=sampler,
-            pruner=pruner,
-            seed=seed,
-            population=population,
-            dims=dims,
-            optimizer_overrides=overrides,
-            optimizer_defaults=optimizer_defaults,
-            description=description,
-            model=model,
-            trainer=trainer,
-            command=command,
-            code_dir=code_dir,
-            source=self.source,
-        )
-
-    # -- [study] values -------------------------------------------------------------------------
-
     def enum(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
         if not isinstance(value, str) or value not in allowed:
             close = _close(value, allowed)
@@ -733,152 +634,19 @@ class _Parser:
             raise self.error(key, value, phrase or f"an integer >= {minimum}")
         return value
 
-    def factory(self, key: str, value: Any) -> str | None:
-        """A "module:function" reference (imported later, by hposvc.plugins), or None."""
-        if value is None or (isinstance(value, str) and _FACTORY_RE.fullmatch(value)):
-            return value
-        raise self.error(key, value, "a function named 'package.module:function'")
-
-    def command(self, value: Any) -> tuple[str, ...] | None:
-        if value is None:
-            return None
-        if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
-            raise self.error("study.command", value, "a non-empty list of strings", 'E.g. command = ["python", "train.py", "--lr={lr}"].')
-        return tuple(value)
-
-    def task(self, task: Any) -> str:
-        if isinstance(task, str) and (task in TASKS or _FACTORY_RE.fullmatch(task)):
-            return task
-        close = _close(task, TASKS)
-        hint = f"Did you mean {close!r}?" if close else "A user factory is named 'package.module:function'."
-        if task is MISSING:
-            hint = "Every spec needs [study] name and task."
-        elif isinstance(task, str) and task.startswith("tabular:"):
-            hint = "For a CSV/Parquet file use task = 'tabular' with [task] path and target."
-        raise self.error("study.task", task, [*TASKS, "module:function"], hint)
-
-    def task_options(self, task: str, raw: Any) -> dict[str, Any]:
-        options = dict(self.table("task", raw))
-        if task == "tabular":
-            self.check_keys("task", options, ("path", "target", "kind"), hint="'tabular' reads a file")
-        elif task in TASK_OPTIONS:
-            self.check_keys("task", options, TASK_OPTIONS[task], hint=None if TASK_OPTIONS[task] else f"{task!r} takes no options")
-        for key, value in options.items():
-            if not _plain(value):
-                phrase = "a string, number, boolean, list or table"
-                raise self.error(f"task.{key}", value, phrase, "It is stored as JSON.")
-            option = TASK_OPTIONS.get(task, {}).get(key)
-            if option is not None and option.check is not None and not option.check(value):
-                raise self.error(f"task.{key}", value, option.allowed)
-        if task in ("images", "arrays"):
-            value = options.get("path", MISSING)
-            if not isinstance(value, str) or not value:
-                raise self.error("task.path", value, TASK_OPTIONS[task]["path"].allowed, f"task = {task!r} needs [task] path.")
-            if "kind" in options:
-                options["kind"] = self.enum("task.kind", options["kind"], TABULAR_KINDS)
-            options["path"] = self.path(value)
-        if task != "tabular":
-            return dict(sorted(options.items()))
-        for key in ("path", "target"):
-            value = options.get(key, MISSING)
-            if not isinstance(value, str) or not value:
-                what = "a path to a CSV or Parquet file" if key == "path" else "the name of the target column"
-                raise self.error(f"task.{key}", value, what, "task = 'tabular' needs [task] path and target.")
-        if "kind" in options:
-            options["kind"] = self.enum("task.kind", options["kind"], TABULAR_KINDS)
-        options["path"] = self.path(options["path"])
-        return dict(sorted(options.items()))
-
     def path(self, value: str) -> str:
         if self.base_dir is None or Path(value).is_absolute():
             return value
         return str(self.base_dir / value)
 
-    def metric(self, task: str, options: Mapping[str, Any], metric: Any) -> str:
-        regression = task == "tabular" and options.get("kind") == "regression"
-        if metric is MISSING:
-            # Accuracy where the task is known to classify; loss works for every kind.
-            kind = options.get("kind")
-            classifies = task in TASK_FAMILY and (task != "tabular" or kind in ("classification", "binary"))
-            return "val_accuracy" if classifies else "val_loss"
-        metric = self.enum("study.metric", metric, METRICS)
-        if metric == "val_accuracy" and regression:
-            raise self.error(
-                "study.metric", metric, ("val_loss",), "[task] kind = 'regression' has no accuracy; use val_loss."
-            )
-        return metric
-
-    # -- dimensions -----------------------------------------------------------------------------
-
-    def scalar(self, key: str, name: str, value: Any, *, in_dim: bool = True) -> Any:
-        """One value of field ``name``, normalised (ints to floats for float fields)."""
-        hint = _DIM_HINT if in_dim else None
-        if name in _ENUMS:
-            allowed = _ENUMS[name]
-            if not isinstance(value, str):
-                raise self.error(key, value, allowed, hint)
-            if value not in allowed:
-                close = _close(value, allowed)
-                raise self.error(key, value, allowed, f"Did you mean {close!r}?" if close else None)
-            return value
-        if name in _BOOLS:
-            if not isinstance(value, bool):
-                raise self.error(key, value, "true or false", hint)
-            return value
-        if name in _FLOATS:
-            check, phrase = _FLOATS[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise self.error(key, value, phrase, hint)
-            if not math.isfinite(value) or not check(value):
-                raise self.error(key, value, phrase)
-            return float(value)
-        if name in _INTS:
-            check, phrase = _INTS[name]
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise self.error(key, value, phrase, hint)
-            if not check(value):
-                raise self.error(key, value, phrase)
-            return value
-        if not isinstance(value, str) or not value:
-            raise self.error(key, value, "a path to a state_dict file")
-        return self.path(value)
-
-    def dim(self, key: str, name: str, raw: Any, *, fixed_only: bool = False) -> Dim:
-        if isinstance(raw, Mapping):
-            if fixed_only:
-                raise self.error(key, raw, "a single value", "[train] holds fixed settings; search it in [space].")
-            return self.range(key, name, raw)
-        if isinstance(raw, list):
-            if fixed_only:
-                raise self.error(key, raw, "a single value", "[train] holds fixed settings; search it in [space].")
-            if not raw:
-                raise self.error(key, raw, "a non-empty list", "An empty list leaves nothing to choose.")
-            values: list[Any] = []
-            for item in raw:
-                if isinstance(item, (list, Mapping)):
-                    raise self.error(key, item, "a list of single values")
-                value = self.scalar(key, name, item, in_dim=False)
-                if any(_same(value, v) for v in values):
-                    raise self.error(key, raw, "a list without duplicates", f"{item!r} appears twice.")
-                values.append(value)
-            return Dim.choice(values)
-        return Dim.fixed(self.scalar(key, name, raw))
-
-    def range(self, key: str, name: str, raw: Mapping[str, Any]) -> Dim:
-        if name not in _FLOATS and name not in _INTS:
-            allowed = _ENUMS.get(name)
-            raise self.error(
-                key, dict(raw), f"a value or a list{' of ' + ', '.join(map(repr, allowed)) if allowed else ''}",
-                f"{name!r} is not numeric, so it has no range.",
-            )
+    def range(self, key: str, raw: Mapping[str, Any], end: Callable[[str, Any], Any], *, integer: bool) -> Dim:
+        """A ``{low, high, log, step}`` table; ``end(key, value)`` checks each end."""
         self.check_keys(key, raw, ("low", "high", "log", "step"))
-        integer = name in _INTS
         kind = "an integer" if integer else "a number"
-        for end in ("low", "high"):
-            if end not in raw:
-                raise self.error(f"{key}.{end}", MISSING, kind, "A range needs both low and high.")
-        low = self.scalar(f"{key}.low", name, raw["low"], in_dim=False)
-        high = self.scalar(f"{key}.high", name, raw["high"], in_dim=False)
+        for side in ("low", "high"):
+            if side not in raw:
+                raise self.error(f"{key}.{side}", MISSING, kind, "A range needs both low and high.")
+        low, high = end(f"{key}.low", raw["low"]), end(f"{key}.high", raw["high"])
         log = raw.get("log", False)
         if not isinstance(log, bool):
             raise self.error(f"{key}.log", log, "true or false")
@@ -894,10 +662,9 @@ class _Parser:
             if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
                 raise self.error(f"{key}.step", step, f"{kind} > 0")
             if integer and not isinstance(step, int):
-                raise self.error(f"{key}.step", step, "an integer > 0", f"{name!r} takes whole numbers.")
+                raise self.error(f"{key}.step", step, "an integer > 0", "This dimension takes whole numbers.")
             if log:
-                hint = "Optuna cannot space a log range by a step."
-                raise self.error(f"{key}.step", step, "absent when log = true", hint)
+                raise self.error(f"{key}.step", step, "absent when log = true", "Optuna cannot space a log range by a step.")
             n = (high - low) / step
             if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
                 raise self.error(
@@ -907,26 +674,189 @@ class _Parser:
             step = step if integer else float(step)
         return Dim.range(low, high, log=log, step=step, integer=integer)
 
-    # -- [train], [model], [space] --------------------------------------------------------------
+    def choices(self, key: str, raw: list, value: Callable[[str, Any], Any]) -> Dim:
+        """A list dimension: each item checked by ``value(key, item)``, no duplicates."""
+        if not raw:
+            raise self.error(key, raw, "a non-empty list", "An empty list leaves nothing to choose.")
+        values: list[Any] = []
+        for item in raw:
+            if isinstance(item, (list, Mapping)):
+                raise self.error(key, item, "a list of single values")
+            checked = value(key, item)
+            if any(_same(checked, v) for v in values):
+                raise self.error(key, raw, "a list without duplicates", f"{item!r} appears twice.")
+            values.append(checked)
+        return Dim.choice(values)
 
-    def space(
-        self, task: str, data: Mapping[str, Any], sampler: str
-    ) -> tuple[dict[str, Dim], dict[str, dict[str, Dim]], str]:
-        dims: dict[str, Dim] = {}
-        where: dict[str, str] = {}
 
-        def put(table: str, key: str, name: str, raw: Any, **kw: Any) -> None:
-            if name in dims:
+class _StudyTable(_Reader):
+    """[study]: the name, what trains a trial, the sampler and pruner (the task and metric
+    are read by :class:`_TaskTable`)."""
+
+    def parse(self, raw: Any) -> dict[str, Any]:
+        study = self.table("study", raw)
+        self.check_keys("study", study, _STUDY_KEYS)
+        name = study.get("name", MISSING)
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise self.error(
+                "study.name",
+                name,
+                "a name of letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)",
+                "Every spec needs [study] name and task." if name is MISSING else None,
+            )
+        out: dict[str, Any] = {
+            "name": name,
+            "n_trials": self.integer("study.n_trials", study.get("n_trials", 20), minimum=1),
+            "sampler": self.enum("study.sampler", study.get("sampler", "tpe"), SAMPLERS),
+            "pruner": self.enum("study.pruner", study.get("pruner", "median"), PRUNERS),
+            "seed": self.integer("study.seed", study.get("seed", 0), minimum=0),
+            "population": check_population(study.get("population"), key="study.population", source=self.source, cls=SpecError),
+            "description": study.get("description", ""),
+            "model": self.factory("study.model", study.get("model")),
+            "trainer": self.factory("study.trainer", study.get("trainer")),
+            "command": self.command(study.get("command")),
+            "code_dir": self.code_dir(study.get("code_dir")),
+        }
+        if not isinstance(out["description"], str):
+            raise self.error("study.description", out["description"], "a string")
+        self.check_runner(out)
+        return out
+
+    def check_runner(self, study: Mapping[str, Any]) -> None:
+        model, trainer, command, population = study["model"], study["trainer"], study["command"], study["population"]
+        if trainer is not None and command is not None:
+            raise self.error("study.command", list(command), "absent when [study] trainer is given", "A trial runs either a trainer function or a command, not both.")
+        if command is not None and model is not None:
+            raise self.error("study.model", model, "absent with [study] command", "A command builds its own model; name it in the command instead.")
+        if population is not None and (trainer is not None or command is not None):
+            kind = "trainer" if trainer is not None else "command"
+            raise self.error(
+                "study.population", population, "absent with a [study] " + kind,
+                "A population trains several trials as one vectorised model inside hposvc's own loop; "
+                "your own training code runs one trial at a time (run more workers instead: --workers auto).",
+            )
+
+    def factory(self, key: str, value: Any) -> str | None:
+        """A "module:function" reference (imported later, by hposvc.plugins), or None."""
+        if value is None or (isinstance(value, str) and _FACTORY_RE.fullmatch(value)):
+            return value
+        raise self.error(key, value, "a function named 'package.module:function'")
+
+    def command(self, value: Any) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
+            raise self.error("study.command", value, "a non-empty list of strings", 'E.g. command = ["python", "train.py", "--lr={lr}"].')
+        return tuple(value)
+
+    def code_dir(self, value: Any) -> str | None:
+        if value is None:
+            return str(self.base_dir) if self.base_dir is not None else None
+        if not isinstance(value, str) or not value:
+            raise self.error("study.code_dir", value, "a folder path (relative to the spec file)")
+        return self.path(value)
+
+
+class _TaskTable(_Reader):
+    """[study] task and metric, and the [task] table of options."""
+
+    def task(self, task: Any) -> str:
+        if isinstance(task, str) and (task in TASKS or _FACTORY_RE.fullmatch(task)):
+            return task
+        close = _close(task, TASKS)
+        hint = f"Did you mean {close!r}?" if close else "A user factory is named 'package.module:function'."
+        if task is MISSING:
+            hint = "Every spec needs [study] name and task."
+        elif isinstance(task, str) and task.startswith("tabular:"):
+            hint = "For a CSV/Parquet file use task = 'tabular' with [task] path and target."
+        raise self.error("study.task", task, [*TASKS, "module:function"], hint)
+
+    def options(self, task: str, raw: Any) -> dict[str, Any]:
+        options = dict(self.table("task", raw))
+        if task == "tabular":
+            self.check_keys("task", options, ("path", "target", "kind"), hint="'tabular' reads a file")
+        elif task in TASK_OPTIONS:
+            self.check_keys("task", options, TASK_OPTIONS[task], hint=None if TASK_OPTIONS[task] else f"{task!r} takes no options")
+        for key, value in options.items():
+            if not _plain(value):
+                phrase = "a string, number, boolean, list or table"
+                raise self.error(f"task.{key}", value, phrase, "It is stored as JSON.")
+            option = TASK_OPTIONS.get(task, {}).get(key)
+            if option is not None and option.check is not None and not option.check(value):
+                raise self.error(f"task.{key}", value, option.allowed)
+        if "kind" in options and task in ("tabular", "images", "arrays"):
+            options["kind"] = self.enum("task.kind", options["kind"], TABULAR_KINDS)
+        required = {"tabular": ("path", "target"), "images": ("path",), "arrays": ("path",)}.get(task, ())
+        for key in required:
+            value = options.get(key, MISSING)
+            if not isinstance(value, str) or not value:
+                needs = "[task] " + " and ".join(required)
+                raise self.error(f"task.{key}", value, TASK_OPTIONS[task][key].allowed, f"task = {task!r} needs {needs}.")
+        if "path" in options and task in ("tabular", "images", "arrays"):
+            options["path"] = self.path(options["path"])
+        return dict(sorted(options.items()))
+
+    def metric(self, task: str, options: Mapping[str, Any], metric: Any) -> str:
+        regression = task == "tabular" and options.get("kind") == "regression"
+        if metric is MISSING:
+            # Accuracy where the task is known to classify; loss works for every kind.
+            kind = options.get("kind")
+            classifies = task in TASK_FAMILY and (task != "tabular" or kind in ("classification", "binary"))
+            return "val_accuracy" if classifies else "val_loss"
+        metric = self.enum("study.metric", metric, METRICS)
+        if metric == "val_accuracy" and regression:
+            raise self.error(
+                "study.metric", metric, ("val_loss",), "[task] kind = 'regression' has no accuracy; use val_loss."
+            )
+        return metric
+
+
+class _FieldDims(_Reader):
+    """Dimensions of TrialConfig fields: a scalar, a list or a range, each value checked by
+    the field's :class:`~hposvc.config.Rule`."""
+
+    def scalar(self, key: str, name: str, value: Any, *, in_dim: bool = True) -> Any:
+        """One value of field ``name``, normalised (ints to floats for float fields)."""
+        rule = FIELDS[name]
+        try:
+            value = rule.clean(value)
+        except Rejected as e:
+            hint = _DIM_HINT if in_dim and e.wrong_type else None
+            if rule.kind == "choice" and not e.wrong_type:
+                close = _close(value, rule.allowed)
+                hint = f"Did you mean {close!r}?" if close else None
+            raise self.error(key, value, e.allowed, hint) from None
+        return self.path(value) if rule.kind == "path" else value
+
+    def dim(self, key: str, name: str, raw: Any, *, fixed_only: bool = False) -> Dim:
+        if fixed_only and isinstance(raw, (Mapping, list)):
+            raise self.error(key, raw, "a single value", "[train] holds fixed settings; search it in [space].")
+        if isinstance(raw, Mapping):
+            rule = FIELDS[name]
+            if not rule.numeric:
+                allowed = rule.allowed if rule.kind == "choice" else None
                 raise self.error(
-                    f"{table}.{key}", raw, f"set in one place only (it is already set as {where[name]})",
+                    key, dict(raw), f"a value or a list{' of ' + ', '.join(map(repr, allowed)) if allowed else ''}",
+                    f"{name!r} is not numeric, so it has no range.",
                 )
-            dims[name] = self.dim(f"{table}.{key}", name, raw, **kw)
-            where[name] = f"{table}.{key}"
+            end = lambda k, v: self.scalar(k, name, v, in_dim=False)  # noqa: E731
+            return self.range(key, raw, end, integer=rule.kind == "int")
+        if isinstance(raw, list):
+            return self.choices(key, raw, lambda k, v: self.scalar(k, name, v, in_dim=False))
+        return Dim.fixed(self.scalar(key, name, raw))
 
+
+class _SpaceTables(_FieldDims):
+    """[train], [model] and [space] (but [space.params]): every TrialConfig field a spec
+    sets, set in one place only, then the rules across fields."""
+
+    def parse(self, task: str, data: Mapping[str, Any], sampler: str) -> tuple[dict[str, Dim], dict[str, dict[str, Dim]], str]:
+        self.dims: dict[str, Dim] = {}
+        self.where: dict[str, str] = {}
         train = self.table("train", data.get("train", {}))
         self.check_keys("train", train, _TRAIN_KEYS)
         for key, raw in train.items():
-            put("train", key, key, raw, fixed_only=True)
+            self.put("train", key, key, raw, fixed_only=True)
 
         model = self.table("model", data.get("model", {}))
         self.check_keys("model", model, _MODEL_KEYS)
@@ -938,17 +868,16 @@ class _Parser:
                     "model.channels", raw, "absent for an MLP task",
                     f"channels is the CNN's name for width; {who}, so write width.",
                 )
-            put("model", key, "width" if key == "channels" else key, raw)
+            self.put("model", key, "width" if key == "channels" else key, raw)
 
         space = self.table("space", data.get("space", {}))
         self.check_keys("space", space, _SPACE_KEYS)
         for key, raw in space.items():
-            if key not in ("optimizers", "optimizer_defaults"):
-                put("space", key, key, raw)
-        optimizer_defaults = self.enum(
-            "space.optimizer_defaults", space.get("optimizer_defaults", "auto"), OPTIMIZER_DEFAULTS
-        )
+            if key not in ("optimizers", "optimizer_defaults", "params"):
+                self.put("space", key, key, raw)
+        optimizer_defaults = self.enum("space.optimizer_defaults", space.get("optimizer_defaults", "auto"), OPTIMIZER_DEFAULTS)
 
+        dims, where = self.dims, self.where
         optimizers = dims["optimizer"].values() if "optimizer" in dims else (TrialConfig.optimizer,)
         for name in OPTIMIZER_PARAMS:
             if name in dims and not any(name in ONE_SHOT_DEFAULTS[o] for o in optimizers):
@@ -956,17 +885,20 @@ class _Parser:
                 phrase = f"absent: none of this spec's optimizers ({', '.join(optimizers)}) uses it"
                 raise self.error(where[name], dims[name].to_json(), phrase, f"{name!r} applies to {', '.join(users)}.")
         overrides = self.overrides(space.get("optimizers", {}), optimizers)
-        self.check_conditions(task, dims, where)
-        if sampler == "grid":
-            self.check_grid(dims, where, overrides, optimizer_defaults)
+        self.check_conditions(task)
         ordered = {name: dims[name] for name in _FIELDS if name in dims}
         return ordered, overrides, optimizer_defaults
+
+    def put(self, table: str, key: str, name: str, raw: Any, **kw: Any) -> None:
+        if name in self.dims:
+            raise self.error(f"{table}.{key}", raw, f"set in one place only (it is already set as {self.where[name]})")
+        self.dims[name] = self.dim(f"{table}.{key}", name, raw, **kw)
+        self.where[name] = f"{table}.{key}"
 
     def overrides(self, raw: Any, optimizers: tuple[str, ...]) -> dict[str, dict[str, Dim]]:
         table = self.table("space.optimizers", raw)
         out: dict[str, dict[str, Dim]] = {}
         for opt in sorted(table):
-            params = table[opt]
             key = f"space.optimizers.{opt}"
             if opt not in OPTIMIZERS:
                 close = _close(opt, OPTIMIZERS)
@@ -976,16 +908,17 @@ class _Parser:
                     "space.optimizers", opt, f"one of this spec's optimizers ({', '.join(optimizers)})",
                     f"[{key}] would never be used; add {opt!r} to space.optimizer or remove the table.",
                 )
-            params = self.table(key, params)
+            params = self.table(key, table[opt])
             self.check_keys(key, params, ONE_SHOT_DEFAULTS[opt])
             out[opt] = {p: self.dim(f"{key}.{p}", p, params[p]) for p in OPTIMIZER_PARAMS if p in params}
         return out
 
-    def check_conditions(self, task: str, dims: dict[str, Dim], where: dict[str, str]) -> None:
-        def values(name: str) -> tuple:
-            dim = dims.get(name)
-            return dim.values() if dim is not None else (getattr(TrialConfig, name),)
+    def values(self, name: str) -> tuple:
+        dim = self.dims.get(name)
+        return dim.values() if dim is not None else (FIELDS[name].default,)
 
+    def check_conditions(self, task: str) -> None:
+        dims, where, values = self.dims, self.where, self.values
         for name, (owner, active) in CONDITIONAL.items():
             if name in dims and not set(values(owner)) & set(active):
                 raise self.error(
@@ -995,7 +928,7 @@ class _Parser:
                 )
         if "pretrained" in values("init") and "pretrained_path" not in dims:
             raise self.error(
-                "model.pretrained_path", MISSING, "a path to a state_dict file",
+                "model.pretrained_path", MISSING, FIELDS["pretrained_path"].phrase,
                 "init 'pretrained' loads its weights from [model] pretrained_path.",
             )
         # The built-in families trials may train ([model] family, else the task's own) must
@@ -1015,12 +948,12 @@ class _Parser:
                         + ("convolutional family: the CNN task 'mnist1d'" + (f", or [model] family = {fits[0]!r}" if fits else "") + "."),
                     )
         if "group" in values("norm"):
-            self.check_groups(task, dims, where)
+            self.check_groups(task)
 
-    def check_groups(self, task: str, dims: dict[str, Dim], where: dict[str, str]) -> None:
-        groups = dims["norm_groups"].values() if "norm_groups" in dims else (4,)  # TrialConfig's default
-        width = dims.get("width")
-        key = where.get("width", "model.width")
+    def check_groups(self, task: str) -> None:
+        groups = self.dims["norm_groups"].values() if "norm_groups" in self.dims else (FIELDS["norm_groups"].when_active,)
+        width = self.dims.get("width")
+        key = self.where.get("width", "model.width")
         if width is None:
             size = TASK_MODEL_DEFAULTS.get(task, {}).get("width")
             if size is None:
@@ -1040,18 +973,103 @@ class _Parser:
                     + ("; give the range a low and step that are multiples of it." if width.kind == "range" else "."),
                 )
 
+
+class _ParamsTable(_Reader):
+    """[space.params]: the user's own dimensions, by any name that is not one of hposvc's
+    fields. Values are booleans, integers, numbers or strings; a range of two integers
+    (and an integer step) stays integer."""
+
+    def parse(self, raw: Any) -> dict[str, Dim]:
+        table = self.table("space.params", raw)
+        out: dict[str, Dim] = {}
+        for name, value in table.items():
+            key = f"space.params.{name}"
+            if name in RESERVED_PARAM_NAMES:
+                where = f"set it as [space] {name}" if name in FIELDS else "it is what hposvc passes to your code"
+                raise self.error(
+                    "space.params", name, "a name that is not one of hposvc's own fields",
+                    f"{name!r} is hposvc's own ({where}); give your dimension another name.",
+                )
+            if not PARAM_NAME_RE.fullmatch(name):
+                raise self.error("space.params", name, "a name of letters, digits and '_' that does not start with a digit",
+                                 "It becomes a {placeholder} and a keyword argument.")
+            out[name] = self.dim(key, value)
+        return dict(sorted(out.items()))
+
+    def scalar(self, key: str, value: Any) -> Any:
+        if isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+            return value
+        raise self.error(key, value, "a boolean, integer, finite number or string", _DIM_HINT)
+
+    def dim(self, key: str, raw: Any) -> Dim:
+        if isinstance(raw, Mapping):
+            low, high, step = raw.get("low"), raw.get("high"), raw.get("step")
+            integer = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) and (step is None or isinstance(step, int))
+
+            def end(k: str, v: Any) -> Any:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise self.error(k, v, "a number")
+                return v if integer else float(v)
+
+            return self.range(key, raw, end, integer=integer)
+        if isinstance(raw, list):
+            return self.choices(key, raw, self.scalar)
+        return Dim.fixed(self.scalar(key, raw))
+
+
+class _SpecParser(_Reader):
+    """A whole spec: each table by its reader, then what spans tables."""
+
+    def spec(self, data: Any) -> StudySpec:
+        data = self.table("spec", data)
+        self.check_keys("", data, _TOP_KEYS)
+        readers = {"source": self.source, "base_dir": self.base_dir}
+        study = _StudyTable(**readers).parse(data.get("study", {}))
+        raw_study = data.get("study", {})
+        tasks = _TaskTable(**readers)
+        task = tasks.task(raw_study.get("task", MISSING))
+        options = tasks.options(task, data.get("task", {}))
+        metric = tasks.metric(task, options, raw_study.get("metric", MISSING))
+        dims, overrides, optimizer_defaults = _SpaceTables(**readers).parse(task, data, study["sampler"])
+        space = data.get("space", {})
+        params = _ParamsTable(**readers).parse(space.get("params", {}) if isinstance(space, Mapping) else {})
+        if study["sampler"] == "grid":
+            self.check_grid(dims, params, overrides, optimizer_defaults, data)
+        return StudySpec(
+            task=task,
+            task_options=options,
+            metric=metric,
+            direction=DIRECTIONS[metric],
+            dims=dims,
+            params=params,
+            optimizer_overrides=overrides,
+            optimizer_defaults=optimizer_defaults,
+            source=self.source,
+            **study,
+        )
+
     def check_grid(
         self,
-        dims: dict[str, Dim],
-        where: dict[str, str],
-        overrides: dict[str, dict[str, Dim]],
+        dims: Mapping[str, Dim],
+        params: Mapping[str, Dim],
+        overrides: Mapping[str, Mapping[str, Dim]],
         optimizer_defaults: str,
+        data: Mapping[str, Any],
     ) -> None:
         hint = (
             "The grid sampler tries every combination, so each searched dimension needs a finite "
             "set of values: give a list, or a range with a step."
         )
-        found = [(where[n], d) for n, d in dims.items()]
+
+        def where(name: str) -> str:
+            for table in ("train", "model", "space"):
+                raw = data.get(table, {})
+                if name in raw or (name == "width" and "channels" in raw):
+                    return f"{table}.{'channels' if name == 'width' and 'channels' in raw else name}"
+            return f"space.{name}"
+
+        found = [(where(n), d) for n, d in dims.items()]
+        found += [(f"space.params.{n}", d) for n, d in params.items()]
         found += [(f"space.optimizers.{o}.{p}", d) for o, ps in overrides.items() for p, d in ps.items()]
         for key, dim in found:
             if dim.values() is None:

@@ -84,7 +84,7 @@ BAD_SPECS = [
     pytest.param(HEAD + 'samplr = "tpe"\n', "study", "'samplr'", "did you mean 'sampler'", id="unknown-study-key"),
     pytest.param(HEAD + "[space]\nlrr = 0.1\n", "space.lrr", "'lrr'", "did you mean 'lr'", id="unknown-space-key"),
     pytest.param(HEAD + "[space]\nlr = {low = 1e-4, high = 0.1, lgo = true}\n", "space.lr", "'lgo'", "'log'", id="unknown-range-key"),
-    pytest.param(HEAD + "[train]\nlr = 0.1\n", "train", "'lr'", "'epochs', 'batch_size'", id="unknown-train-key"),
+    pytest.param(HEAD + "[train]\nlr = 0.1\n", "train", "'lr'", "'batch_size', 'epochs'", id="unknown-train-key"),
     pytest.param(HEAD + "[model]\nlayers = 3\n", "model", "'layers'", "'depth', 'width'", id="unknown-model-key"),
     pytest.param(HEAD + 'n_trials = "12"\n', "study.n_trials", "'12'", "an integer >= 1", id="wrong-type-int"),
     pytest.param(HEAD + '[space]\nlr = "fast"\n', "space.lr", "'fast'", "a number > 0", id="wrong-type-dim"),
