@@ -347,7 +347,10 @@ def study_show(name: str, storage: str, data_dir: str | None, as_json: bool) -> 
     from hposvc.results import trials
 
     df = trials(name, storage=storage)
-    cols = ["number", "state", "value", "optimizer", "lr", "init", "norm", "activation", "batch_size", "duration_s", "reason"]
+    from hposvc.config import TrialConfig
+
+    own = [c for c in df.columns[list(df.columns).index("checkpoint_every") + 1 :] if c not in TrialConfig.__dataclass_fields__]
+    cols = ["number", "state", "value", "optimizer", "lr", "init", "norm", "activation", "batch_size", *own, "duration_s", "reason"]
     emit(df if as_json else df[cols], as_json=as_json, columns=cols, title=f"study {name}")
 
 
@@ -370,7 +373,10 @@ def study_export(name: str, fmt: str, out: str | None, storage: str, data_dir: s
         text = df.to_csv(index=False)
         _write(out, text)
     else:
-        _write(out, df.to_json(orient="records", indent=2, date_format="iso"))
+        # json, not DataFrame.to_json: that rounds floats to 10 digits, and an export should
+        # hold the very numbers the trials ran with
+        records = df.astype(object).where(df.notna(), None).to_dict(orient="records")
+        _write(out, json.dumps(records, indent=2, default=str) + "\n")
     if out:
         click.echo(f"wrote {len(df)} trials to {out}", err=True)
 

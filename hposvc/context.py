@@ -4,6 +4,7 @@ A spec's ``trainer = "module:function"`` is called as ``train(ctx)`` for each tr
 
     def train(ctx):                                    # ctx: hposvc.TrialContext
         model = ctx.build_model()                       # the trial's model, norm/activation/init applied
+        dropout = ctx.params["dropout"]                 # your own dimensions ([space.params])
         opt = ctx.build_optimizer(model.parameters())   # the trial's optimizer and numbers
         state = ctx.restore()                           # last checkpoint of a retried trial, or None
         start = state["epoch"] + 1 if state else 1
@@ -70,6 +71,12 @@ class TrialContext:
     @property
     def seed(self) -> int:
         return self.config.seed
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The trial's values of the spec's own dimensions (``[space.params]``), e.g.
+        ``{"dropout": 0.2, "tied": True}``; empty when the spec has none."""
+        return dict(self.config.params)
 
     # -- reporting ------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ names and checks each signature, so ``study validate`` and ``study run`` fail wi
 code 2 before anything is written; a factory that raises later fails its trial instead.
 
 A model factory is called as ``factory(task, config)`` and returns a ``torch.nn.Module``;
+the spec's own dimensions (``[space.params]``) its signature names are passed as keyword
+arguments too (``def gpt(task, config, *, dropout=0.0)``), and so to a task factory;
 :func:`model_factory` turns it into the zero-argument builder a trial's
 :meth:`~hposvc.context.TrialContext.build_model` calls, which applies the dimensions the
 spec sets (``norm``, ``activation``, ``init`` in ``[space]``) with
@@ -37,7 +39,20 @@ if TYPE_CHECKING:
     from hposvc.spec import StudySpec
     from hposvc.tasks import Task
 
-__all__ = ["APPLIED_DIMS", "applied_dims", "build_user_model", "check_runnable", "check_spec_code", "load_callable", "model_factory"]
+__all__ = [
+    "APPLIED_DIMS",
+    "applied_dims",
+    "build_user_model",
+    "check_runnable",
+    "check_spec_code",
+    "first_params",
+    "load_callable",
+    "load_spec_task",
+    "model_factory",
+    "param_arguments",
+    "task_params",
+    "trial_task",
+]
 
 APPLIED_DIMS = ("norm", "activation", "init")  # what hposvc applies to a user's model
 # A spec with these tasks reads files: loading them is part of checking the spec.
@@ -80,9 +95,9 @@ def load_callable(ref: str, *, key: str, code_dir: str | None = None, source: st
     return fn
 
 
-def _check_arity(fn: Callable[..., Any], ref: str, *, key: str, n: int, shape: str, source: str | None) -> None:
+def _check_arity(fn: Callable[..., Any], ref: str, *, key: str, n: int, shape: str, source: str | None, kwargs: Mapping[str, Any] | None = None) -> None:
     try:
-        inspect.signature(fn).bind(*range(n))
+        inspect.signature(fn).bind(*range(n), **(kwargs or {}))
     except TypeError as e:
         raise invalid(key, ref, f"a function called as {shape}", source=source, hint=f"Its signature does not take that: {e}.") from e
     except ValueError:
@@ -101,16 +116,120 @@ def check_spec_code(spec: "StudySpec") -> None:
         _check_arity(fn, spec.trainer, key="study.trainer", n=1, shape="train(ctx)", source=src)
     if spec.model is not None:
         fn = load_callable(spec.model, key="study.model", code_dir=spec.code_dir, source=src)
-        _check_arity(fn, spec.model, key="study.model", n=2, shape="factory(task, config)", source=src)
+        own = param_arguments(fn, first_params(spec))
+        shape = "factory(task, config" + "".join(f", {k}=..." for k in own) + ")"
+        _check_arity(fn, spec.model, key="study.model", n=2, shape=shape, source=src, kwargs=own)
     if spec.command is not None:
         from hposvc.config import TrialConfig
         from hposvc.script import check_command, render
 
-        check_command(list(spec.command), cwd=Path(spec.code_dir or "."), source=src)
+        check_command(list(spec.command), cwd=Path(spec.code_dir or "."), source=src, params=tuple(spec.params))
+        _check_flags(spec)
         # A {field} the command names must exist for every optimizer the study can pick.
         for optimizer in spec.optimizers:
-            render(list(spec.command), TrialConfig(optimizer=optimizer), source=src)
+            render(list(spec.command), TrialConfig(optimizer=optimizer, params=first_params(spec)), source=src)
+    _check_params_taken(spec)
     _check_model(spec)
+
+
+def first_params(spec: "StudySpec") -> dict[str, Any]:
+    """Each of the spec's own dimensions at its first value (a choice's first, a range's low)."""
+    return {name: (dim.values() or (dim.low,))[0] for name, dim in spec.params.items()}
+
+
+def _takes(fn: Callable[..., Any]) -> tuple[set[str], bool]:
+    """The keyword arguments ``fn`` names, and whether it takes any (``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return set(), False
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def param_arguments(fn: Callable[..., Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's own dimensions (``config.params``) that ``fn``'s signature takes, as
+    keyword arguments: those it names, or all of them when it has ``**kwargs``.
+
+    >>> param_arguments(lambda task, config, *, dropout=0.0: None, {"dropout": 0.2, "clip": 1.0})
+    {'dropout': 0.2}
+    """
+    named, anything = _takes(fn)
+    return {k: v for k, v in params.items() if anything or k in named}
+
+
+def _task_factory(spec: "StudySpec") -> Callable[..., Any] | None:
+    if ":" not in spec.task:
+        return None
+    return load_callable(spec.task, key="study.task", code_dir=spec.code_dir, source=spec.source)
+
+
+def task_params(spec: "StudySpec", params: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's own dimensions the spec's task factory takes, from ``params``."""
+    fn = _task_factory(spec) if spec.params else None
+    return {} if fn is None else param_arguments(fn, params)
+
+
+def load_spec_task(spec: "StudySpec", params: Mapping[str, Any] | None = None) -> "Task":
+    """The spec's task, with the user's own dimensions its factory takes as keyword
+    arguments (``params``: a trial's; default: each dimension's first value)."""
+    from hposvc.tasks import load_task
+
+    with _importable_from(spec.code_dir):
+        extra = task_params(spec, first_params(spec) if params is None else params)
+        return load_task(spec.task, seed=spec.seed, options={**spec.task_options, **extra})
+
+
+def trial_task(spec: "StudySpec", task: "Task | None", params: Mapping[str, Any]) -> "Task | None":
+    """The task one trial trains on: ``task`` (the worker's), or the task factory called
+    again when it takes a dimension the spec searches (cached per value by load_task)."""
+    searched = {n for n, d in spec.params.items() if d.searched}
+    if task is None or not searched & set(task_params(spec, params)):
+        return task
+    return load_spec_task(spec, params)
+
+
+def _check_flags(spec: "StudySpec") -> None:
+    """A ``{name?text}`` placeholder needs a true/false dimension."""
+    from hposvc.config import FIELDS
+    from hposvc.script import placeholders_in
+
+    for name, flag in placeholders_in(list(spec.command), source=spec.source, params=tuple(spec.params)).items():
+        if not flag:
+            continue
+        if name in spec.params:
+            values = spec.params[name].values() or (spec.params[name].low,)
+        else:
+            values = (True,) if FIELDS[name].kind == "bool" else (None,)
+        if not all(isinstance(v, bool) for v in values):
+            shown = spec.params[name].to_json() if name in spec.params else f"the field {name!r}"
+            raise invalid(
+                "study.command", list(spec.command), f"{{{name}?...}} flags of true/false dimensions only", source=spec.source,
+                hint=f"{name} is {shown!r}; write [space.params] {name} = [true, false], or use {{{name}}} to pass its value.",
+            )
+
+
+def _check_params_taken(spec: "StudySpec") -> None:
+    """Where hposvc's own loop trains (no trainer, no command), the user's dimensions can
+    only reach the model or task factory: each must be taken by one of them."""
+    if not spec.params or spec.trainer is not None or spec.command is not None:
+        return
+    takers: list[tuple[str, Callable[..., Any]]] = []
+    if spec.model is not None:
+        takers.append((f"the model factory {spec.model}", load_callable(spec.model, key="study.model", code_dir=spec.code_dir, source=spec.source)))
+    if (fn := _task_factory(spec)) is not None:
+        takers.append((f"the task factory {spec.task}", fn))
+    for name, dim in spec.params.items():
+        if any(param_arguments(fn, {name: None}) for _, fn in takers):
+            continue
+        who = " nor ".join(w for w, _ in takers) if takers else "no model or task factory (the spec trains a built-in model)"
+        hint = (
+            f"{who} takes a {name!r} argument, and hposvc's own loop has no use for it. Add {name} to a factory's "
+            "signature (def net(task, config, *, " + name + "=...)), or train with your own [study] trainer or command."
+        )
+        if not takers:
+            hint = f"There is {who}, and hposvc's own loop has no use for {name!r}: name a [study] model or task factory that takes it, or train with your own [study] trainer or command."
+        raise invalid(f"space.params.{name}", dim.to_json(), "a dimension your code takes", source=spec.source, hint=hint)
 
 
 def check_runnable(spec: "StudySpec") -> None:
@@ -242,7 +361,7 @@ def build_user_model(
     if unknown:
         raise invalid("apply", unknown[0], APPLIED_DIMS)
     ref = name or getattr(factory, "__qualname__", repr(factory))
-    kwargs = _layer_arguments(factory, config, applied)
+    kwargs = {**_layer_arguments(factory, config, applied), **param_arguments(factory, config.params)}
     model = _call_factory(factory, ref, task, config, kwargs)
     norm = None if "norm_layer" in kwargs else applied.get("norm")
     activation = None if "activation_layer" in kwargs else applied.get("activation")
@@ -266,14 +385,13 @@ def _check_model(spec: "StudySpec") -> None:
     identical trials."""
     from hposvc.config import TASK_INPUT_SHAPES, check_family
     from hposvc.space import first_config
-    from hposvc.tasks import load_task
 
     src = spec.source
     family_dim = spec.dims.get("family")
     needs_task = spec.model is not None or spec.task in _FILE_TASKS or (family_dim is not None and spec.task not in TASK_INPUT_SHAPES)
     if not needs_task or spec.command is not None:
         return
-    task = load_task(spec.task, seed=spec.seed, options=spec.task_options)  # bad data: InvalidInputError naming the file
+    task = load_spec_task(spec)  # bad data: InvalidInputError naming the file
     if spec.model is None:
         if spec.trainer is None:
             for family in family_dim.values() if family_dim is not None else (task.family,):
@@ -282,7 +400,7 @@ def _check_model(spec: "StudySpec") -> None:
     config = first_config(spec, task_defaults={"depth": task.default_depth, "width": task.default_width})
     applied = applied_dims(spec, config)
     fn = load_callable(spec.model, key="study.model", code_dir=spec.code_dir, source=src)
-    kwargs = _layer_arguments(fn, config, applied)
+    kwargs = {**_layer_arguments(fn, config, applied), **param_arguments(fn, config.params)}
     try:
         model = _call_factory(fn, spec.model, task, config, kwargs)
     except TrainingError as e:

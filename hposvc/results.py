@@ -76,11 +76,13 @@ def best_config(name: str, *, storage: str | None = None) -> Best:
 
 def trials(name: str, *, storage: str | None = None, states: tuple[str, ...] | None = None) -> "pd.DataFrame":
     """One row per trial of study ``name``: number, state, value, duration, reason, device,
-    worker, then every TrialConfig field as its own column (``optimizer``, ``lr``, ...)."""
+    worker, then every TrialConfig field as its own column (``optimizer``, ``lr``, ...),
+    then the user's own dimensions (``[space.params]``, e.g. ``dropout``)."""
     import pandas as pd
 
     study = load_study(name, storage=storage)
     rows = []
+    user_columns: list[str] = []  # [space.params] names, after hposvc's own fields
     for t in study.get_trials(deepcopy=False):
         if states is not None and t.state.name not in states:
             continue
@@ -95,9 +97,14 @@ def trials(name: str, *, storage: str | None = None, states: tuple[str, ...] | N
             "worker": t.user_attrs.get(records.WORKER),
         }
         config = t.user_attrs.get(records.CONFIG) or {}
-        row.update({k: v for k, v in config.items() if k != "extra"})
+        row.update({k: v for k, v in config.items() if k not in ("extra", "params")})
+        own = config.get("params") or {}
+        row.update(own)
+        for name in own:
+            if name not in user_columns:
+                user_columns.append(name)
         rows.append(row)
-    columns = list(TRIAL_COLUMNS) + [f for f in TrialConfig.__dataclass_fields__ if f != "extra"]
+    columns = list(TRIAL_COLUMNS) + [f for f in TrialConfig.__dataclass_fields__ if f not in ("extra", "params")] + user_columns
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -1,7 +1,8 @@
 """Script trials: run the user's own training command and read its metric lines.
 
 A script study's ``command`` is an argument list with ``{field}`` placeholders for the
-trial's :class:`~hposvc.config.TrialConfig` fields. Each trial renders it, runs it in its
+trial's :class:`~hposvc.config.TrialConfig` fields and the spec's own dimensions
+(``[space.params]``: ``{dropout}``; ``{tied?--tied}`` for a flag present when true). Each trial renders it, runs it in its
 own process group and reads stdout line by line; a line of the form
 
     hposvc: {"epoch": 3, "val_accuracy": 0.91, "val_loss": 0.3}
@@ -51,6 +52,7 @@ __all__ = [
     "ScriptResult",
     "check_command",
     "fields_in",
+    "placeholders_in",
     "parse_line",
     "render",
     "report",
@@ -167,9 +169,10 @@ def report(epoch: int, **metrics: float) -> None:
 # -- the command ---------------------------------------------------------------------
 
 
-def _split(arg: str, index: int, source: str | None) -> list[str | tuple[str]]:
-    """``arg`` as literal text and ``(field,)`` placeholders; bad braces raise."""
-    parts: list[str | tuple[str]] = []
+def _split(arg: str, index: int, source: str | None, params: Sequence[str] = ()) -> list[str | tuple[str, str | None]]:
+    """``arg`` as literal text and ``(name, flag)`` placeholders (``flag``: the text of a
+    ``{name?text}`` placeholder, else None); bad braces and unknown names raise."""
+    parts: list[str | tuple[str, str | None]] = []
     pos = 0
     for m in _TOKEN.finditer(arg):
         parts.append(arg[pos : m.start()])
@@ -177,16 +180,19 @@ def _split(arg: str, index: int, source: str | None) -> list[str | tuple[str]]:
         token = m.group(0)
         if token in ("{{", "}}"):
             parts.append(token[0])
-        elif m.group(1) in FIELDS:
-            parts.append((m.group(1),))
-        else:
-            raise invalid(
-                f"command[{index}]",
-                arg,
-                f"an argument whose {{placeholders}} are TrialConfig fields ({', '.join(FIELDS)})",
-                source=source,
-                hint=f"{token!r} is not one of them; write {{{{ and }}}} for a literal brace.",
-            )
+            continue
+        name, question, flag = (m.group(1) or "").partition("?")
+        if m.group(1) is not None and (name in FIELDS or name in params):
+            parts.append((name, flag if question else None))
+            continue
+        own = f" or the spec's [space.params] ({', '.join(params)})" if params else ""
+        raise invalid(
+            f"command[{index}]",
+            arg,
+            f"an argument whose {{placeholders}} are TrialConfig fields ({', '.join(FIELDS)}){own}",
+            source=source,
+            hint=f"{token!r} is not one of them; write {{{{ and }}}} for a literal brace, and {{name?--flag}} for a flag present when name is true.",
+        )
     parts.append(arg[pos:])
     return parts
 
@@ -199,13 +205,22 @@ def _check_list(command: Any, source: str | None) -> None:
             raise invalid(f"command[{i}]", arg, "a string", source=source)
 
 
-def fields_in(command: Sequence[str], *, source: str | None = None) -> set[str]:
-    """The TrialConfig fields ``command`` names; a bad placeholder raises InvalidInputError.
-
-    ``source`` (e.g. the spec file) prefixes error messages.
-    """
+def placeholders_in(command: Sequence[str], *, source: str | None = None, params: Sequence[str] = ()) -> dict[str, bool]:
+    """The names ``command``'s placeholders use, each with whether some use of it is a
+    ``{name?flag}`` (which needs a true/false value); a bad placeholder raises."""
     _check_list(command, source)
-    return {p[0] for i, arg in enumerate(command) for p in _split(arg, i, source) if isinstance(p, tuple)}
+    out: dict[str, bool] = {}
+    for i, arg in enumerate(command):
+        for part in _split(arg, i, source, params):
+            if isinstance(part, tuple):
+                out[part[0]] = out.get(part[0], False) or part[1] is not None
+    return out
+
+
+def fields_in(command: Sequence[str], *, source: str | None = None, params: Sequence[str] = ()) -> set[str]:
+    """The TrialConfig fields (and ``params`` names) ``command`` names; a bad placeholder
+    raises InvalidInputError. ``source`` (e.g. the spec file) prefixes error messages."""
+    return set(placeholders_in(command, source=source, params=params))
 
 
 def _missing_hint(name: str, config: TrialConfig) -> str:
@@ -219,24 +234,43 @@ def _missing_hint(name: str, config: TrialConfig) -> str:
 
 
 def render(command: Sequence[str], config: TrialConfig, *, source: str | None = None) -> list[str]:
-    """``command`` with each ``{field}`` replaced by ``config``'s value.
+    """``command`` with each ``{name}`` replaced by ``config``'s value: a field, or one of
+    the user's own dimensions (``config.params``).
 
     Floats are written with ``repr`` so no digit is lost; ``{{`` and ``}}`` are literal
-    braces. A field this config leaves None (``{momentum}`` with Adam) raises
-    :class:`~hposvc.errors.InvalidInputError` naming the field and the optimizer.
+    braces. ``{name?text}`` is ``text`` when ``name`` is true and nothing when it is false;
+    an argument that is nothing but such flags, all false, is left out, so
+    ``"{tied?--tied}"`` passes ``--tied`` or no argument at all. A field this config leaves
+    None (``{momentum}`` with Adam) raises :class:`~hposvc.errors.InvalidInputError`
+    naming the field and the optimizer.
+
+    >>> render(["train.py", "--dropout={dropout}", "{tied?--tied}"], TrialConfig(params={"dropout": 0.5, "tied": False}))
+    ['train.py', '--dropout=0.5']
     """
     _check_list(command, source)
+    params = config.params
     out = []
     for i, arg in enumerate(command):
-        text = []
-        for part in _split(arg, i, source):
+        text, only_flags, shown = [], True, False
+        for part in _split(arg, i, source, tuple(params)):
             if isinstance(part, str):
                 text.append(part)
+                only_flags = only_flags and not part
                 continue
-            value = getattr(config, part[0])
+            name, flag = part
+            value = params[name] if name in params else getattr(config, name)
             if value is None:
-                raise invalid(f"command[{i}]", arg, "an argument whose fields this trial sets", source=source, hint=_missing_hint(part[0], config))
+                raise invalid(f"command[{i}]", arg, "an argument whose fields this trial sets", source=source, hint=_missing_hint(name, config))
+            if flag is not None:
+                if not isinstance(value, bool):
+                    raise invalid(f"command[{i}]", arg, f"a {{{name}?...}} flag of a true/false dimension", source=source, hint=f"{name} is {value!r} in this trial.")
+                text.append(flag if value else "")
+                shown = shown or value
+                continue
+            only_flags = False
             text.append(repr(value) if isinstance(value, float) else str(value))
+        if only_flags and not shown:
+            continue  # a flag that is off: no argument at all
         out.append("".join(text))
     return out
 
@@ -249,12 +283,12 @@ def _executable(name: str, cwd: Path, path: str | None = None) -> str | None:
     return shutil.which(name, path=path)
 
 
-def check_command(command: Sequence[str], *, cwd: str | os.PathLike[str], source: str | None = None) -> None:
+def check_command(command: Sequence[str], *, cwd: str | os.PathLike[str], source: str | None = None, params: Sequence[str] = ()) -> None:
     """Validate a spec's ``command`` before any trial runs: a non-empty list of strings,
-    placeholders that are TrialConfig fields, and an executable that exists (a path
-    relative to ``cwd``, or a name on PATH). Raises InvalidInputError.
+    placeholders that are TrialConfig fields or ``params`` names, and an executable that
+    exists (a path relative to ``cwd``, or a name on PATH). Raises InvalidInputError.
     """
-    fields_in(command, source=source)
+    fields_in(command, source=source, params=params)
     program = command[0]
     if "{" in program.replace("{{", "").replace("}}", ""):
         return  # named by a placeholder: known only per trial

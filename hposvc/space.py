@@ -89,6 +89,8 @@ def suggest_config(
         if name == "optimizer" or name in OPTIMIZER_PARAMS or not _applies(name, values):
             continue
         values[name] = _suggest(trial, name, dim)
+    # 3) the user's own dimensions ([space.params]), under their plain names
+    values["params"] = {name: _suggest(trial, name, dim) for name, dim in spec.params.items()}
     return TrialConfig(**values)
 
 
@@ -189,6 +191,9 @@ def params_for_config(
         if name == "optimizer" or name in OPTIMIZER_PARAMS or not dim.searched or not _applies(name, values):
             continue
         params[name] = _param_value(dim, getattr(config, name))
+    for name, dim in spec.params.items():
+        if dim.searched:
+            params[name] = _param_value(dim, config.params[name])
     return params
 
 
@@ -225,6 +230,12 @@ def _mismatch(config: TrialConfig, spec: StudySpec, task_defaults: Mapping[str, 
         if not dim.contains(getattr(config, name)):
             return f"{name}={getattr(config, name)!r} is outside space.{name} = {dim.to_json()!r}."
         values[name] = getattr(config, name)
+    if set(config.params) != set(spec.params):
+        return f"params={dict(config.params)!r}, but the spec's [space.params] are {sorted(spec.params)}."
+    for name, dim in spec.params.items():
+        if not dim.contains(config.params[name]):
+            return f"{name}={config.params[name]!r} is outside space.params.{name} = {dim.to_json()!r}."
+    values["params"] = config.params
     # Whatever the spec does not set must be what TrialConfig fills in by itself.
     try:
         rebuilt = TrialConfig(**values)

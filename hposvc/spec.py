@@ -31,10 +31,16 @@ The format (every key; ``[study] name`` and ``task`` are required)::
     [space]                      # any TrialConfig field, fixed / list / range
     optimizer_defaults = "auto"  # what unmentioned optimizer numbers do: auto | search | fixed
     [space.optimizers.adam]      # per-optimizer lr/momentum/beta1/beta2/eps/rho/weight_decay
+    [space.params]               # your own dimensions, any name that is not one of hposvc's fields:
+    dropout = { low = 0.0, high = 0.5 }   # passed as {dropout} to a command, ctx.params["dropout"]
+    hidden = [128, 256]                   # to a trainer, and dropout=... to a model or task factory
+    tied = [true, false]                  # whose signature names it; "{tied?--tied}" in a command
+                                          # is --tied when true and no argument when false
 
 A dimension is a scalar (fixed), a list (one of these values) or a table
 ``{low, high, log = false, step}`` (a range, both ends included; integer fields take
-integer ranges). Paths in ``[task] path`` and ``[model] pretrained_path`` are relative to
+integer ranges, and a ``[space.params]`` range of integers stays integer). Each
+TrialConfig field's values are checked by its rule in :data:`hposvc.config.FIELDS`. Paths in ``[task] path`` and ``[model] pretrained_path`` are relative to
 the spec file. A ``[model] family`` must fit the task's inputs (digits' 64 pixels are
 1×8×8 images for cnn2d and resnet), and every searched norm must suit each family.
 

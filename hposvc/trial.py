@@ -81,6 +81,7 @@ class TrialJob:
         self.snapshot = env.snapshot if env.snapshot is not None and env.snapshot.serves(env.study.pruner) else None
         self.frozen: Any = None  # this trial as the local pruner sees it
         self.run: TrialRun | None = None
+        self.task: Task | None = env.task  # the task this trial trains on (start may load its own)
         self.ctx: TrialContext | None = None
         self.ended = False
         self.init_std: list[float | None] | None = None
@@ -94,6 +95,7 @@ class TrialJob:
         trial, dev = self.trial, self.device
         defaults = {} if task is None else {"depth": task.default_depth, "width": task.default_width}
         config = suggest_config(trial, self.spec, task_defaults=defaults)
+        task = self.task = plugins.trial_task(self.spec, task, config.params)  # a task factory may take a searched dimension
         trial_id = queue.trial_id(trial)
 
         def remember_run(run_id: str) -> None:
@@ -394,7 +396,7 @@ def run_trial(env: TrialEnv, trial: "optuna.Trial") -> str:
     with queue.heartbeat([trial]):
         try:
             job.start(env.task)
-            return job.finish(_runner(env.spec)(job, env.task))
+            return job.finish(_runner(env.spec)(job, job.task))
         except STOPS as e:
             job.fail(e)
             raise

@@ -88,7 +88,7 @@ def run_worker(
     >>> hposvc.run_worker("digits-quick", max_trials=4)  # doctest: +SKIP
     """
     from hposvc.devices import resolve_device
-    from hposvc.tasks import load_task
+    from hposvc.plugins import load_spec_task
     from hposvc.trial import CompletedTrials, TrialEnv, run_population, run_trial
 
     url = resolve_storage_url(storage, data_dir=data_dir)
@@ -107,7 +107,7 @@ def run_worker(
     info = records.study_info(study)
     n_trials = info.n_trials or spec.n_trials
     tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir)
-    task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
+    task = load_spec_task(spec)  # [task] options, and the [space.params] its factory takes
     k = population_size(population if population is not None else spec.population, device=device, task=task)
     trials_dir = resolve_data_dir(data_dir) / "trials" / (info.uid or study.study_name)
 
