@@ -120,16 +120,35 @@ def check_spec_code(spec: "StudySpec") -> None:
         shape = "factory(task, config" + "".join(f", {k}=..." for k in own) + ")"
         _check_arity(fn, spec.model, key="study.model", n=2, shape=shape, source=src, kwargs=own)
     if spec.command is not None:
-        from hposvc.config import TrialConfig
         from hposvc.script import check_command, render
 
         check_command(list(spec.command), cwd=Path(spec.code_dir or "."), source=src, params=tuple(spec.params))
         _check_flags(spec)
-        # A {field} the command names must exist for every optimizer the study can pick.
-        for optimizer in spec.optimizers:
-            render(list(spec.command), TrialConfig(optimizer=optimizer, params=first_params(spec)), source=src)
+        # A {field} the command names must be set in every trial the spec can produce.
+        for config in _corner_configs(spec):
+            render(list(spec.command), config, source=src)
     _check_params_taken(spec)
     _check_model(spec)
+
+
+def _corner_configs(spec: "StudySpec") -> "list[TrialConfig]":
+    """Configs of ``spec``'s space that between them take every value of each field that
+    decides whether another is set: each optimizer (its numbers) and each value of init,
+    norm, schedule and family (the conditional fields). A {field} set in all of them is
+    set in every trial."""
+    from hposvc.config import CONDITIONAL, FIELDS
+    from hposvc.space import first_config
+
+    base = first_config(spec)
+    configs = [base.replace(optimizer=o) for o in spec.optimizers]
+    for owner in dict.fromkeys(owner for owner, _ in CONDITIONAL.values()):
+        dim = spec.dims.get(owner)
+        for value in dim.values() if dim is not None else (FIELDS[owner].default,):
+            try:
+                configs.append(base.replace(**{owner: value}))
+            except InvalidInputError:
+                continue  # not a trial this spec can produce (e.g. pretrained without its path)
+    return configs
 
 
 def first_params(spec: "StudySpec") -> dict[str, Any]:
@@ -392,6 +411,11 @@ def _check_model(spec: "StudySpec") -> None:
     if not needs_task or spec.command is not None:
         return
     task = load_spec_task(spec)  # bad data: InvalidInputError naming the file
+    if task.kind == "regression" and spec.metric == "val_accuracy" and spec.trainer is None:
+        raise invalid(
+            "study.metric", spec.metric, ("val_loss",), source=src,
+            hint=f"Task {spec.task!r} is a regression (its targets are not class labels), so it has no accuracy; use val_loss, or give [task] kind.",
+        )
     if spec.model is None:
         if spec.trainer is None:
             for family in family_dim.values() if family_dim is not None else (task.family,):

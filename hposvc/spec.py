@@ -803,7 +803,7 @@ class _TaskTable(_Reader):
         return dict(sorted(options.items()))
 
     def metric(self, task: str, options: Mapping[str, Any], metric: Any) -> str:
-        regression = task == "tabular" and options.get("kind") == "regression"
+        regression = task in ("tabular", "arrays") and options.get("kind") == "regression"
         if metric is MISSING:
             # Accuracy where the task is known to classify; loss works for every kind.
             kind = options.get("kind")

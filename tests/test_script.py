@@ -381,3 +381,47 @@ def test_sigterm_to_the_worker_leaves_no_orphans(tmp_path: Path) -> None:
     finally:
         worker.kill()
         worker.wait()
+
+
+# -- placeholders are checked against the spec's space, not TrialConfig's defaults ----------
+
+
+def _command_spec(command: list[str], *, space: dict | None = None, train: dict | None = None):
+    from hposvc.spec import parse_spec
+
+    data = {"study": {"name": "s", "task": "moons", "command": [sys.executable, *command]}, "space": space or {}, "train": train or {}}
+    return parse_spec(data, source="s.toml")
+
+
+@pytest.mark.parametrize(
+    ("arg", "train", "space"),
+    [
+        ("--warmup={warmup}", {"schedule": "warmup_cosine"}, {}),
+        ("--std={init_std}", {}, {"init": "normal"}),
+        ("--std={init_std}", {}, {"init": ["normal", "uniform"]}),
+        ("--groups={norm_groups}", {}, {"norm": "group"}),
+        ("--momentum={momentum}", {}, {"optimizer": ["momentum", "nesterov"]}),
+    ],
+)
+def test_a_placeholder_the_spec_sets_is_accepted(arg: str, train: dict, space: dict) -> None:
+    from hposvc.plugins import check_spec_code
+
+    check_spec_code(_command_spec(["-c", "pass", arg], train=train, space=space))
+
+
+@pytest.mark.parametrize(
+    ("arg", "train", "space", "says"),
+    [
+        ("--warmup={warmup}", {}, {}, "'warmup' only applies when schedule is one of ('warmup_cosine',)"),
+        ("--std={init_std}", {}, {"init": ["normal", "he_normal"]}, "init='he_normal'"),
+        ("--momentum={momentum}", {}, {"optimizer": ["sgd", "momentum"]}, "Optimizer 'sgd' does not use 'momentum'"),
+        ("--family={family}", {}, {}, "It is not set for this trial"),
+    ],
+)
+def test_a_placeholder_some_trial_leaves_unset_is_refused(arg: str, train: dict, space: dict, says: str) -> None:
+    from hposvc.plugins import check_spec_code
+
+    with pytest.raises(InvalidInputError) as e:
+        check_spec_code(_command_spec(["-c", "pass", arg], train=train, space=space))
+    assert str(e.value).startswith("s.toml: the 'command[3]' parameter"), str(e.value)
+    assert says in str(e.value), str(e.value)

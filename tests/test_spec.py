@@ -11,7 +11,7 @@ import pytest
 
 from contract_spec import CONTRACT_SPEC
 from hposvc.config import OPTIMIZERS
-from hposvc.errors import SpecError
+from hposvc.errors import InvalidInputError, SpecError
 from hposvc.spec import DEFAULT_RANGES, Dim, StudySpec, default_lr_dim, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -380,3 +380,28 @@ def test_spec_module_stays_light() -> None:
     code = "import sys, hposvc.spec; print(sorted({'torch', 'optuna', 'mlflow'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_regression_has_no_accuracy_for_arrays_too(tmp_path: Path) -> None:
+    """arrays with kind = "regression" and metric val_accuracy used to pass validation, and
+    then every trial failed."""
+    text = HEAD.replace('task = "digits"', 'task = "arrays"\nmetric = "val_accuracy"') + '[task]\npath = "a.npz"\nkind = "regression"\n'
+    assert 'task = "arrays"' in text
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert "'study.metric'" in str(info.value) and "use val_loss" in str(info.value)
+
+
+def test_a_detected_regression_has_no_accuracy_either(tmp_path: Path) -> None:
+    """Without [task] kind, float targets make arrays a regression: found at validate."""
+    import numpy as np
+
+    from hposvc.plugins import check_runnable
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "a.npz", x_train=rng.normal(size=(40, 3)).astype("float32"), y_train=rng.normal(size=40).astype("float32"))
+    text = HEAD.replace('task = "digits"', 'task = "arrays"\nmetric = "val_accuracy"') + '[task]\npath = "a.npz"\n'
+    spec = load_spec(write(tmp_path, text))
+    with pytest.raises(InvalidInputError) as info:
+        check_runnable(spec)
+    assert "'study.metric'" in str(info.value) and "regression" in str(info.value), str(info.value)
