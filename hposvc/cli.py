@@ -283,6 +283,7 @@ def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, d
             progress=not quiet,
         )
     emit_run(result, as_json=as_json, title=f"study {result.study_name}")
+    click.echo(f"Inspect it in MLflow: {_where_to_look(result.study_name, data_dir=data_dir, tracking_uri=result.tracking_uri)}", err=True)
 
 
 @study.command("create")
@@ -531,23 +532,65 @@ def storage_serve(storage: str, data_dir: str | None, host: str, port: int, allo
 
 
 @main.command("ui")
+@click.argument("study_name", metavar="[STUDY]", required=False)
 @click.option("--data-dir", envvar="HPOSVC_DATA_DIR", type=click.Path(file_okay=False))
 @tracking_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
-def ui(data_dir: str | None, tracking_uri: str | None, host: str, port: int) -> None:
-    """Open the MLflow UI on the configured tracking store."""
+def ui(study_name: str | None, data_dir: str | None, tracking_uri: str | None, host: str, port: int) -> None:
+    """Open the MLflow UI on the configured tracking store; prints the page to open (with
+    STUDY: that study's training runs, best first).
+
+    \b
+    Example:
+      hposvc ui quickstart
+    """
     from hposvc.storage import artifact_location, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
-    if uri.startswith(("http://", "https://")):
-        click.echo(f"The tracking store is a server: open {uri} in a browser.", err=True)
+    server = uri.startswith(("http://", "https://"))
+    base = uri if server else f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    url = _ui_url(uri, base, study_name)
+    click.echo(url)
+    if server:
+        click.echo(f"The tracking store is a server: open {url} in a browser.", err=True)
         return
     args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         args += ["--default-artifact-root", artifact_location(data_dir)]
-    click.echo(f"MLflow UI on http://{host}:{port} (store {uri})", err=True)
+    click.echo(f"MLflow UI on {base} (store {uri}); open {url}", err=True)
+    sys.stdout.flush()
     os.execv(sys.executable, args)
+
+
+def _ui_url(uri: str, base: str, study_name: str | None) -> str:
+    """The MLflow UI page for ``study_name`` (its training runs), or the experiments list."""
+    from hposvc.dashboard import WORKFLOW_TYPE, study_runs_url
+    from hposvc.tracking import experiment_name, mlflow_client
+
+    if study_name is None:
+        return f"{base.rstrip('/')}/#/experiments?workflowType={WORKFLOW_TYPE}"
+    url = study_runs_url(mlflow_client(uri), base, experiment_name(study_name))
+    if url is None:
+        raise InvalidInputError(
+            f"the 'STUDY' argument of hposvc ui names a study with no MLflow experiment in {uri}: got {study_name!r}. "
+            "Run it first (`hposvc study run SPEC`), or check --data-dir / --tracking-uri (`hposvc study list` names the studies)."
+        )
+    return url
+
+
+def _where_to_look(study_name: str, *, data_dir: str | None, tracking_uri: str) -> str:
+    """Where ``hposvc study run`` tells the user to look: the study's runs page on a
+    tracking server, else the ``hposvc ui`` command that serves it."""
+    import shlex
+
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            return _ui_url(tracking_uri, tracking_uri, study_name)
+        except Exception:  # noqa: BLE001 (the server went away: the hint is not worth failing for)
+            return tracking_uri
+    where = f" --data-dir {shlex.quote(data_dir)}" if data_dir else ""
+    return f"hposvc ui {shlex.quote(study_name)}{where}"
 
 
 # -- report --

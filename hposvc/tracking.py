@@ -363,24 +363,30 @@ class Tracker:
         record.status, record.end_time = "FAILED", _now_ms()
         self._deliver(record, replay=True)
 
-    def finish_study(self, study: "optuna.Study", *, plots: bool = True) -> None:
-        """End the parent run with the best value, best config and plots."""
+    def trial_finished(self, study: "optuna.Study", trial_number: int) -> None:
+        """After a trial ended (COMPLETE or PRUNED): the parent run's ``best_value`` at
+        step ``trial_number`` (the live optimisation history; :mod:`hposvc.dashboard`)."""
+        self._submit(lambda: self._log_best_value(study, trial_number))
+
+    def _log_best_value(self, study: "optuna.Study", trial_number: int) -> None:
+        from hposvc import dashboard
+
+        if not self.online:
+            return  # the study's end fills the points it missed
+        try:
+            dashboard.log_best_value(self.client, self.parent_run_id(), study, trial_number)
+        except Exception as e:  # noqa: BLE001
+            self._went_offline(e)
+
+    def finish_study(self, study: "optuna.Study", *, plots: bool = True, plan: str | None = None) -> None:
+        """End the parent run with the study's summary (:func:`hposvc.dashboard.summarise_study`)."""
+        from hposvc import dashboard
+
         if not self.online:
             return
         try:
-            from mlflow.entities import Metric
-
             run_id = self.parent_run_id()
-            best = records.best_trial(study)
-            now = _now_ms()
-            metrics = [Metric(f"n_{state.lower()}", float(n), now, 0) for state, n in records.counts(study).by_state.items()]
-            if best is not None:
-                metrics.append(Metric("best_value", float(best.value), now, 0))
-                self.client.log_dict(run_id, best.user_attrs.get(records.CONFIG, {}), "best_config.json")
-                self.client.set_tag(run_id, "hposvc.best_trial", str(best.number))
-            self.client.log_batch(run_id, metrics=metrics)
-            if plots and best is not None:
-                _log_study_plots(self.client, run_id, study)
+            dashboard.summarise_study(self.client, run_id, study, plan=plan, plots=plots)
             self.client.set_terminated(run_id, "FINISHED")
         except Exception as e:  # noqa: BLE001
             self._went_offline(e)
@@ -595,7 +601,20 @@ def open_tracker(study: "optuna.Study", *, spec: Mapping[str, Any], tracking_uri
     parent = tracker.start_study(spec=spec)
     if parent and info.parent_run_id != parent:
         study.set_user_attr(records.PARENT_RUN_ID, parent)
+    if parent:
+        _setup_experiment(tracker, study)
     return tracker
+
+
+def _setup_experiment(tracker: Tracker, study: "optuna.Study") -> None:
+    """The experiment opens on its training runs and describes the study (once per study)."""
+    from hposvc import dashboard
+
+    try:
+        info = records.study_info(study)
+        dashboard.setup_experiment(tracker.client, tracker.experiment_id(), study=info.name, metric=info.metric, direction=study.direction.name.lower())
+    except Exception as e:  # noqa: BLE001 (an outage must not stop the study)
+        tracker._went_offline(e)
 
 
 def _is_outage(e: BaseException) -> bool:
@@ -612,36 +631,6 @@ def _is_outage(e: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def _log_study_plots(client: "MlflowClient", run_id: str, study: "optuna.Study") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-    from optuna.importance import PedAnovaImportanceEvaluator
-
-    plots = {
-        "plots/optimization_history.png": ovm.plot_optimization_history,
-        "plots/slice.png": ovm.plot_slice,
-        # PED-ANOVA: Optuna's fast importance evaluator (milliseconds where fANOVA's random
-        # forest takes seconds, on the critical path of every study's end).
-        "plots/param_importances.png": lambda study: ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()),
-    }
-    import warnings
-
-    for path, plot in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "experimental" and few-trial warnings
-                ax = plot(study)
-        except Exception as e:  # noqa: BLE001 (e.g. importance needs ≥ 2 completed trials)
-            log.info("skipped %s: %s", path, _short(e))
-            continue
-        fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
-        client.log_figure(run_id, fig, path)
-        plt.close(fig)
 
 
 def _now_ms() -> int:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from hposvc import interrupts, plugins, queue, records
 from hposvc.config import TrialConfig
 from hposvc.context import TrialContext
+from hposvc.dashboard import VALUE_METRIC
 from hposvc.errors import TrainingError, TrialPruned
 from hposvc.interrupts import STOPS
 from hposvc.storage import with_retries
@@ -196,7 +197,11 @@ class TrialJob:
             with_retries(lambda: self.study.tell(self.trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True), what="storing the trial's result")
         for path, text in outcome.artifacts.items():
             self.run.add_text(path, text)
-        self.run.end(state, reason=reason, metrics={f"final_{k}": v for k, v in outcome.final.items()})
+        final = {f"final_{k}": v for k, v in outcome.final.items()}
+        if outcome.completed:
+            final[VALUE_METRIC] = outcome.final[self.spec.metric]  # what Optuna was told, under one name
+        self.run.end(state, reason=reason, metrics=final)
+        self.tracker.trial_finished(self.study, self.trial.number)
         self.ended = True
         return state
 

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"records", "proxy"},
     # what a trial trains: the stages below the service
     {"devices", "spec", "space", "tasks", "nn", "optim", "train", "probes", "population", "context", "plugins", "script"},
-    {"queue", "tracking"},
+    {"queue", "tracking", "dashboard"},
     {"trial"},
     {"worker"},
     {"study", "results"},
