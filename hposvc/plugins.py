@@ -49,6 +49,7 @@ __all__ = [
     "load_callable",
     "load_spec_task",
     "model_factory",
+    "norm_classes",
     "param_arguments",
     "task_params",
     "trial_task",
@@ -305,14 +306,32 @@ def model_factory(
         return build_builtin
     fn = load_callable(spec.model, key="study.model", code_dir=spec.code_dir, source=spec.source)
     applied = applied_dims(spec, config)
+    classes = norm_classes(spec)
 
     def build_user() -> "torch.nn.Module":
-        model, report = build_user_model(fn, task, config, apply=applied, name=spec.model)
+        model, report = build_user_model(fn, task, config, apply=applied, name=spec.model, norm_classes=classes)
         if on_built is not None:
             on_built(model, report)
         return model
 
     return build_user
+
+
+def norm_classes(spec: "StudySpec") -> "tuple[type[torch.nn.Module], ...]":
+    """The classes ``[model] norm_classes`` names (``"module:Class"``), imported like the
+    model factory: the user's norm layers that hposvc's rule does not recognise."""
+    from torch import nn
+
+    out = []
+    for ref in getattr(spec, "norm_classes", ()):
+        cls = load_callable(ref, key="model.norm_classes", code_dir=spec.code_dir, source=spec.source)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise invalid(
+                "model.norm_classes", ref, "'module:Class' of an nn.Module subclass", source=spec.source,
+                hint=f"{ref} is a {type(cls).__name__}, not a torch.nn.Module class: name the norm layer's class.",
+            )
+        out.append(cls)
+    return tuple(out)
 
 
 def _layer_arguments(fn: Callable[..., Any], config: "TrialConfig", applied: dict[str, str]) -> dict[str, Any]:
@@ -360,11 +379,13 @@ def build_user_model(
     *,
     apply: "Mapping[str, str] | Iterable[str]" = (),
     name: str | None = None,
+    norm_classes: "Iterable[type[torch.nn.Module]]" = (),
 ) -> "tuple[torch.nn.Module, ConversionReport]":
     """``factory(task, config)`` with ``config``'s values of the dimensions in ``apply``
     (``"norm"``, ``"activation"``, ``"init"``) applied, as a trial of a spec that sets
     them builds it; returns the model and what conversion changed. ``name`` names the
-    factory in errors.
+    factory in errors; ``norm_classes`` are the model's own norm classes that
+    :func:`hposvc.nn.convert`'s rule misses.
 
     >>> from torch import nn
     >>> from hposvc.config import TrialConfig
@@ -393,6 +414,7 @@ def build_user_model(
         norm_groups=config.norm_groups if norm == "group" else None,
         init_std=config.init_std if init in ("normal", "uniform") else None,
         pretrained_path=config.pretrained_path if init == "pretrained" else None,
+        norm_classes=norm_classes,
     )
 
 
@@ -431,6 +453,15 @@ def _check_model(spec: "StudySpec") -> None:
         raise invalid("study.model", spec.model, "a factory that builds a model for this task", source=src, hint=f"Building one to check the spec failed: {e}") from e
     from hposvc.nn import convert_with_report
 
+    classes = norm_classes(spec)
+    if classes and "norm" in applied and "norm_layer" not in kwargs:
+        present = {type(m) for m in model.modules()}
+        for ref, cls in zip(spec.norm_classes, classes):
+            if not any(issubclass(t, cls) for t in present):
+                raise invalid(
+                    "model.norm_classes", ref, f"a class the model of {spec.model} has layers of", source=src,
+                    hint=f"The model built to check the spec has no {cls.__name__} layer.",
+                )
     for name in applied:
         if f"{name}_layer" in kwargs:
             continue  # the factory builds these layers itself
@@ -438,6 +469,6 @@ def _check_model(spec: "StudySpec") -> None:
         # init: a scheme that sets weights, if the spec has one (default and pretrained set none)
         value = next((v for v in values if v not in ("default", "pretrained")), values[0]) if name == "init" else values[0]
         try:
-            convert_with_report(copy.deepcopy(model), **{name: value})
+            convert_with_report(copy.deepcopy(model), **{name: value}, norm_classes=classes if name == "norm" else ())
         except InvalidInputError as e:
             raise InvalidInputError(f"{src}: [space] {name} cannot act on the model of {spec.model}: {e}") from e

@@ -173,13 +173,15 @@ def build_training(
     model: "str | Callable[..., torch.nn.Module] | None" = None,
     apply: "Iterable[str]" = (),
     code_dir: str | None = None,
+    norm_classes: "Iterable[str | type[torch.nn.Module]]" = (),
 ) -> Trainable:
     """Turn a TrialConfig into a model + optimizer for a task, to train it yourself.
 
     The model is the built-in family (``config.family``, else the task's), or your factory
     ``model`` (``"module:function"`` or the function, called as ``model(task, config)``)
     with ``config``'s values of the dimensions in ``apply`` put in, as the study's trials
-    built it: pass the ones your spec set, e.g. ``apply=("norm", "activation", "init")``.
+    built it: pass the ones your spec set, e.g. ``apply=("norm", "activation", "init")``,
+    and its ``[model] norm_classes`` (``"module:Class"`` or the classes) as ``norm_classes``.
 
     >>> best = hposvc.best_config("digits-quick")                      # doctest: +SKIP
     >>> t = hposvc.build_training(best.config, "digits")               # doctest: +SKIP
@@ -202,7 +204,10 @@ def build_training(
         net = build_model(loaded, config)
     else:
         factory = load_callable(model, key="model", code_dir=code_dir) if isinstance(model, str) else model
-        net, _ = build_user_model(factory, loaded, config, apply=tuple(apply), name=model if isinstance(model, str) else None)
+        classes = [load_callable(c, key="norm_classes", code_dir=code_dir) if isinstance(c, str) else c for c in norm_classes]
+        net, _ = build_user_model(
+            factory, loaded, config, apply=tuple(apply), name=model if isinstance(model, str) else None, norm_classes=classes
+        )
     net = net.to(dev)
     optimizer = build_optimizer(net.parameters(), config)
     steps = config.epochs * math.ceil(len(loaded.x_train) / config.batch_size)

@@ -133,7 +133,7 @@ def _affine(t: torch.Tensor | None, layout: str, ndim: int) -> torch.Tensor | fl
 def _run(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     try:
         with torch.no_grad():
-            y = module(x)
+            y = module(x.clone())  # a forward that works in place must not change the probe
     except Exception:  # noqa: BLE001 (the user's forward on an input of the wrong layout: anything can fail)
         return None
     return y if isinstance(y, torch.Tensor) and y.shape == x.shape and y.is_floating_point() else None
