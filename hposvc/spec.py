@@ -27,7 +27,8 @@ The format (every key; ``[study] name`` and ``task`` are required)::
     [train]                      # fixed training settings: epochs, batch_size, schedule, warmup, seed,
                                  # precision (fp32 | bf16 | fp16), channels_last, compile, data (auto | tensors | loader), num_workers, checkpoint_every
     [model]                      # depth, width (channels: the CNN's name for width), pretrained_path,
-                                 # family (mlp | cnn1d | cnn2d | resnet), zero_init_residual (resnet)
+                                 # family (mlp | cnn1d | cnn2d | resnet), zero_init_residual (resnet),
+                                 # norm_classes (["module:Class"]: a model factory's own norms)
     [space]                      # any TrialConfig field, fixed / list / range
     optimizer_defaults = "auto"  # what unmentioned optimizer numbers do: auto | search | fixed
     [space.optimizers.adam]      # per-optimizer lr/momentum/beta1/beta2/eps/rho/weight_decay
@@ -272,9 +273,9 @@ _STUDY_KEYS = (
     "model", "trainer", "command", "code_dir",
 )
 # [train] and [model] fix the fields whose Rule names that table (config.FIELDS);
-# "channels" is the CNN's name for width.
+# "channels" is the CNN's name for width; norm_classes names a model factory's own norms.
 _TRAIN_KEYS = tuple(name for name, rule in FIELDS.items() if rule.table == "train")
-_MODEL_KEYS = (*(name for name, rule in FIELDS.items() if rule.table == "model"), "channels")
+_MODEL_KEYS = (*(name for name, rule in FIELDS.items() if rule.table == "model"), "channels", "norm_classes")
 _FIELDS = tuple(FIELDS)
 _SPACE_KEYS = _FIELDS + ("optimizers", "optimizer_defaults", "params")
 _TOP_KEYS = ("study", "task", "train", "model", "space")
@@ -317,6 +318,7 @@ class StudySpec:
     # [space.params]: the user's own dimensions by name, passed to their command, trainer
     # (ctx.params) and factories; Optuna params of the same plain names.
     params: Mapping[str, Dim] = field(default_factory=dict)
+    norm_classes: tuple[str, ...] = ()  # [model] norm_classes: "module:Class" norms of a model factory the rule misses
     # Where user code is imported from and commands run: the spec file's folder unless
     # [study] code_dir says otherwise. A path of this machine, so not part of the hash.
     code_dir: str | None = field(default=None, compare=False)
@@ -465,7 +467,8 @@ class StudySpec:
                 opt: {p: dim.to_json() for p, dim in params.items()}
                 for opt, params in sorted(self.optimizer_overrides.items())
             }
-        return {"study": study, "task": _json_safe(dict(self.task_options)), "space": space}
+        model = {"model": {"norm_classes": list(self.norm_classes)}} if self.norm_classes else {}
+        return {"study": study, "task": _json_safe(dict(self.task_options)), "space": space, **model}
 
     @property
     def spec_hash(self) -> str:
@@ -868,6 +871,8 @@ class _SpaceTables(_FieldDims):
         self.check_keys("model", model, _MODEL_KEYS)
         family = model.get("family") if isinstance(model.get("family"), str) else TASK_FAMILY.get(task)
         for key, raw in model.items():
+            if key == "norm_classes":
+                continue  # not a trial dimension: _SpecParser.norm_classes reads it
             if key == "channels" and family == "mlp":
                 who = f"{task!r} trains an MLP" if "family" not in model else "[model] family is 'mlp'"
                 raise self.error(
@@ -1041,6 +1046,7 @@ class _SpecParser(_Reader):
         params = _ParamsTable(**readers).parse(space.get("params", {}) if isinstance(space, Mapping) else {})
         if study["sampler"] == "grid":
             self.check_grid(dims, params, overrides, optimizer_defaults, data)
+        norm_classes = self.norm_classes(data.get("model", {}), study["model"])
         return StudySpec(
             task=task,
             task_options=options,
@@ -1050,9 +1056,25 @@ class _SpecParser(_Reader):
             params=params,
             optimizer_overrides=overrides,
             optimizer_defaults=optimizer_defaults,
+            norm_classes=norm_classes,
             source=self.source,
             **study,
         )
+
+    def norm_classes(self, model_table: Mapping[str, Any], model: str | None) -> tuple[str, ...]:
+        """[model] norm_classes: the model factory's own norm classes, as "module:Class"
+        (imported by hposvc.plugins)."""
+        value = model_table.get("norm_classes")
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and _FACTORY_RE.fullmatch(v) for v in value):
+            raise self.error("model.norm_classes", value, "a list of classes named 'package.module:Class'", 'E.g. norm_classes = ["model:LayerNorm"].')
+        if model is None:
+            raise self.error(
+                "model.norm_classes", value, "absent without [study] model",
+                "It names the norm classes of your own model factory; the built-in families use hposvc's layers.",
+            )
+        return tuple(value)
 
     def check_grid(
         self,

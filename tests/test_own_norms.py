@@ -16,9 +16,12 @@ from mlflow import MlflowClient
 from torch import nn
 
 from hposvc.cli import main
-from hposvc.config import NORMS
+from hposvc.config import NORMS, TrialConfig
 from hposvc.errors import InvalidInputError
 from hposvc.nn import ChannelsFirst, ChannelsLast, MapRMSNorm, convert, convert_with_report
+from hposvc.plugins import model_factory
+from hposvc.spec import load_spec
+from hposvc.tasks import load_task
 from hposvc.tracking import experiment_name
 
 import own_norms
@@ -109,6 +112,15 @@ def test_conversion_report_says_how_each_class_was_recognised_and_which_eps_it_c
     assert "eps 0.0003 (attribute variance_epsilon)" in convert_with_report(odd, norm="batch")[1].norm_classes[0]
 
 
+def test_torch_norms_carry_their_eps_and_one_of_the_requested_kind_keeps_its_own() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8, eps=1e-3), nn.Flatten(2), nn.Linear(4, 6), nn.LayerNorm(6, eps=1e-6))
+    converted = convert(model, norm="rms")
+    assert (type(converted[1]), converted[1].eps) == (MapRMSNorm, 1e-3)
+    assert (type(converted[4]), converted[4].eps) == (nn.RMSNorm, 1e-6)
+    own = nn.RMSNorm(6)  # torch's default eps (None): already an RMS norm over the last axis, so kept
+    assert convert(nn.Sequential(nn.Linear(4, 6), own), norm="rms")[1] is own
+
+
 def test_the_replacements_normalise_what_the_replaced_layers_did() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 8, 5, 5) * 3 + 1
@@ -183,6 +195,46 @@ def test_a_model_with_its_own_norm_classes_validates_for_a_norm_search(tmp_path:
     )
     result = CliRunner().invoke(main, ["study", "validate", str(spec)])
     assert result.exit_code == 0, result.output
+
+
+OWN = """\
+[study]
+name = "own"
+task = "digits"
+model = "own_norms:{factory}"
+code_dir = "{code_dir}"
+n_trials = 2
+[model]
+{model}
+[space]
+norm = ["layer", "rms"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "model", "code", "needles"),
+    [
+        ("gemma", "", 2, ["[space] norm cannot act on the model of own_norms:gemma", "no normalisation layer", "norm_classes"]),
+        ("gemma", 'norm_classes = ["own_norms:OffsetRMSNorm"]', 0, []),
+        ("tiny_gpt", 'norm_classes = ["own_norms:OffsetRMSNorm"]', 2, ["'model.norm_classes'", "has no OffsetRMSNorm layer"]),
+        ("gemma", 'norm_classes = ["own_norms:gemma"]', 2, ["'model.norm_classes'", "not a torch.nn.Module class"]),
+        ("gemma", 'norm_classes = ["own_norms:Missing"]', 2, ["'model.norm_classes'", "has no function 'Missing'"]),
+        ("gemma", 'norm_classes = "own_norms:OffsetRMSNorm"', 2, ["'model.norm_classes'", "a list of classes"]),
+    ],
+    ids=["missed-by-rule", "named", "named-but-absent", "not-a-class", "missing", "not-a-list"],
+)
+def test_a_spec_names_the_norm_classes_the_rule_misses(tmp_path: Path, factory: str, model: str, code: int, needles: list[str]) -> None:
+    spec = tmp_path / "own.toml"
+    spec.write_text(OWN.format(factory=factory, code_dir=Path(own_norms.__file__).parent, model=model))
+    result = CliRunner().invoke(main, ["study", "validate", str(spec)])
+    assert result.exit_code == code, result.output
+    for needle in needles:
+        assert needle in " ".join(result.output.split()), result.output
+    if code == 0:  # what a trial builds and writes to conversion.txt
+        reports = []
+        built = model_factory(load_spec(spec), load_task("digits"), TrialConfig(norm="rms"), on_built=lambda m, r: reports.append(r))()
+        assert type(built.norm) is nn.RMSNorm and built.norm.eps == 1e-6
+        assert "by spec (norm_classes)" in reports[0].describe()
 
 
 @pytest.mark.slow
