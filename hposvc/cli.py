@@ -26,7 +26,7 @@ class _Group(click.Group):
     """Turns hposvc errors into CLI messages and exit codes, once for every command."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from hposvc.errors import Interrupted
+        from hposvc.errors import Interrupted, StorageUnavailableError
 
         try:
             return super().invoke(ctx)
@@ -39,6 +39,9 @@ class _Group(click.Group):
         except InvalidInputError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(2)
+        except StorageUnavailableError as e:  # 75 (EX_TEMPFAIL): run it again when the storage is back
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(e.exit_code)
         except HposvcError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(1)
@@ -517,18 +520,21 @@ def storage_group() -> None:
 @storage_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; a non-loopback one needs --allow-remote.")
 @click.option("--port", default=13000, show_default=True, type=int, help="Port to listen on.")
-@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host. The proxy has no authentication: private networks only.")
-def storage_serve(storage: str, data_dir: str | None, host: str, port: int, allow_remote: bool) -> None:
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host; it then needs a token (--token-file). Private networks only.")
+@click.option("--token-file", envvar="HPOSVC_STORAGE_TOKEN_FILE", type=click.Path(dir_okay=False), help="File with the shared token clients must send (one per line, re-read when it changes). Else $HPOSVC_STORAGE_TOKEN.")
+def storage_serve(storage: str, data_dir: str | None, host: str, port: int, allow_remote: bool, token_file: str | None) -> None:
     """Serve the study database to workers as grpc://HOST:PORT until stopped.
 
     \b
-    Example:
+    Examples:
       hposvc storage serve --storage postgresql+psycopg://hposvc@db/hposvc --port 13000
       hposvc worker NAME --storage grpc://127.0.0.1:13000
+      hposvc storage serve --storage URL --host 0.0.0.0 --allow-remote --token-file token
+      HPOSVC_STORAGE_TOKEN_FILE=token hposvc worker NAME --storage grpc://PROXY-HOST:13000
     """
     from hposvc.proxy import serve
 
-    serve(storage, host=host, port=port, allow_remote=allow_remote)
+    serve(storage, host=host, port=port, allow_remote=allow_remote, token_file=token_file)
 
 
 @main.command("ui")

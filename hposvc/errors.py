@@ -18,6 +18,7 @@ __all__ = [
     "InvalidInputError",
     "SpecError",
     "StorageError",
+    "StorageUnavailableError",
     "TrackingError",
     "TrainingError",
     "TrialPruned",
@@ -39,6 +40,15 @@ class SpecError(InvalidInputError):
 
 class StorageError(HposvcError):
     """The study database failed (connection lost, schema, driver error)."""
+
+
+class StorageUnavailableError(StorageError):
+    """The study storage stayed unreachable for longer than the outage limit
+    (``HPOSVC_STORAGE_OUTAGE_LIMIT``). A worker stops on it with exit code ``exit_code``
+    (75, ``EX_TEMPFAIL``: run it again); its running trials are failed and retried by the
+    next worker that finds them stale."""
+
+    exit_code = 75
 
 
 class TrackingError(HposvcError):

@@ -6,16 +6,23 @@ connections and every worker re-reads the study's trials. Optuna's proxy
 trial cache; workers talk to it with :class:`optuna.storages.GrpcStorageProxy`, named in
 hposvc by a ``grpc://host:port`` storage URL (:func:`hposvc.storage.grpc_storage`).
 
-The proxy has no authentication and no TLS: whoever reaches its port can read and change
-every study. So :func:`serve` binds to loopback unless ``allow_remote=True``
-(``--allow-remote``), and the README says to keep it on a private network.
+Optuna's proxy has no authentication of its own: whoever reaches its port can read and
+change every study. So :func:`serve` binds to loopback unless ``allow_remote=True``
+(``--allow-remote``), and beyond loopback it requires a shared token (``--token-file FILE``
+or ``$HPOSVC_STORAGE_TOKEN``) that a server interceptor checks on every call; clients send
+it from the same variables (:class:`hposvc.storage.TokenSource`). A call without it, or
+with a wrong one, is refused with UNAUTHENTICATED before Optuna's servicer sees it.
+
+The same interceptor turns a database that went away behind the proxy (a PostgreSQL
+restart) into UNAVAILABLE, which clients retry; the pool's pre-ping reconnects by itself.
 
 Example::
 
     # one process, next to the database
-    hposvc storage serve --storage postgresql+psycopg://hposvc@db/hposvc --port 13000
+    python -c 'import secrets; print(secrets.token_urlsafe(32))' > token
+    hposvc storage serve --storage postgresql+psycopg://hposvc@db/hposvc --host 0.0.0.0 --allow-remote --token-file token
     # every worker
-    hposvc worker NAME --storage grpc://127.0.0.1:13000
+    HPOSVC_STORAGE_TOKEN_FILE=token hposvc worker NAME --storage grpc://proxy-host:13000
 """
 
 from __future__ import annotations
@@ -29,15 +36,17 @@ from urllib.parse import urlsplit
 
 from hposvc.errors import StorageError, invalid
 from hposvc.storage import GRPC_DEFAULT_PORT as DEFAULT_PORT
-from hposvc.storage import import_grpc, open_storage, redact
+from hposvc.storage import TOKEN_ENV, TOKEN_HEADER, TokenSource, import_grpc, is_connection_error, open_storage, redact
 
 if TYPE_CHECKING:
     import optuna
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "is_loopback", "serve"]
 
-# Loopback only: the proxy has no authentication (see the module docstring).
+# Loopback only unless asked: beyond it a token is required (see the module docstring).
 DEFAULT_HOST = "127.0.0.1"
+# Shortest token accepted: a guessable one would be no credential at all.
+MIN_TOKEN_LENGTH = 16
 # Request threads of the proxy; each holds at most one database connection while it works,
 # and hposvc's pool (storage.engine_kwargs) has 6, so more threads would only queue.
 DEFAULT_THREADS = 10
@@ -80,6 +89,60 @@ def _check_port_free(host: str, port: int) -> None:
         raise StorageError(f"the storage proxy cannot listen on {host}:{port}: {e.strerror or e}. Pick another port with --port.") from e
 
 
+def _guard(tokens: TokenSource | None):  # -> grpc.ServerInterceptor
+    """The server interceptor: the token on every call, and a lost database as UNAVAILABLE."""
+    import grpc
+
+    def deny(message: str):  # noqa: ANN202
+        def abort(request, context):  # noqa: ANN001, ANN202
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        return grpc.unary_unary_rpc_method_handler(abort)
+
+    class Guard(grpc.ServerInterceptor):
+        def intercept_service(self, continuation, details):  # noqa: ANN001, ANN201 (grpc's interface)
+            if tokens is not None:
+                sent = dict(details.invocation_metadata or ()).get(TOKEN_HEADER, "")
+                if not sent:
+                    return deny("no storage token was sent")
+                if not sent.startswith("Bearer ") or not tokens.accepts(sent[len("Bearer "):]):
+                    return deny("the storage token is wrong")
+            handler = continuation(details)
+            if handler is None or handler.unary_unary is None:
+                return handler
+            inner = handler.unary_unary
+
+            def call(request, context):  # noqa: ANN001, ANN202
+                try:
+                    return inner(request, context)
+                except Exception as e:
+                    # context.abort's own exception carries no text, so it passes through.
+                    if is_connection_error(e):
+                        context.abort(grpc.StatusCode.UNAVAILABLE, f"the database behind the storage proxy is unavailable: {e}")
+                    raise
+
+            return grpc.unary_unary_rpc_method_handler(
+                call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+            )
+
+    return Guard()
+
+
+def _check_tokens(tokens: TokenSource | None, *, host: str, allow_remote: bool) -> None:
+    source = "hposvc storage serve"
+    if tokens is None and not is_loopback(host):
+        raise invalid(
+            "token_file", None, f"a file holding the shared token (--token-file FILE, or {TOKEN_ENV}) when the proxy listens beyond loopback",
+            source=source, hint="Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))' > token",
+        )
+    for token in tokens.tokens() if tokens is not None else ():
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise invalid(
+                "token", f"<{len(token)} characters from {tokens.source}>", f"at least {MIN_TOKEN_LENGTH} characters",
+                source=source, hint="Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            )
+
+
 def serve(
     storage_url: str,
     *,
@@ -87,12 +150,14 @@ def serve(
     port: int = DEFAULT_PORT,
     allow_remote: bool = False,
     threads: int = DEFAULT_THREADS,
+    token_file: str | None = None,
 ) -> None:
     """Serve the SQL storage at ``storage_url`` to ``grpc://host:port`` clients until stopped.
 
     Blocks until the process is interrupted. Refuses a ``host`` that is not loopback unless
-    ``allow_remote`` is true: the proxy has no authentication, so only bind it to an
-    address on a private network.
+    ``allow_remote`` is true, and then requires a token: ``token_file`` (one token per
+    line, re-read when it changes), else ``$HPOSVC_STORAGE_TOKEN_FILE`` or
+    ``$HPOSVC_STORAGE_TOKEN``. On loopback a token is optional, and checked when given.
 
     Example::
 
@@ -110,31 +175,40 @@ def serve(
         raise invalid(
             "host", host, "a loopback address such as '127.0.0.1' unless allow_remote=True (--allow-remote)",
             source="hposvc storage serve",
-            hint="The storage proxy has no authentication: bind it to another address only on a private network.",
+            hint="Beyond loopback the proxy needs a token as well (--token-file FILE); keep it on a private network.",
         )
+    tokens = TokenSource.from_env(token_file)
+    _check_tokens(tokens, host=host, allow_remote=allow_remote)
     if threads < 1:
         raise invalid("threads", threads, "an int >= 1", source="hposvc storage serve")
     import_grpc()
 
     from concurrent.futures import ThreadPoolExecutor
 
+    import grpc
     import optuna
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
 
     # 2) One storage for every request, wrapped in Optuna's trial cache as its docs advise:
     #    a bare RDBStorage re-reads every trial of the study on each request.
     backend = optuna.storages.get_storage(open_storage(storage_url))
     _check_port_free(host, port)
-    # 3) Serve until interrupted. Said on stderr because the CLI keeps Optuna's own
-    #    "Server started" line at INFO (-v); the URL without its password, for pod logs.
-    print(
-        f"Serving {redact(storage_url)} on grpc://{host}:{port} (no authentication: keep it on a private network)",
-        file=sys.stderr, flush=True,
-    )
+    # 3) Serve until interrupted: Optuna's servicer behind hposvc's guard (what
+    #    optuna.storages.run_grpc_proxy_server builds, with an interceptor). Said on stderr
+    #    because the CLI keeps Optuna's own lines at INFO (-v); the URL without its password.
+    auth = "no authentication: keep it on loopback" if tokens is None else f"token from {tokens.source}"
+    print(f"Serving {redact(storage_url)} on grpc://{host}:{port} ({auth})", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        server = grpc.server(ThreadPoolExecutor(max_workers=threads), interceptors=[_guard(tokens)])
+        api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(backend), server)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.run_grpc_proxy_server(
-                backend, host=host, port=port, thread_pool=ThreadPoolExecutor(max_workers=threads)
-            )
+        server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as e:  # grpcio: "Failed to bind to address"
         raise StorageError(f"the storage proxy cannot listen on {host}:{port}: {e}. Pick another port with --port.") from e
+    server.start()
+    try:
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=None)

@@ -14,7 +14,11 @@ The heartbeat is a trial system attribute (``hposvc.heartbeat``, the worker's cl
 changes every :data:`HEARTBEAT_INTERVAL` seconds. A :class:`StaleWatch` calls a trial
 stale when it has seen that value unchanged for :data:`GRACE_PERIOD` seconds of its *own*
 clock, so hosts need no synchronised clocks, and it works through every storage, Optuna's
-gRPC proxy included (whose client has no heartbeat API of its own).
+gRPC proxy included (whose client has no heartbeat API of its own). Time the storage was
+unreachable does not count: after an outage every trial gets a full grace period to beat
+again, so a live trial is not failed because its beats could not land. A trial hposvc
+queued (``hposvc.queued``) that is RUNNING without any heartbeat counts as stale too: a
+claim whose reply was lost to a broken connection would otherwise stay RUNNING forever.
 
 Everything here goes through Optuna's public storage API, except the few reads Optuna has
 no public accessor for, kept in the adapter at the bottom of this module (and pinned by
@@ -32,8 +36,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from hposvc.errors import InvalidInputError
-from hposvc.records import DONE_STATES, HEARTBEAT, REASON, Counts, counts
-from hposvc.storage import with_retries
+from hposvc.records import DONE_STATES, HEARTBEAT, QUEUED, REASON, WORKER, Counts, counts
+from hposvc.storage import OUTAGE, with_retries
 
 if TYPE_CHECKING:
     import optuna
@@ -97,7 +101,7 @@ def top_up(study: "optuna.Study", n_trials: int, *, lookahead: int = LOOKAHEAD, 
     deficit = n_trials - sum(c[s] for s in (*DONE_STATES, "RUNNING", "WAITING"))
     add = min(deficit, lookahead - c["WAITING"])
     if add > 0:
-        with_retries(lambda: study.add_trials([create_trial(state=TrialState.WAITING) for _ in range(add)]), what="queueing trials")
+        with_retries(lambda: study.add_trials([create_trial(state=TrialState.WAITING, system_attrs={QUEUED: True}) for _ in range(add)]), what="queueing trials")
     return max(add, 0)
 
 
@@ -164,7 +168,7 @@ def requeue(study: "optuna.Study", trial: "FrozenTrial") -> bool:
         log.warning("trial %s failed %d times; not retrying it again", trial.number, len(history))
         return False
     system_attrs = {k: v for k, v in trial.system_attrs.items() if k not in ("failed_trial", "retry_history", HEARTBEAT)}
-    system_attrs.update({"failed_trial": history[0], "retry_history": history})
+    system_attrs.update({"failed_trial": history[0], "retry_history": history, QUEUED: True})
     with_retries(
         lambda: study.add_trial(create_trial(state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, system_attrs=system_attrs)),
         what="re-queueing a failed trial",
@@ -187,8 +191,10 @@ class StaleWatch:
     """Finds the trials of dead workers: RUNNING trials whose heartbeat value has not
     changed for ``grace`` seconds of this process's clock.
 
-    One per worker loop: it remembers each heartbeat value it saw and since when. A trial
-    that never had a heartbeat (one a plain Optuna process runs) is never stale.
+    One per worker loop: it remembers each heartbeat value it saw and since when, counting
+    only time after the storage's last outage in this process (:data:`hposvc.storage.OUTAGE`).
+    A trial that never had a heartbeat is stale only when hposvc queued it (a plain Optuna
+    process's trial is never).
     """
 
     def __init__(self, grace: float = GRACE_PERIOD) -> None:
@@ -199,18 +205,20 @@ class StaleWatch:
         """The RUNNING trials of ``study`` whose heartbeat stopped."""
         import optuna
 
-        now = time.monotonic()
         running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        now = time.monotonic()
+        back = OUTAGE.ended_at  # beats could not land before this: start counting here
         seen: dict[int, tuple[float, float]] = {}
         found = []
         for t in running:
             value = t.system_attrs.get(HEARTBEAT)
-            if value is None:
+            if value is None and not t.system_attrs.get(QUEUED):
                 continue
             tid = _trial_id(t)
             last, since = self._seen.get(tid, (value, now))
             if last != value:
                 since = now  # it beat since we last looked
+            since = max(since, back)
             seen[tid] = (value, since)
             if now - since >= self.grace:
                 found.append(t)
@@ -230,7 +238,14 @@ class StaleWatch:
         storage = _storage(study)
         failed: list[int] = []
         for t in with_retries(lambda: self.stale(study), what="finding stale trials"):
+            worker = t.user_attrs.get(WORKER, "a worker")
+            reason = (
+                f"{worker} stopped beating for {self.grace:g} s (it died, or lost the storage for longer than "
+                "HPOSVC_STORAGE_OUTAGE_LIMIT); the trial is retried"
+            )
             try:
+                # The reason first: a finished trial takes no more attributes.
+                with_retries(lambda: storage.set_trial_user_attr(_trial_id(t), REASON, reason), what="storing the failure reason")
                 if storage.set_trial_state_values(_trial_id(t), state=optuna.trial.TrialState.FAIL):
                     failed.append(_trial_id(t))
             except optuna.exceptions.UpdateFinishedTrialError:

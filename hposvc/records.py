@@ -66,6 +66,7 @@ WARM_STARTED = "hposvc.warm_started"
 VERSIONS = "hposvc.versions"
 # -- trial attributes
 HEARTBEAT = "hposvc.heartbeat"  # a system attribute: hposvc.queue's liveness signal
+QUEUED = "hposvc.queued"  # a system attribute: queued by hposvc, so it must beat once claimed
 CONFIG = "hposvc.config"
 DEVICE = "hposvc.device"
 HOST = "hposvc.host"

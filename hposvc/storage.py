@@ -19,21 +19,27 @@ worker processes can share it without "database is locked" failures.
 from __future__ import annotations
 
 import functools
+import hmac
+import logging
+import math
 import os
 import random
+import threading
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
-from hposvc.errors import InvalidInputError, StorageError, invalid
+from hposvc.errors import InvalidInputError, StorageError, StorageUnavailableError, invalid
 
 if TYPE_CHECKING:
     import optuna
 
 __all__ = [
     "DEFAULT_DATA_DIR",
+    "OUTAGE",
+    "TokenSource",
     "artifact_location",
     "grpc_storage",
     "load_study",
@@ -47,6 +53,8 @@ __all__ = [
 
 DEFAULT_DATA_DIR = "hposvc-data"
 
+log = logging.getLogger(__name__)
+
 
 # Optuna's own default port for its storage proxy, so plain-Optuna clients find it too.
 GRPC_DEFAULT_PORT = 13000
@@ -55,8 +63,76 @@ GRPC_DEFAULT_PORT = 13000
 GRPC_READY_TIMEOUT = 30.0
 # SQLite waits this long (seconds) for a competing writer before "database is locked".
 SQLITE_BUSY_TIMEOUT = 120
+# A grpc:// call that has not answered in this long is retried (seconds): a proxy host that
+# vanished without closing its connections would otherwise hang the call forever.
+GRPC_CALL_TIMEOUT = 120.0
+# Backoff between retries of a grpc:// call while the proxy is away (seconds): first, cap.
+GRPC_RETRY_FIRST, GRPC_RETRY_CAP = 0.25, 5.0
+# The shared token: the proxy accepts it and clients send it (see TokenSource).
+TOKEN_ENV, TOKEN_FILE_ENV = "HPOSVC_STORAGE_TOKEN", "HPOSVC_STORAGE_TOKEN_FILE"
+# The request header that carries it.
+TOKEN_HEADER = "authorization"
 
 T = TypeVar("T")
+
+
+def _outage_limit() -> float:
+    name, value = "HPOSVC_STORAGE_OUTAGE_LIMIT", os.environ.get("HPOSVC_STORAGE_OUTAGE_LIMIT", "600")
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = math.nan
+    if not limit > 0 or math.isinf(limit):
+        raise InvalidInputError(f"the {name!r} environment variable must be a number of seconds > 0. Got {value!r} instead.")
+    return limit
+
+
+class Outage:
+    """Whether this process can reach its study storage, shared by all its threads.
+
+    The first failed call of an outage is logged (once, not once per call and thread) and
+    starts the clock; the first successful call after it ends the outage and says how long
+    it lasted. ``HPOSVC_STORAGE_OUTAGE_LIMIT`` (seconds, default 600) bounds how long calls
+    through ``grpc://`` keep retrying: past it they raise :class:`StorageUnavailableError`
+    and the worker stops (exit code 75). :class:`hposvc.queue.StaleWatch` reads
+    :attr:`ended_at`: a heartbeat that could not land while the storage was away does not
+    make a live trial stale.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.since: float | None = None  # monotonic start of the current outage
+        self.ended_at = -math.inf  # monotonic end of the last one
+
+    @property
+    def limit(self) -> float:
+        return _outage_limit()
+
+    def failed(self, where: str, error: object) -> float:
+        """Record a failed call; returns how long the storage has been away (seconds)."""
+        now = time.monotonic()
+        with self._lock:
+            if self.since is None:
+                self.since = now
+                log.warning("the study storage %s is unreachable (%s); retrying for up to %g s", where, error, self.limit)
+            return now - self.since
+
+    def ok(self) -> None:
+        """Record a successful call (cheap when there is no outage)."""
+        if self.since is None:
+            return
+        with self._lock:
+            if self.since is not None:
+                now = time.monotonic()
+                log.warning("the study storage is reachable again after %.1f s", now - self.since)
+                self.since, self.ended_at = None, now
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+
+OUTAGE = Outage()
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -140,12 +216,22 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
 
     for attempt in range(attempts):
         try:
-            return fn()
+            result = fn()
         except (OperationalError, DBAPIError, StorageInternalError) as e:
-            if attempt == attempts - 1 or not _is_connection_error(e):
+            if attempt == attempts - 1 or not is_connection_error(e):
                 raise StorageError(f"{what} failed: {e.orig if hasattr(e, 'orig') else e}") from e
+            if is_connection_error(e) and "locked" not in str(e):
+                OUTAGE.failed("database", e)
             time.sleep(base_delay * 2**attempt * (1 + random.random() / 2))
+        else:
+            OUTAGE.ok()
+            return result
     raise AssertionError("unreachable")
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """Whether a database error means the connection or the server went away (retry it)."""
+    return _is_connection_error(e)
 
 
 def _is_connection_error(e: BaseException) -> bool:
@@ -243,12 +329,200 @@ def import_grpc() -> None:
         raise InvalidInputError(f"the gRPC storage proxy needs grpcio: pip install 'hposvc[grpc]' ({e})") from e
 
 
-def grpc_storage(url: str, *, ready_timeout: float | None = GRPC_READY_TIMEOUT) -> "optuna.storages.GrpcStorageProxy":
+class TokenSource:
+    """The shared token of an authenticated storage proxy: a literal (``HPOSVC_STORAGE_TOKEN``)
+    or a file (``--token-file`` / ``HPOSVC_STORAGE_TOKEN_FILE``).
+
+    A file holds one token per line: a client sends the first, the proxy accepts any. It is
+    re-read when it changes, so a token is rotated without restarting anything (a Kubernetes
+    Secret mounted as a volume is updated in place): add the new token as a second line,
+    then make it the first, then drop the old one.
+    """
+
+    def __init__(self, *, value: str | None = None, path: str | os.PathLike[str] | None = None, source: str = "") -> None:
+        self.path = None if path is None else Path(path)
+        self.source = source or (f"--token-file {path}" if path is not None else TOKEN_ENV)
+        self._value = value
+        self._stamp: tuple | None = None
+        self._tokens: list[str] = []
+        self.tokens()  # a missing or empty file is bad input now, not at the first call
+
+    @classmethod
+    def from_env(cls, token_file: str | os.PathLike[str] | None = None) -> "TokenSource | None":
+        """``token_file``, else ``$HPOSVC_STORAGE_TOKEN_FILE``, else ``$HPOSVC_STORAGE_TOKEN``, else None."""
+        if token_file:
+            return cls(path=token_file)
+        if os.environ.get(TOKEN_FILE_ENV):
+            return cls(path=os.environ[TOKEN_FILE_ENV], source=TOKEN_FILE_ENV)
+        if os.environ.get(TOKEN_ENV, "").strip():
+            return cls(value=os.environ[TOKEN_ENV], source=TOKEN_ENV)
+        return None
+
+    def tokens(self) -> list[str]:
+        """The tokens, the one to send first."""
+        if self.path is None:
+            return [self._value.strip()] if self._value and self._value.strip() else []
+        try:
+            st = self.path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                lines = [line.strip() for line in self.path.read_text().splitlines()]
+                tokens = [line for line in lines if line and not line.startswith("#")]
+                if not tokens:
+                    raise invalid(self.source, str(self.path), "a file with a token on its first line", hint="It is empty.")
+                self._tokens, self._stamp = tokens, stamp
+        except OSError as e:
+            if self._tokens:  # mid-rotation the file may be briefly away: keep the last tokens
+                return self._tokens
+            raise invalid(self.source, str(self.path), "a readable file with a token on its first line", hint=f"({e.strerror or e}).") from e
+        return self._tokens
+
+    def first(self) -> str:
+        return self.tokens()[0]
+
+    def accepts(self, token: str) -> bool:
+        # Compare every token in constant time: how much of a guess matched must not show.
+        return any([hmac.compare_digest(token.encode(), t.encode()) for t in self.tokens()])
+
+
+def _retryable(code: object, details: str) -> bool:
+    import grpc
+
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return True
+    # A connection reset mid-call surfaces as these, depending on where it broke.
+    return code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and any(
+        s in details for s in ("Stream removed", "RST_STREAM", "Socket closed", "Connection reset")
+    )
+
+
+def _grpc_client_class() -> type:
+    """:class:`optuna.storages.GrpcStorageProxy` whose every call retries transient errors.
+
+    Each call (Optuna's trial cache included) goes through one interceptor that adds the
+    token, gives the call a deadline (:data:`GRPC_CALL_TIMEOUT`), and retries UNAVAILABLE,
+    DEADLINE_EXCEEDED and reset connections with jittered exponential backoff until the
+    storage has been away for the outage limit (:class:`Outage`), then raises
+    :class:`StorageUnavailableError`. A refused token is a :class:`StorageError` at once.
+    It overrides ``GrpcStorageProxy._setup`` (Optuna's channel and stub), pinned by
+    tests/test_proxy.py.
+    """
+    if _GRPC_CLASS:
+        return _GRPC_CLASS[0]
+    import collections
+
+    import grpc
+    import optuna
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.client import GrpcClientCache
+
+    class _Details(
+        collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails,
+    ):
+        pass
+
+    class _Retry(grpc.UnaryUnaryClientInterceptor):
+        def __init__(self, owner: "RetryingGrpcStorage") -> None:
+            self.owner = owner
+
+        def intercept_unary_unary(self, continuation, details, request):  # noqa: ANN001, ANN201 (grpc's interface)
+            owner = self.owner
+            metadata = list(details.metadata or [])
+            if owner.tokens is not None:
+                metadata.append((TOKEN_HEADER, f"Bearer {owner.tokens.first()}"))
+            details = _Details(details.method, details.timeout or GRPC_CALL_TIMEOUT, metadata, details.credentials, details.wait_for_ready, details.compression)
+            delay = GRPC_RETRY_FIRST
+            owner.local.retried = False
+            while True:
+                call = continuation(details, request)
+                code = call.code()
+                if code == grpc.StatusCode.OK or not _retryable(code, call.details() or ""):
+                    if code == grpc.StatusCode.UNAUTHENTICATED:
+                        raise StorageError(
+                            f"the storage proxy at {owner.url} refused this client: {call.details()}. Set {TOKEN_ENV} "
+                            f"(or {TOKEN_FILE_ENV}, a file) to the token the proxy was started with."
+                        )
+                    if code != grpc.StatusCode.UNKNOWN:  # UNKNOWN: the proxy answered with an error of its own
+                        OUTAGE.ok()
+                    return call
+                down = OUTAGE.failed(owner.url, f"{code.name}: {call.details()}")
+                limit = OUTAGE.limit
+                if down >= limit:
+                    raise StorageUnavailableError(
+                        f"the study storage {owner.url} has been unreachable for {down:.0f} s, past the outage limit of "
+                        f"{limit:g} s (HPOSVC_STORAGE_OUTAGE_LIMIT); last error {code.name}: {call.details()}. This worker stops; "
+                        "its running trials are failed and retried by the next worker that finds them stale."
+                    )
+                owner.local.retried = True
+                time.sleep(min(delay * (0.5 + random.random()), limit - down + 0.01))
+                delay = min(delay * 2, GRPC_RETRY_CAP)
+
+    class RetryingGrpcStorage(optuna.storages.GrpcStorageProxy):
+        def __init__(self, *, host: str, port: int, url: str, tokens: TokenSource | None) -> None:
+            self.url, self.tokens, self.local = url, tokens, threading.local()
+            super().__init__(host=host, port=port)
+
+        def _setup(self) -> None:
+            # Optuna's channel options, plus a short reconnect backoff: gRPC's own grows to
+            # 2 minutes, which would keep a worker waiting long after its proxy is back.
+            self._raw_channel = grpc.insecure_channel(
+                f"{self._host}:{self._port}",
+                options=[
+                    ("grpc.max_receive_message_length", -1),
+                    ("grpc.initial_reconnect_backoff_ms", 250),
+                    ("grpc.min_reconnect_backoff_ms", 250),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
+                ],
+            )
+            self._channel = grpc.intercept_channel(self._raw_channel, _Retry(self))
+            self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+            self._cache = GrpcClientCache(self._stub)
+
+        def close(self) -> None:
+            self._raw_channel.close()
+
+        def __getstate__(self) -> dict:
+            state = super().__getstate__()
+            state.pop("_raw_channel", None)
+            state.pop("local", None)
+            return state
+
+        def __setstate__(self, state: dict) -> None:
+            state["local"] = threading.local()
+            super().__setstate__(state)
+
+        def set_trial_state_values(self, trial_id: int, state: "optuna.trial.TrialState", values: "Any" = None) -> bool:
+            try:
+                return super().set_trial_state_values(trial_id, state, values)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # A retried call whose first attempt landed before the connection broke
+                # finds the trial finished by itself: that is success, not a conflict.
+                if not self.local.retried:
+                    raise
+                now = self.get_trial(trial_id)
+                if now.state == state and (values is None or list(now.values or []) == list(values)):
+                    return True
+                raise
+
+    _GRPC_CLASS.append(RetryingGrpcStorage)
+    return RetryingGrpcStorage
+
+
+_GRPC_CLASS: list[type] = []
+
+
+def grpc_storage(url: str, *, ready_timeout: float | None = GRPC_READY_TIMEOUT, tokens: TokenSource | None = None) -> "optuna.storages.GrpcStorageProxy":
     """A :class:`optuna.storages.GrpcStorageProxy` for ``grpc://host[:port]`` (port 13000 by default).
 
     Waits up to ``ready_timeout`` seconds for the proxy to answer (``None``: do not wait)
     and raises :class:`StorageError` when it does not, so a worker started before its proxy
     waits a little and a missing proxy is named rather than failing on the first request.
+    Then one call checks the credential: ``tokens`` (default: :meth:`TokenSource.from_env`),
+    so a client the proxy refuses fails here, before it reads or writes anything.
+
+    Every call retries transient errors (the proxy restarting, its database restarting)
+    for up to ``HPOSVC_STORAGE_OUTAGE_LIMIT`` seconds (default 600); see :class:`Outage`.
 
     Example::
 
@@ -270,9 +544,10 @@ def grpc_storage(url: str, *, ready_timeout: float | None = GRPC_READY_TIMEOUT) 
 
     # An IPv6 address keeps its brackets: the client joins host and port with ':'.
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    tokens = tokens if tokens is not None else TokenSource.from_env()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.GrpcStorageProxy(host=host, port=port or GRPC_DEFAULT_PORT)
+        storage = _grpc_client_class()(host=host, port=port or GRPC_DEFAULT_PORT, url=url, tokens=tokens)
     if ready_timeout is not None:
         try:
             storage.wait_server_ready(timeout=ready_timeout)
@@ -282,4 +557,11 @@ def grpc_storage(url: str, *, ready_timeout: float | None = GRPC_READY_TIMEOUT) 
                 f"no storage proxy answered at {url} within {ready_timeout:g} s. "
                 "Start one with `hposvc storage serve --storage URL`, or check the host and port."
             ) from e
+        try:
+            storage.get_study_id_from_name("hposvc: credential check")  # reads nothing
+        except KeyError:
+            pass
+        except BaseException:
+            storage.close()
+            raise
     return storage

@@ -28,7 +28,7 @@ from hposvc.context import TrialContext
 from hposvc.dashboard import VALUE_METRIC
 from hposvc.errors import TrainingError, TrialPruned
 from hposvc.interrupts import STOPS
-from hposvc.storage import with_retries
+from hposvc.storage import OUTAGE, with_retries
 
 if TYPE_CHECKING:
     import optuna
@@ -280,8 +280,8 @@ class CompletedTrials:
         self._read_at = time.monotonic()
 
     def get_trials(self, deepcopy: bool = False, states: Any = None) -> list:
-        if time.monotonic() - self._read_at > SNAPSHOT_SECONDS:
-            self.refresh()  # other workers' results, during a long trial
+        if time.monotonic() - self._read_at > SNAPSHOT_SECONDS and not OUTAGE.active:
+            self.refresh()  # other workers' results, during a long trial (not while the storage is away: training goes on)
         return [t for t in self._trials if states is None or t.state in states]
 
 
