@@ -342,6 +342,7 @@ class TokenSource:
     def __init__(self, *, value: str | None = None, path: str | os.PathLike[str] | None = None, source: str = "") -> None:
         self.path = None if path is None else Path(path)
         self.source = source or (f"--token-file {path}" if path is not None else TOKEN_ENV)
+        self.key = "token_file" if source == "" and path is not None else (source or TOKEN_ENV)
         self._value = value
         self._stamp: tuple | None = None
         self._tokens: list[str] = []
@@ -369,12 +370,12 @@ class TokenSource:
                 lines = [line.strip() for line in self.path.read_text().splitlines()]
                 tokens = [line for line in lines if line and not line.startswith("#")]
                 if not tokens:
-                    raise invalid(self.source, str(self.path), "a file with a token on its first line", hint="It is empty.")
+                    raise invalid(self.key, str(self.path), "a file with a token on its first line", hint="It has none.")
                 self._tokens, self._stamp = tokens, stamp
         except OSError as e:
             if self._tokens:  # mid-rotation the file may be briefly away: keep the last tokens
                 return self._tokens
-            raise invalid(self.source, str(self.path), "a readable file with a token on its first line", hint=f"({e.strerror or e}).") from e
+            raise invalid(self.key, str(self.path), "a readable file with a token on its first line", hint=f"({e.strerror or e}).") from e
         return self._tokens
 
     def first(self) -> str:

@@ -365,20 +365,35 @@ def storage_url(request: pytest.FixtureRequest) -> str:
 
 
 class Proxy:
-    """A ``hposvc storage serve`` subprocess; ``url`` is its grpc:// address."""
+    """A ``hposvc storage serve`` subprocess; ``url`` is its grpc:// address.
 
-    def __init__(self, storage_url: str, log_file: Path) -> None:
+    ``args``: more ``storage serve`` options (``--allow-remote``, ``--token-file``); ``env``:
+    its environment. :meth:`kill` (SIGKILL) and :meth:`start` keep the port, as a restarted
+    proxy behind a Service would.
+    """
+
+    def __init__(self, storage_url: str, log_file: Path, *, args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.storage_url = storage_url
         self.port = free_port()
         self.url = f"grpc://127.0.0.1:{self.port}"
         self.log_file = log_file
-        with open(log_file, "wb") as log:  # a file, not a pipe nobody reads
+        self.args, self.env = list(args), env
+        log_file.write_bytes(b"")
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_file, "ab") as log:  # a file, not a pipe nobody reads
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hposvc.cli", "storage", "serve", "--storage", storage_url, "--port", str(self.port)],
-                stdout=subprocess.DEVNULL, stderr=log,
+                [sys.executable, "-m", "hposvc.cli", "storage", "serve", "--storage", self.storage_url, "--port", str(self.port), *self.args],
+                stdout=subprocess.DEVNULL, stderr=log, env=self.env,
             )
 
-    def storage(self):  # -> optuna.storages.GrpcStorageProxy
+    def kill(self) -> None:
+        """kill -9, as an OOM kill or a lost node does."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def storage(self, tokens=None):  # -> optuna.storages.GrpcStorageProxy
         """A client, once the proxy answers (it fails the test if the proxy died)."""
         from hposvc.errors import StorageError
         from hposvc.storage import grpc_storage
@@ -388,7 +403,7 @@ class Proxy:
             if self.proc.poll() is not None:
                 pytest.fail(f"the proxy exited with {self.proc.returncode}:\n{self.log_file.read_text()}")
             try:
-                return grpc_storage(self.url, ready_timeout=2)
+                return grpc_storage(self.url, ready_timeout=2, tokens=tokens)
             except StorageError:
                 if time.monotonic() > deadline:
                     pytest.fail(f"the proxy did not answer in 120 s:\n{self.log_file.read_text()}")

@@ -182,13 +182,33 @@ def test_a_non_loopback_bind_is_refused_without_allow_remote(tmp_path: Path) -> 
         assert code == 2, out
         assert out == (
             "Error: hposvc storage serve: the 'host' parameter must be a loopback address such as "
-            f"'127.0.0.1' unless allow_remote=True (--allow-remote). Got {host!r} instead. The storage "
-            "proxy has no authentication: bind it to another address only on a private network.\n"
+            f"'127.0.0.1' unless allow_remote=True (--allow-remote). Got {host!r} instead. Beyond "
+            "loopback the proxy needs a token as well (--token-file FILE); keep it on a private network.\n"
         )
-    assert not (tmp_path / "x.db").exists(), "the database was opened before the input was checked"
-    # With --allow-remote the check passes and binding is tried: 192.0.2.1 (TEST-NET-1) is on
-    # no interface here, so it fails as a failure (1), not as bad input, and nothing listens.
+    # --allow-remote alone is not enough: beyond loopback a credential is required.
     code, out = _serve("--storage", db, "--host", "192.0.2.1", "--allow-remote")
+    assert (code, out) == (2, (
+        "Error: hposvc storage serve: the 'token_file' parameter must be a file holding the shared token (--token-file FILE, "
+        "or HPOSVC_STORAGE_TOKEN) when the proxy listens beyond loopback. Got None instead. Generate one with: "
+        "python -c 'import secrets; print(secrets.token_urlsafe(32))' > token\n"
+    ))
+    (tmp_path / "short").write_text("secret\n")
+    code, out = _serve("--storage", db, "--host", "192.0.2.1", "--allow-remote", "--token-file", str(tmp_path / "short"))
+    assert (code, out) == (2, (
+        "Error: hposvc storage serve: the 'token' parameter must be at least 16 characters. Got "
+        f"'<6 characters from --token-file {tmp_path / 'short'}>' instead. Generate one with: "
+        "python -c 'import secrets; print(secrets.token_urlsafe(32))'\n"
+    ))
+    code, out = _serve("--storage", db, "--host", "192.0.2.1", "--allow-remote", "--token-file", str(tmp_path / "missing"))
+    assert (code, out) == (2, (
+        f"Error: the 'token_file' parameter must be a readable file with a token on its first line. Got "
+        f"'{tmp_path / 'missing'}' instead. (No such file or directory).\n"
+    ))
+    assert not (tmp_path / "x.db").exists(), "the database was opened before the input was checked"
+    # With --allow-remote and a token the checks pass and binding is tried: 192.0.2.1
+    # (TEST-NET-1) is on no interface here, so it fails as a failure (1), not as bad input.
+    (tmp_path / "token").write_text("a-token-long-enough-for-the-check\n")
+    code, out = _serve("--storage", db, "--host", "192.0.2.1", "--allow-remote", "--token-file", str(tmp_path / "token"))
     assert code == 1, out
     assert out.startswith("Error: the storage proxy cannot listen on 192.0.2.1:13000: Cannot assign requested address."), out
 
@@ -232,3 +252,55 @@ def test_no_proxy_at_the_url_is_a_storage_error() -> None:
 def test_loopback_hosts() -> None:
     assert all(map(is_loopback, ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"]))
     assert not any(map(is_loopback, ["", "0.0.0.0", "::", "192.0.2.1", "10.0.0.1"]))
+
+
+TOKEN, NEW_TOKEN = "hposvc-test-token-0123456789", "hposvc-rotated-token-9876543210"
+
+
+def test_an_authenticated_proxy_refuses_clients_without_its_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Loopback with --allow-remote and a token file, as a proxy on a pod address would run.
+    import grpc
+
+    from hposvc.storage import TokenSource
+
+    monkeypatch.delenv("HPOSVC_STORAGE_TOKEN", raising=False)
+    monkeypatch.delenv("HPOSVC_STORAGE_TOKEN_FILE", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{TOKEN}\n")
+    db = f"sqlite:///{tmp_path / 'auth.db'}"
+    proxy = Proxy(db, tmp_path / "proxy.log", args=("--allow-remote", "--token-file", str(token_file)))
+    try:
+        right = proxy.storage(tokens=TokenSource(value=TOKEN))  # answers: it is up
+        refused = f"the storage proxy at {proxy.url} refused this client: "
+        hint = ". Set HPOSVC_STORAGE_TOKEN (or HPOSVC_STORAGE_TOKEN_FILE, a file) to the token the proxy was started with."
+        # 1) No token and a wrong one: refused when the client connects, with the reason.
+        with pytest.raises(StorageError) as e:
+            grpc_storage(proxy.url, ready_timeout=30)
+        assert str(e.value) == refused + "no storage token was sent" + hint
+        with pytest.raises(StorageError) as e:
+            grpc_storage(proxy.url, ready_timeout=30, tokens=TokenSource(value="not-the-token-0123456789"))
+        assert str(e.value) == refused + "the storage token is wrong" + hint
+        # ... through the CLI (exit 1, the same message) and from a plain Optuna client.
+        result = CliRunner().invoke(main, ["best", "anything", "--storage", proxy.url], env={"HPOSVC_STORAGE_TOKEN": "wrong-wrong-wrong-wrong"})
+        assert (result.exit_code, result.output) == (1, "Error: " + refused + "the storage token is wrong" + hint + "\n")
+        plain = optuna.storages.GrpcStorageProxy(host="127.0.0.1", port=proxy.port)
+        for call in (lambda: optuna.create_study(study_name="stranger", storage=plain), plain.get_all_studies):
+            with pytest.raises(grpc.RpcError) as rpc:
+                call()
+            assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        plain.close()
+        assert open_storage(db).get_all_studies() == []  # nothing was written
+        # 2) The right token reads and writes.
+        study = optuna.create_study(study_name="mine", storage=right)
+        study.tell(study.ask(), 1.0)
+        assert [t.value for t in optuna.load_study(study_name="mine", storage=open_storage(db)).trials] == [1.0]
+        # 3) Rotation without a restart: the proxy re-reads its file and accepts every line.
+        token_file.write_text(f"{TOKEN}\n{NEW_TOKEN}\n")
+        rotated = grpc_storage(proxy.url, ready_timeout=30, tokens=TokenSource(value=NEW_TOKEN))
+        assert [s.study_name for s in rotated.get_all_studies()] == ["mine"]
+        token_file.write_text(f"{NEW_TOKEN}\n")
+        with pytest.raises(StorageError, match="the storage token is wrong"):
+            right.get_all_studies()
+        assert len(rotated.get_all_trials(rotated.get_study_id_from_name("mine"))) == 1
+    finally:
+        proxy.stop()
