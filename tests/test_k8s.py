@@ -122,6 +122,17 @@ def _url_service(url: str, scheme: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
+def _secret_file(pod: dict, container: dict, path: str) -> tuple[str, str] | None:
+    """(Secret, key) that ``path`` is in ``container``, mounted from a secret volume; else None."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        folder = m["mountPath"].rstrip("/") + "/"
+        secret = volumes.get(m["name"], {}).get("secret")
+        if secret and path.startswith(folder) and "/" not in path[len(folder):]:
+            return secret["secretName"], path[len(folder):]
+    return None
+
+
 def fit_problems(objects: list[dict]) -> list[str]:
     """What a schema cannot see: references between objects, and hposvc's own contract."""
     problems: list[str] = []
@@ -187,6 +198,7 @@ def fit_problems(objects: list[dict]) -> list[str]:
 
     # 3) The storage proxy serves PostgreSQL from the Secret, beyond loopback on purpose.
     proxies = [d for d in by_kind.get("Deployment", {}).values() if d["spec"]["template"]["spec"]["containers"][0].get("args", [])[:2] == ["storage", "serve"]]
+    proxy_token: tuple[str, str] | None = None
     if len(proxies) != 1:
         problems.append(f"expected one storage proxy Deployment (`hposvc storage serve`), found {len(proxies)}")
     for d in proxies:
@@ -195,6 +207,14 @@ def fit_problems(objects: list[dict]) -> list[str]:
             problems.append("the storage proxy listens on the pod address but lacks --allow-remote (it would refuse to start)")
         if not any(e["name"] == "HPOSVC_STORAGE" and "secretKeyRef" in e.get("valueFrom", {}) for e in c.get("env", [])):
             problems.append("the storage proxy takes its database URL (HPOSVC_STORAGE) from a Secret")
+        args = c["args"]
+        token = args[args.index("--token-file") + 1] if "--token-file" in args[:-1] else None
+        where_token = token and _secret_file(d["spec"]["template"]["spec"], c, token)
+        if not where_token:
+            problems.append("the storage proxy listens beyond loopback without --token-file FILE from a mounted Secret (it would refuse to start)")
+        elif where_token[1] not in secrets.get(where_token[0], {}):
+            problems.append(f"the storage proxy's token file needs key {where_token[1]!r} of Secret {where_token[0]}")
+        proxy_token = where_token
         proxy_labels = d["spec"]["template"]["metadata"]["labels"]
         guarded = [p for p in by_kind.get("NetworkPolicy", {}).values() if all(proxy_labels.get(k) == v for k, v in p["spec"]["podSelector"].get("matchLabels", {}).items())]
         if not guarded:
@@ -219,6 +239,9 @@ def fit_problems(objects: list[dict]) -> list[str]:
         service_port(env.get("MLFLOW_TRACKING_URI", ""), "http", f"{where} MLFLOW_TRACKING_URI")
         if any("secretKeyRef" in e.get("valueFrom", {}) for e in c.get("env", [])):
             problems.append(f"{where}: workers should not read the database Secret; they go through the proxy")
+        sent = _secret_file(job["spec"]["template"]["spec"], c, env.get("HPOSVC_STORAGE_TOKEN_FILE", ""))
+        if sent is None or sent != proxy_token:
+            problems.append(f"{where}: workers must send the proxy's token (HPOSVC_STORAGE_TOKEN_FILE in the proxy's Secret {proxy_token}); they send {sent}")
         labels = job["spec"]["template"]["metadata"].get("labels", {})
         for policy in by_kind.get("NetworkPolicy", {}).values():
             peers = [p["podSelector"].get("matchLabels", {}) for rule in policy["spec"].get("ingress", []) for p in rule.get("from", []) if "podSelector" in p]
@@ -258,6 +281,12 @@ def test_try_postgres_has_a_statefulset_and_managed_does_not() -> None:
     # both set-ups provide the one Secret the base expects, with the same keys
     secret = lambda s: next(o for _, o in load_kustomization(K8S / s) if o["kind"] == "Secret" and o["metadata"]["name"] == "hposvc-database")  # noqa: E731
     assert set(secret("managed")["stringData"]) == set(secret("try-postgres")["stringData"]) == {"storage-url", "mlflow-backend-store-uri"}
+    token = lambda s: next(o for _, o in load_kustomization(K8S / s) if o["kind"] == "Secret" and o["metadata"]["name"] == "hposvc-storage-token")  # noqa: E731
+    assert set(token("managed")["stringData"]) == set(token("try-postgres")["stringData"]) == {"token"}
+    # the managed placeholder is too short for the proxy to start with: it must be replaced
+    from hposvc.proxy import MIN_TOKEN_LENGTH
+
+    assert len(token("managed")["stringData"]["token"]) < MIN_TOKEN_LENGTH <= len(token("try-postgres")["stringData"]["token"])
 
 
 def test_every_manifest_file_is_used() -> None:
@@ -318,6 +347,10 @@ def _break(objects: list[dict], kind: str, name: str, fn: Any) -> list[dict]:
         ("Deployment", "hposvc-storage-proxy", lambda d: d["spec"]["template"]["spec"]["containers"][0]["args"].remove("--allow-remote"), "lacks --allow-remote"),
         ("Deployment", "hposvc-storage-proxy", lambda d: d["spec"]["template"]["spec"]["containers"][0]["args"].__setitem__(1, "serv"), "no command 'serv'"),
         ("NetworkPolicy", "hposvc-storage-proxy", lambda p: p["spec"]["podSelector"]["matchLabels"].__setitem__("app.kubernetes.io/name", "x"), "no NetworkPolicy guards"),
+        ("Deployment", "hposvc-storage-proxy", lambda d: d["spec"]["template"]["spec"]["containers"][0]["args"].remove("--token-file"), "without --token-file"),
+        ("Deployment", "hposvc-storage-proxy", lambda d: d["spec"]["template"]["spec"]["containers"][0].pop("volumeMounts"), "without --token-file"),
+        ("Secret", "hposvc-storage-token", lambda s: s["stringData"].__setitem__("tokens", s["stringData"].pop("token")), "needs key 'token' of Secret hposvc-storage-token"),
+        ("Job", "hposvc-workers", lambda j: j["spec"]["template"]["spec"]["containers"][0]["env"].pop(2), "workers must send the proxy's token"),
     ],
 )
 def test_the_fit_checker_finds_broken_references(kind: str, name: str, breakage: Any, expected: str) -> None:
