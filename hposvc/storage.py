@@ -108,13 +108,13 @@ class Outage:
     def limit(self) -> float:
         return _outage_limit()
 
-    def failed(self, where: str, error: object) -> float:
+    def failed(self, where: str, error: object, *, retrying: str = "") -> float:
         """Record a failed call; returns how long the storage has been away (seconds)."""
         now = time.monotonic()
         with self._lock:
             if self.since is None:
                 self.since = now
-                log.warning("the study storage %s is unreachable (%s); retrying for up to %g s", where, error, self.limit)
+                log.warning("the study storage %s is unreachable (%s); retrying%s", where, error, retrying)
             return now - self.since
 
     def ok(self) -> None:
@@ -221,7 +221,7 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
             if attempt == attempts - 1 or not is_connection_error(e):
                 raise StorageError(f"{what} failed: {e.orig if hasattr(e, 'orig') else e}") from e
             if is_connection_error(e) and "locked" not in str(e):
-                OUTAGE.failed("database", e)
+                OUTAGE.failed("database", e, retrying=f" ({attempts} attempts)")
             time.sleep(base_delay * 2**attempt * (1 + random.random() / 2))
         else:
             OUTAGE.ok()
@@ -447,8 +447,8 @@ def _grpc_client_class() -> type:
                     if code != grpc.StatusCode.UNKNOWN:  # UNKNOWN: the proxy answered with an error of its own
                         OUTAGE.ok()
                     return call
-                down = OUTAGE.failed(owner.url, f"{code.name}: {call.details()}")
                 limit = OUTAGE.limit
+                down = OUTAGE.failed(owner.url, f"{code.name}: {call.details()}", retrying=f" for up to {limit:g} s")
                 if down >= limit:
                     raise StorageUnavailableError(
                         f"the study storage {owner.url} has been unreachable for {down:.0f} s, past the outage limit of "
