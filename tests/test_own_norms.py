@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from torch import nn
 
+import hposvc
 from hposvc.cli import main
 from hposvc.config import NORMS, TrialConfig
 from hposvc.errors import InvalidInputError
@@ -235,6 +236,12 @@ def test_a_spec_names_the_norm_classes_the_rule_misses(tmp_path: Path, factory: 
         built = model_factory(load_spec(spec), load_task("digits"), TrialConfig(norm="rms"), on_built=lambda m, r: reports.append(r))()
         assert type(built.norm) is nn.RMSNorm and built.norm.eps == 1e-6
         assert "by spec (norm_classes)" in reports[0].describe()
+        # and best_config's rebuild takes the same names
+        again = hposvc.build_training(
+            TrialConfig(norm="rms"), "digits", device="cpu", model="own_norms:gemma", apply=["norm"],
+            code_dir=str(Path(own_norms.__file__).parent), norm_classes=["own_norms:OffsetRMSNorm"],
+        )
+        assert type(again.model.norm) is nn.RMSNorm
 
 
 @pytest.mark.slow
