@@ -44,6 +44,7 @@ __all__ = [
     "TASK_INPUT_SHAPES",
     "TASK_MODEL_DEFAULTS",
     "TASK_OPTIONS",
+    "TRANSFORMER_NORMS",
     "Rejected",
     "Rule",
     "TaskOption",
@@ -102,7 +103,7 @@ TASK_MODEL_DEFAULTS: dict[str, dict[str, int]] = {
 # [model] family is checked against them before anything runs (the others when loaded).
 TASK_INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits": (64,), "mnist1d": (1, 40), "moons": (2,), "spirals": (2,)}
 # Built-in model families (hposvc.nn): what each reads is in family_input_shape.
-FAMILIES = ("mlp", "cnn1d", "cnn2d", "resnet")
+FAMILIES = ("mlp", "cnn1d", "cnn2d", "resnet", "transformer")
 PRECISIONS = ("fp32", "bf16", "fp16")  # [train] precision: autocast dtype (fp16 adds a gradient scaler)
 # [train] data: how batches reach the model. "tensors": the whole split on the device,
 # batches sliced out of it; "loader": a torch DataLoader; "auto": tensors when the data
@@ -164,6 +165,10 @@ TASK_OPTIONS: dict[str, dict[str, TaskOption]] = {
 }
 
 NORMS = ("none", "batch", "instance", "layer", "group", "rms")
+# Norms a transformer block takes: each normalises one token over its features. Batch norm
+# (statistics over the batch and every position) and instance norm (over positions) would
+# let a causal model see later tokens, so the transformer family refuses them.
+TRANSFORMER_NORMS = ("none", "layer", "rms", "group")
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "mish", "sigmoid", "tanh", "softsign")
 
 # -- the fields ---------------------------------------------------------------------------
@@ -273,7 +278,8 @@ FIELDS: dict[str, Rule] = {
     "batch_size": _int(64, 1, table="train"),
     "epochs": _int(10, 1, table="train"),
     "depth": _int(2, 0, table="model"),  # hidden layers (MLP), conv blocks (CNN), residual blocks per stage (ResNet)
-    "width": _int(128, 1, table="model"),  # hidden units (MLP) or channels (CNN; a ResNet's first stage)
+    "width": _int(128, 1, table="model"),  # hidden units (MLP) or channels (CNN; a ResNet's first stage); a transformer's model dimension
+    "heads": _int(4, 1, table="model"),  # transformer: attention heads (width must be a multiple); other families ignore it
     "family": _choice(None, FAMILIES, table="model", none_ok=True),  # built-in family; None: the task's own
     # resnet: every residual branch starts at 0 (Goyal et al. 2017)
     "zero_init_residual": _flag(None, table="model", owner="family", active=("resnet",), when_active=False),
@@ -336,6 +342,7 @@ class TrialConfig:
     epochs: int = _default("epochs")
     depth: int = _default("depth")
     width: int = _default("width")
+    heads: int = _default("heads")
     family: str | None = _default("family")
     zero_init_residual: bool | None = None
     seed: int = _default("seed")
@@ -472,7 +479,7 @@ def check_population(value: Any, *, key: str = "population", source: str | None 
 
 def family_input_shape(family: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The per-sample shape ``family`` reads for task inputs of ``shape``; None if it cannot:
-    mlp flattens anything, cnn1d takes ``(C, L)``, cnn2d and resnet take ``(C, H, W)`` or a
+    mlp flattens anything, cnn1d takes ``(C, L)``, transformer ``(L,)`` token ids, cnn2d and resnet take ``(C, H, W)`` or a
     flat square vector as one channel (digits' 64 features are its 1×8×8 pixels).
 
     >>> family_input_shape("resnet", (64,)), family_input_shape("cnn1d", (5,))
@@ -482,6 +489,8 @@ def family_input_shape(family: str, shape: tuple[int, ...]) -> tuple[int, ...] |
         return shape
     if family == "cnn1d":
         return shape if len(shape) == 2 else None
+    if family == "transformer":
+        return shape if len(shape) == 1 else None
     if len(shape) == 3:
         return shape
     side = math.isqrt(shape[0]) if len(shape) == 1 else 0
@@ -502,8 +511,12 @@ def check_family(family: str, input_shape: tuple[int, ...], *, key: str = "famil
     fitted = family_input_shape(family, shape)
     if fitted is not None:
         return fitted
-    wants = "(channels, length)" if family == "cnn1d" else "(channels, height, width), or a flat square vector (64 → 1×8×8)"
-    fitting = [f for f in FAMILIES if family_input_shape(f, shape) is not None]
+    wants = {
+        "cnn1d": "(channels, length)",
+        "transformer": "(length,) sequences of token ids",
+    }.get(family, "(channels, height, width), or a flat square vector (64 → 1×8×8)")
+    # the transformer also needs token ids, which a shape cannot tell: it is not offered here
+    fitting = [f for f in FAMILIES if f != "transformer" and family_input_shape(f, shape) is not None]
     raise invalid(
         key,
         family,

@@ -93,6 +93,7 @@ from hposvc.config import (
     TASK_MODEL_DEFAULTS,
     TASK_OPTIONS,
     TASKS,
+    TRANSFORMER_NORMS,
     Rejected,
     TrialConfig,
     check_family,
@@ -129,7 +130,13 @@ OPTIMIZER_DEFAULTS = ("auto", "search", "fixed")
 # arrays' and a user factory's are known once loaded.
 TASK_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d", "images": "cnn2d"}
 # Instance norm normalises each channel over its positions: an MLP's features have none.
-NORMS_BY_FAMILY = {"mlp": ("none", "batch", "layer", "group", "rms"), "cnn1d": NORMS, "cnn2d": NORMS, "resnet": NORMS}
+NORMS_BY_FAMILY = {
+    "mlp": ("none", "batch", "layer", "group", "rms"),
+    "cnn1d": NORMS,
+    "cnn2d": NORMS,
+    "resnet": NORMS,
+    "transformer": TRANSFORMER_NORMS,
+}
 
 
 # The ranges unmentioned optimizer numbers get when they are searched (optimizer_defaults).
@@ -950,6 +957,12 @@ class _SpaceTables(_FieldDims):
                 check_family(family, TASK_INPUT_SHAPES[task], key=where["family"], source=self.source, cls=SpecError)
             allowed = NORMS_BY_FAMILY[family]
             for norm in values("norm"):
+                if norm not in allowed and family == "transformer":
+                    raise self.error(
+                        where.get("norm", "space.norm"), norm, allowed,
+                        "A transformer normalises each token over its features; batch and instance norm average over "
+                        "positions, which would let a causal model see later tokens.",
+                    )
                 if norm not in allowed:
                     who = f"{task!r} trains an MLP" if "family" not in dims else "the 'mlp' family"
                     fits = [f for f in ("cnn2d", "resnet") if task not in TASK_INPUT_SHAPES or family_input_shape(f, TASK_INPUT_SHAPES[task])]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from hposvc.config import FAMILIES, TrialConfig, check_family
+from hposvc.config import FAMILIES, TRANSFORMER_NORMS, TrialConfig, check_family
 from hposvc.errors import invalid
 from hposvc.nn._init import initialise
 from hposvc.nn._layers import DEFAULT_NORM_GROUPS, activation_layer, norm_layer
@@ -27,6 +27,10 @@ __all__ = [
     "MODEL_FAMILIES",
     "ResNet",
     "ResidualBlock",
+    "SelfAttention",
+    "TRANSFORMER_NORMS",
+    "Transformer",
+    "TransformerBlock",
     "build_model",
     "check_family",
     "count_parameters",
@@ -36,6 +40,8 @@ MODEL_FAMILIES = FAMILIES  # hposvc.config's: specs check them without importing
 CNN_KERNEL_SIZE = 5  # cnn1d; odd, so padding k // 2 keeps the length and ZerO has a kernel centre
 CNN2D_KERNEL_SIZE = 3  # cnn2d and resnet: 3×3, as in VGG and ResNet
 CNN_MIN_DOWNSAMPLE_LENGTH = 8  # a conv block halves each spatial axis only while it is at least this long
+MLP_RATIO = 4  # transformer: the MLP's hidden width is this times the model width (Vaswani et al. 2017)
+EMBEDDING_STD = 0.02  # transformer: token and position embeddings start N(0, 0.02²), as GPT-2's
 
 
 def _layers(norm: str, norm_groups: int | None, activation: str, channels: int, dims: int) -> dict[str, nn.Module]:
@@ -225,6 +231,117 @@ class ResNet(nn.Module):
                 nn.init.zeros_(last.weight)
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written out: q, k, v and output projections (plain
+    ``nn.Linear``, so every init scheme sets them), scaled dot products and, when
+    ``causal``, a mask that hides later positions. Written out rather than
+    ``nn.MultiheadAttention`` so that a population runs it under ``torch.func.vmap``."""
+
+    def __init__(self, width: int, heads: int, *, causal: bool) -> None:
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        split = lambda t: t.view(n, length, self.heads, width // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))  # (n, heads, length, width / heads)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(width // self.heads)
+        if self.causal:
+            later = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(later, float("-inf"))
+        mixed = scores.softmax(dim=-1) @ v
+        return self.out(mixed.transpose(1, 2).reshape(n, length, width))
+
+
+class _PerToken(nn.Module):
+    """A norm of ``(N, C)`` features (group norm) applied to each token of ``(N, L, C)``."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.flatten(0, -2)).view(x.shape)
+
+
+def _token_norm(kind: str, width: int, groups: int | None) -> nn.Module:
+    if kind not in TRANSFORMER_NORMS:
+        raise invalid(
+            "norm", kind, TRANSFORMER_NORMS,
+            hint="A transformer normalises each token over its features; batch and instance norm average over positions, which lets a causal model see later tokens.",
+        )
+    if kind == "group":
+        return _PerToken(norm_layer("group", width, 0, groups=groups or DEFAULT_NORM_GROUPS))
+    return norm_layer(kind, width, 0)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block (Xiong et al. 2020): ``x + attn(norm(x))``, then ``x + mlp(norm(x))``
+    with ``mlp = Linear(width, 4·width) → activation → Linear(4·width, width)``."""
+
+    def __init__(self, width: int, heads: int, *, norm: str, norm_groups: int | None, activation: str, causal: bool) -> None:
+        super().__init__()
+        self.norm1 = _token_norm(norm, width, norm_groups)
+        self.attn = SelfAttention(width, heads, causal=causal)
+        self.norm2 = _token_norm(norm, width, norm_groups)
+        hidden = MLP_RATIO * width
+        self.mlp = nn.Sequential(OrderedDict(fc=nn.Linear(width, hidden), act=activation_layer(activation), proj=nn.Linear(hidden, width)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A small pre-norm transformer over ``(N, L)`` token ids (given as floats, as every
+    task's inputs are): token and learned position embeddings of ``width``, ``depth``
+    :class:`TransformerBlock` s with ``heads`` heads, a final norm and a linear head that
+    reads the last position. ``causal=True`` (the family's) makes it a decoder: each
+    position sees itself and earlier ones, so the last one predicts what comes next;
+    ``causal=False`` is the encoder. The vocabulary is ``vocab`` tokens (the family uses
+    the task's ``n_outputs``: inputs and outputs share one vocabulary).
+
+    >>> model = Transformer(12, 10, 10, depth=1, width=16, heads=2, norm="rms")
+    >>> model(torch.randint(0, 10, (3, 12)).float()).shape, type(model.norm).__name__
+    (torch.Size([3, 10]), 'RMSNorm')
+    """
+
+    def __init__(
+        self,
+        length: int,
+        vocab: int,
+        n_outputs: int,
+        *,
+        depth: int,
+        width: int,
+        heads: int = 4,
+        norm: str = "layer",
+        norm_groups: int | None = None,
+        activation: str = "gelu",
+        causal: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
+            raise invalid("heads", heads, f"a divisor of width={width}", hint="Each head gets width / heads features.")
+        self.vocab = vocab
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(length, width)
+        for emb in (self.tokens, self.positions):
+            nn.init.normal_(emb.weight, std=EMBEDDING_STD)
+        kw = dict(norm=norm, norm_groups=norm_groups, activation=activation, causal=causal)
+        self.blocks = nn.Sequential(*(TransformerBlock(width, heads, **kw) for _ in range(depth)))
+        self.norm = _token_norm(norm, width, norm_groups)
+        self.head = nn.Linear(width, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        where = torch.arange(ids.shape[-1], device=ids.device)
+        h = self.blocks(self.tokens(ids) + self.positions(where))
+        return self.head(self.norm(h)[:, -1])
+
+
 def build_model(task: Task, config: TrialConfig, *, family: str | None = None, zero_init_residual: bool | None = None) -> nn.Module:
     """The network for ``task`` with ``config``'s depth, width, norm and activation,
     initialised by ``config.init``. The family is ``family``, else ``config.family``, else
@@ -259,6 +376,9 @@ def build_model(task: Task, config: TrialConfig, *, family: str | None = None, z
         model = CNN1d(shape[0], shape[1], task.n_outputs, **sizes)
     elif family == "cnn2d":
         model = CNN2d(shape, task.n_outputs, **sizes)
+    elif family == "transformer":
+        _check_token_ids(task)
+        model = Transformer(shape[0], task.n_outputs, task.n_outputs, heads=config.heads, **sizes)
     else:
         model = ResNet(shape, task.n_outputs, **sizes)
     if zero_init_residual and not isinstance(model, ResNet):
@@ -267,6 +387,21 @@ def build_model(task: Task, config: TrialConfig, *, family: str | None = None, z
     if zero_init_residual and config.init != "pretrained":
         model.zero_init_residual_()
     return model
+
+
+def _check_token_ids(task: Task) -> None:
+    """The transformer embeds its inputs: they must be token ids of the task's vocabulary
+    (whole numbers in [0, n_outputs)). Checked on the training split when it is a tensor."""
+    x = task.x_train
+    if not isinstance(x, torch.Tensor) or x.numel() == 0:
+        return
+    if not (torch.equal(x, x.round()) and float(x.min()) >= 0 and float(x.max()) < task.n_outputs):
+        raise invalid(
+            "family", "transformer", "a family whose inputs this task has",
+            source=f"task {task.name!r}",
+            hint=f"The transformer reads token ids (whole numbers in [0, {task.n_outputs}), its vocabulary is the task's outputs); "
+            "this task's inputs are not. Sequence tasks: hposvc.sequences.",
+        )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -79,6 +79,7 @@ KEY_FIELDS = (
     "family",  # the stacked parameters need one architecture ...
     "depth",  # ... and one shape ...
     "width",
+    "heads",
     "norm",  # ... and one module structure runs every member (functional_call)
     "norm_groups",
     "activation",
