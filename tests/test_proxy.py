@@ -304,3 +304,26 @@ def test_an_authenticated_proxy_refuses_clients_without_its_token(tmp_path: Path
         assert len(rotated.get_all_trials(rotated.get_study_id_from_name("mine"))) == 1
     finally:
         proxy.stop()
+
+
+def test_time_the_storage_was_away_does_not_count_toward_the_grace_period(tmp_path: Path) -> None:
+    # A trial whose heartbeat could not land during an outage is not stale when the storage
+    # comes back: the grace period starts again then. Only a heartbeat that stays still
+    # for a whole grace period after the outage makes it stale.
+    from hposvc import queue
+
+    proxy = Proxy(f"sqlite:///{tmp_path / 'grace.db'}", tmp_path / "proxy.log")
+    try:
+        study = optuna.create_study(study_name="grace", storage=proxy.storage())
+        queue.top_up(study, 1)
+        trial = queue.claim(study)  # beats once; nobody beats again (its beats "cannot land")
+        watch = queue.StaleWatch(grace=1.0)
+        assert watch.stale(study) == []
+        proxy.kill()
+        time.sleep(2.0)  # longer than the grace period
+        proxy.start()
+        assert watch.stale(study) == []  # blocked until the proxy is back, then: not stale
+        time.sleep(1.2)
+        assert [t.number for t in watch.stale(study)] == [trial.number]  # a whole grace period later
+    finally:
+        proxy.stop()

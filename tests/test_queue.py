@@ -107,6 +107,23 @@ def test_a_trial_without_a_heartbeat_is_never_stale(sqlite_url: str) -> None:
     assert watch.fail_stale(study) == [] and study.trials[0].state == TrialState.RUNNING
 
 
+def test_a_queued_trial_running_without_a_heartbeat_is_stale(sqlite_url: str) -> None:
+    # A claim whose reply was lost to a broken connection: the trial is RUNNING, nobody beats
+    # for it, and no worker knows it holds it. It must not stay RUNNING forever.
+    study = _study(sqlite_url, "lost")
+    queue.top_up(study, 1)
+    storage = queue.storage_of(study)
+    lost = study.trials[0]
+    assert storage.set_trial_state_values(queue.trial_id(lost), TrialState.RUNNING)
+    watch = queue.StaleWatch(grace=0.2)
+    assert watch.stale(study) == []
+    time.sleep(0.3)
+    assert watch.fail_stale(study) == [queue.trial_id(lost)]
+    failed, retry = study.trials
+    assert failed.state == TrialState.FAIL and failed.user_attrs[records.REASON].startswith("a worker stopped beating for 0.2 s")
+    assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == 0
+
+
 def test_retries_stop_after_max_retry(sqlite_url: str) -> None:
     study = _study(sqlite_url, "retries")
     queue.top_up(study, 1)
