@@ -522,7 +522,10 @@ def storage_group() -> None:
 @click.option("--port", default=13000, show_default=True, type=int, help="Port to listen on.")
 @click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host; it then needs a token (--token-file). Private networks only.")
 @click.option("--token-file", envvar="HPOSVC_STORAGE_TOKEN_FILE", type=click.Path(dir_okay=False), help="File with the shared token clients must send (one per line, re-read when it changes). Else $HPOSVC_STORAGE_TOKEN.")
-def storage_serve(storage: str, data_dir: str | None, host: str, port: int, allow_remote: bool, token_file: str | None) -> None:
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Serve TLS with this certificate (PEM); clients set HPOSVC_STORAGE_TLS_CA.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="The key of --tls-cert (PEM).")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), help="Require client certificates signed by this CA (PEM); clients set HPOSVC_STORAGE_TLS_CERT and _KEY.")
+def storage_serve(storage: str, data_dir: str | None, host: str, port: int, allow_remote: bool, token_file: str | None, tls_cert: str | None, tls_key: str | None, tls_client_ca: str | None) -> None:
     """Serve the study database to workers as grpc://HOST:PORT until stopped.
 
     \b
@@ -534,7 +537,7 @@ def storage_serve(storage: str, data_dir: str | None, host: str, port: int, allo
     """
     from hposvc.proxy import serve
 
-    serve(storage, host=host, port=port, allow_remote=allow_remote, token_file=token_file)
+    serve(storage, host=host, port=port, allow_remote=allow_remote, token_file=token_file, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca)
 
 
 @main.command("ui")

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from hposvc.errors import StorageError, invalid
 from hposvc.storage import GRPC_DEFAULT_PORT as DEFAULT_PORT
-from hposvc.storage import TOKEN_ENV, TOKEN_HEADER, TokenSource, import_grpc, is_connection_error, open_storage, redact
+from hposvc.storage import TOKEN_ENV, TOKEN_HEADER, TokenSource, import_grpc, is_connection_error, open_storage, read_pem, redact
 
 if TYPE_CHECKING:
     import optuna
@@ -128,11 +128,13 @@ def _guard(tokens: TokenSource | None):  # -> grpc.ServerInterceptor
     return Guard()
 
 
-def _check_tokens(tokens: TokenSource | None, *, host: str, allow_remote: bool) -> None:
+def _check_credentials(tokens: TokenSource | None, *, host: str, client_ca: bool) -> None:
     source = "hposvc storage serve"
-    if tokens is None and not is_loopback(host):
+    if tokens is None and not client_ca and not is_loopback(host):
         raise invalid(
-            "token_file", None, f"a file holding the shared token (--token-file FILE, or {TOKEN_ENV}) when the proxy listens beyond loopback",
+            "token_file", None,
+            f"a file holding the shared token (--token-file FILE, or {TOKEN_ENV}) when the proxy listens beyond loopback "
+            "without client certificates (--tls-client-ca)",
             source=source, hint="Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))' > token",
         )
     for token in tokens.tokens() if tokens is not None else ():
@@ -151,6 +153,9 @@ def serve(
     allow_remote: bool = False,
     threads: int = DEFAULT_THREADS,
     token_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
 ) -> None:
     """Serve the SQL storage at ``storage_url`` to ``grpc://host:port`` clients until stopped.
 
@@ -158,6 +163,10 @@ def serve(
     ``allow_remote`` is true, and then requires a token: ``token_file`` (one token per
     line, re-read when it changes), else ``$HPOSVC_STORAGE_TOKEN_FILE`` or
     ``$HPOSVC_STORAGE_TOKEN``. On loopback a token is optional, and checked when given.
+
+    TLS: ``tls_cert`` and ``tls_key`` (PEM files) make the proxy speak TLS; with
+    ``tls_client_ca`` it also requires a client certificate signed by that CA (mutual TLS),
+    which counts as the credential beyond loopback (a token may be required on top).
 
     Example::
 
@@ -175,10 +184,16 @@ def serve(
         raise invalid(
             "host", host, "a loopback address such as '127.0.0.1' unless allow_remote=True (--allow-remote)",
             source="hposvc storage serve",
-            hint="Beyond loopback the proxy needs a token as well (--token-file FILE); keep it on a private network.",
+            hint="Beyond loopback the proxy needs a credential as well (--token-file FILE, or --tls-client-ca); keep it on a private network.",
         )
     tokens = TokenSource.from_env(token_file)
-    _check_tokens(tokens, host=host, allow_remote=allow_remote)
+    if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
+        raise invalid(
+            "tls_cert", tls_cert, "given together with --tls-key (and both with --tls-client-ca)",
+            source="hposvc storage serve", hint="A TLS server needs its certificate and its key.",
+        )
+    tls = None if tls_cert is None else (read_pem(tls_key, "tls_key"), read_pem(tls_cert, "tls_cert"), read_pem(tls_client_ca, "tls_client_ca") if tls_client_ca else None)
+    _check_credentials(tokens, host=host, client_ca=tls is not None and tls[2] is not None)
     if threads < 1:
         raise invalid("threads", threads, "an int >= 1", source="hposvc storage serve")
     import_grpc()
@@ -197,14 +212,21 @@ def serve(
     # 3) Serve until interrupted: Optuna's servicer behind hposvc's guard (what
     #    optuna.storages.run_grpc_proxy_server builds, with an interceptor). Said on stderr
     #    because the CLI keeps Optuna's own lines at INFO (-v); the URL without its password.
-    auth = "no authentication: keep it on loopback" if tokens is None else f"token from {tokens.source}"
+    auth = ", ".join(
+        filter(None, [tokens and f"token from {tokens.source}", tls and ("TLS, client certificates required" if tls[2] else "TLS")])
+    ) or "no authentication: keep it on loopback"
     print(f"Serving {redact(storage_url)} on grpc://{host}:{port} ({auth})", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         server = grpc.server(ThreadPoolExecutor(max_workers=threads), interceptors=[_guard(tokens)])
         api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(backend), server)
     try:
-        server.add_insecure_port(f"{host}:{port}")
+        if tls is None:
+            server.add_insecure_port(f"{host}:{port}")
+        else:
+            key, cert, client_ca = tls
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+            server.add_secure_port(f"{host}:{port}", creds)
     except RuntimeError as e:  # grpcio: "Failed to bind to address"
         raise StorageError(f"the storage proxy cannot listen on {host}:{port}: {e}. Pick another port with --port.") from e
     server.start()

@@ -27,6 +27,7 @@ import random
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import urlsplit
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_DATA_DIR",
     "OUTAGE",
+    "TlsFiles",
     "TokenSource",
     "artifact_location",
     "grpc_storage",
@@ -72,6 +74,9 @@ GRPC_RETRY_FIRST, GRPC_RETRY_CAP = 0.25, 5.0
 TOKEN_ENV, TOKEN_FILE_ENV = "HPOSVC_STORAGE_TOKEN", "HPOSVC_STORAGE_TOKEN_FILE"
 # The request header that carries it.
 TOKEN_HEADER = "authorization"
+# TLS for clients: the CA that signed the proxy's certificate (turns TLS on), and this
+# client's certificate and key when the proxy requires one (--tls-client-ca).
+TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV = "HPOSVC_STORAGE_TLS_CA", "HPOSVC_STORAGE_TLS_CERT", "HPOSVC_STORAGE_TLS_KEY"
 
 T = TypeVar("T")
 
@@ -386,6 +391,50 @@ class TokenSource:
         return any([hmac.compare_digest(token.encode(), t.encode()) for t in self.tokens()])
 
 
+def read_pem(path: str | os.PathLike[str], key: str) -> bytes:
+    """A PEM file's bytes, or bad input naming ``key`` (a variable or an option)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise invalid(key, str(path), "a readable PEM file", hint=f"({e.strerror or e}).") from e
+    if b"-----BEGIN " not in data:
+        raise invalid(key, str(path), "a PEM file (-----BEGIN ...)")
+    return data
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A client's TLS material for ``grpc://``: the CA that signed the proxy's certificate
+    (``None``: the system's roots) and, for a proxy that requires client certificates,
+    this client's certificate and key."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def from_env(cls) -> "TlsFiles | None":
+        """From ``$HPOSVC_STORAGE_TLS_CA``, ``_CERT`` and ``_KEY``; None when none is set (plaintext)."""
+        ca, cert, key = (os.environ.get(v) or None for v in (TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV))
+        if ca is None and cert is None and key is None:
+            return None
+        if (cert is None) != (key is None):
+            missing = TLS_KEY_ENV if key is None else TLS_CERT_ENV
+            raise InvalidInputError(f"{TLS_CERT_ENV} and {TLS_KEY_ENV} go together: set {missing} too (a client certificate needs its key).")
+        return cls(
+            ca=read_pem(ca, TLS_CA_ENV) if ca else None,
+            cert=read_pem(cert, TLS_CERT_ENV) if cert else None,
+            key=read_pem(key, TLS_KEY_ENV) if key else None,
+        )
+
+
+def _tls_refused(details: str) -> bool:
+    # A certificate that does not verify is not an outage: retrying cannot help. (Other
+    # handshake errors, SSL_ERROR_SYSCALL among them, are what a proxy killed mid-handshake
+    # gives, so they are retried.)
+    return "certificate" in details.lower()
+
+
 def _retryable(code: object, details: str) -> bool:
     import grpc
 
@@ -432,12 +481,20 @@ def _grpc_client_class() -> type:
             metadata = list(details.metadata or [])
             if owner.tokens is not None:
                 metadata.append((TOKEN_HEADER, f"Bearer {owner.tokens.first()}"))
-            details = _Details(details.method, details.timeout or GRPC_CALL_TIMEOUT, metadata, details.credentials, details.wait_for_ready, details.compression)
-            delay = GRPC_RETRY_FIRST
+            until = getattr(owner.local, "until", None)  # set while grpc_storage waits for the proxy
+            timeout = GRPC_CALL_TIMEOUT if until is None else max(until - time.monotonic(), 0.1)
+            details = _Details(details.method, details.timeout or timeout, metadata, details.credentials, details.wait_for_ready, details.compression)
+            delay, closed = GRPC_RETRY_FIRST, 0
             owner.local.retried = False
             while True:
                 call = continuation(details, request)
                 code = call.code()
+                if until is not None and code == grpc.StatusCode.UNAVAILABLE and _tls_refused(call.details() or ""):
+                    raise StorageError(
+                        f"the TLS handshake with the storage proxy at {owner.url} failed: {call.details()}. Check "
+                        f"{TLS_CA_ENV} (the CA that signed the proxy's certificate) and, when the proxy requires client "
+                        f"certificates, {TLS_CERT_ENV} and {TLS_KEY_ENV}."
+                    )
                 if code == grpc.StatusCode.OK or not _retryable(code, call.details() or ""):
                     if code == grpc.StatusCode.UNAUTHENTICATED:
                         raise StorageError(
@@ -447,6 +504,25 @@ def _grpc_client_class() -> type:
                     if code != grpc.StatusCode.UNKNOWN:  # UNKNOWN: the proxy answered with an error of its own
                         OUTAGE.ok()
                     return call
+                if until is not None:  # waiting for the proxy to come up is not an outage
+                    # A proxy that requires client certificates closes the connection of a
+                    # client it does not accept once TLS 1.3 has finished: a starting proxy
+                    # refuses connections instead, so a closed socket again and again is that.
+                    closed = closed + 1 if owner.tls is not None and "Socket closed" in (call.details() or "") else 0
+                    if closed >= 3:
+                        raise StorageError(
+                            f"the storage proxy at {owner.url} closed every TLS connection: it requires a client certificate "
+                            f"signed by its CA. Set {TLS_CERT_ENV} and {TLS_KEY_ENV} to one (and {TLS_CA_ENV} to the CA of the "
+                            "proxy's certificate)."
+                        )
+                    if time.monotonic() >= until:
+                        raise StorageError(
+                            f"no storage proxy answered at {owner.url} within {owner.local.ready_timeout:g} s. Start one with "
+                            f"`hposvc storage serve --storage URL`, or check the host and port (last error {code.name}: {call.details()})."
+                        )
+                    time.sleep(min(delay * (0.5 + random.random()), max(until - time.monotonic(), 0.01)))
+                    delay = min(delay * 2, 1.0)
+                    continue
                 limit = OUTAGE.limit
                 down = OUTAGE.failed(owner.url, f"{code.name}: {call.details()}", retrying=f" for up to {limit:g} s")
                 if down >= limit:
@@ -460,28 +536,42 @@ def _grpc_client_class() -> type:
                 delay = min(delay * 2, GRPC_RETRY_CAP)
 
     class RetryingGrpcStorage(optuna.storages.GrpcStorageProxy):
-        def __init__(self, *, host: str, port: int, url: str, tokens: TokenSource | None) -> None:
-            self.url, self.tokens, self.local = url, tokens, threading.local()
+        def __init__(self, *, host: str, port: int, url: str, tokens: TokenSource | None, tls: TlsFiles | None) -> None:
+            self.url, self.tokens, self.tls, self.local = url, tokens, tls, threading.local()
             super().__init__(host=host, port=port)
 
         def _setup(self) -> None:
             # Optuna's channel options, plus a short reconnect backoff: gRPC's own grows to
             # 2 minutes, which would keep a worker waiting long after its proxy is back.
-            self._raw_channel = grpc.insecure_channel(
-                f"{self._host}:{self._port}",
-                options=[
-                    ("grpc.max_receive_message_length", -1),
-                    ("grpc.initial_reconnect_backoff_ms", 250),
-                    ("grpc.min_reconnect_backoff_ms", 250),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
-                ],
-            )
+            target = f"{self._host}:{self._port}"
+            options = [
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.min_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+            ]
+            if self.tls is None:
+                self._raw_channel = grpc.insecure_channel(target, options=options)
+            else:
+                creds = grpc.ssl_channel_credentials(root_certificates=self.tls.ca, private_key=self.tls.key, certificate_chain=self.tls.cert)
+                self._raw_channel = grpc.secure_channel(target, creds, options=options)
             self._channel = grpc.intercept_channel(self._raw_channel, _Retry(self))
             self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
             self._cache = GrpcClientCache(self._stub)
 
         def close(self) -> None:
             self._raw_channel.close()
+
+        def wait_until_answering(self, timeout: float) -> None:
+            """One call that reads nothing, retried until the proxy answers or ``timeout``
+            passes: it checks the connection, TLS and the token at once."""
+            self.local.until, self.local.ready_timeout = time.monotonic() + timeout, timeout
+            try:
+                self.get_study_id_from_name("hposvc: connection check")
+            except KeyError:
+                pass
+            finally:
+                self.local.until = None
 
         def __getstate__(self) -> dict:
             state = super().__getstate__()
@@ -513,14 +603,17 @@ def _grpc_client_class() -> type:
 _GRPC_CLASS: list[type] = []
 
 
-def grpc_storage(url: str, *, ready_timeout: float | None = GRPC_READY_TIMEOUT, tokens: TokenSource | None = None) -> "optuna.storages.GrpcStorageProxy":
+def grpc_storage(
+    url: str, *, ready_timeout: float | None = GRPC_READY_TIMEOUT, tokens: TokenSource | None = None, tls: TlsFiles | None = None
+) -> "optuna.storages.GrpcStorageProxy":
     """A :class:`optuna.storages.GrpcStorageProxy` for ``grpc://host[:port]`` (port 13000 by default).
 
     Waits up to ``ready_timeout`` seconds for the proxy to answer (``None``: do not wait)
     and raises :class:`StorageError` when it does not, so a worker started before its proxy
     waits a little and a missing proxy is named rather than failing on the first request.
-    Then one call checks the credential: ``tokens`` (default: :meth:`TokenSource.from_env`),
-    so a client the proxy refuses fails here, before it reads or writes anything.
+    That first call carries the credentials: ``tokens`` (default: :meth:`TokenSource.from_env`)
+    and ``tls`` (default: :meth:`TlsFiles.from_env`; TLS when a CA or a client certificate
+    is set), so a client the proxy refuses fails here, before it reads or writes anything.
 
     Every call retries transient errors (the proxy restarting, its database restarting)
     for up to ``HPOSVC_STORAGE_OUTAGE_LIMIT`` seconds (default 600); see :class:`Outage`.
@@ -546,22 +639,13 @@ def grpc_storage(url: str, *, ready_timeout: float | None = GRPC_READY_TIMEOUT, 
     # An IPv6 address keeps its brackets: the client joins host and port with ':'.
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     tokens = tokens if tokens is not None else TokenSource.from_env()
+    tls = tls if tls is not None else TlsFiles.from_env()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = _grpc_client_class()(host=host, port=port or GRPC_DEFAULT_PORT, url=url, tokens=tokens)
+        storage = _grpc_client_class()(host=host, port=port or GRPC_DEFAULT_PORT, url=url, tokens=tokens, tls=tls)
     if ready_timeout is not None:
         try:
-            storage.wait_server_ready(timeout=ready_timeout)
-        except ConnectionError as e:
-            storage.close()
-            raise StorageError(
-                f"no storage proxy answered at {url} within {ready_timeout:g} s. "
-                "Start one with `hposvc storage serve --storage URL`, or check the host and port."
-            ) from e
-        try:
-            storage.get_study_id_from_name("hposvc: credential check")  # reads nothing
-        except KeyError:
-            pass
+            storage.wait_until_answering(ready_timeout)
         except BaseException:
             storage.close()
             raise

@@ -183,13 +183,14 @@ def test_a_non_loopback_bind_is_refused_without_allow_remote(tmp_path: Path) -> 
         assert out == (
             "Error: hposvc storage serve: the 'host' parameter must be a loopback address such as "
             f"'127.0.0.1' unless allow_remote=True (--allow-remote). Got {host!r} instead. Beyond "
-            "loopback the proxy needs a token as well (--token-file FILE); keep it on a private network.\n"
+            "loopback the proxy needs a credential as well (--token-file FILE, or --tls-client-ca); keep it on a private network.\n"
         )
     # --allow-remote alone is not enough: beyond loopback a credential is required.
     code, out = _serve("--storage", db, "--host", "192.0.2.1", "--allow-remote")
     assert (code, out) == (2, (
         "Error: hposvc storage serve: the 'token_file' parameter must be a file holding the shared token (--token-file FILE, "
-        "or HPOSVC_STORAGE_TOKEN) when the proxy listens beyond loopback. Got None instead. Generate one with: "
+        "or HPOSVC_STORAGE_TOKEN) when the proxy listens beyond loopback without client certificates (--tls-client-ca). "
+        "Got None instead. Generate one with: "
         "python -c 'import secrets; print(secrets.token_urlsafe(32))' > token\n"
     ))
     (tmp_path / "short").write_text("secret\n")
@@ -211,6 +212,11 @@ def test_a_non_loopback_bind_is_refused_without_allow_remote(tmp_path: Path) -> 
     code, out = _serve("--storage", db, "--host", "192.0.2.1", "--allow-remote", "--token-file", str(tmp_path / "token"))
     assert code == 1, out
     assert out.startswith("Error: the storage proxy cannot listen on 192.0.2.1:13000: Cannot assign requested address."), out
+    code, out = _serve("--storage", db, "--host", "192.0.2.1", "--allow-remote", "--tls-cert", str(tmp_path / "token"))
+    assert (code, out) == (2, (
+        "Error: hposvc storage serve: the 'tls_cert' parameter must be given together with --tls-key (and both with "
+        f"--tls-client-ca). Got '{tmp_path / 'token'}' instead. A TLS server needs its certificate and its key.\n"
+    ))
 
 
 def test_a_busy_port_is_a_failure_not_a_second_proxy(proxy: Proxy, tmp_path: Path) -> None:
@@ -302,6 +308,86 @@ def test_an_authenticated_proxy_refuses_clients_without_its_token(tmp_path: Path
         with pytest.raises(StorageError, match="the storage token is wrong"):
             right.get_all_studies()
         assert len(rotated.get_all_trials(rotated.get_study_id_from_name("mine"))) == 1
+    finally:
+        proxy.stop()
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, the proxy's certificate for 127.0.0.1 signed by it, a client certificate signed by
+    it, and a stranger's client certificate signed by another CA: PEM files in ``folder``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    files: dict[str, Path] = {}
+
+    def issue(name: str, issuer: tuple | None, *, ca: bool = False, ip: str | None = None) -> tuple:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(issuer[0].subject if issuer else subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if ip:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+        files[f"{name}.crt"] = folder / f"{name}.crt"
+        files[f"{name}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[f"{name}.key"] = folder / f"{name}.key"
+        files[f"{name}.key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        return cert, key
+
+    ca = issue("ca", None, ca=True)
+    issue("proxy", ca, ip="127.0.0.1")
+    issue("client", ca)
+    issue("stranger", issue("other-ca", None, ca=True))
+    return files
+
+
+def test_a_proxy_with_client_certificates_refuses_clients_without_one(tmp_path: Path) -> None:
+    from hposvc.storage import TlsFiles
+
+    f = _certificates(tmp_path)
+    db = f"sqlite:///{tmp_path / 'tls.db'}"
+    tls = ("--tls-cert", str(f["proxy.crt"]), "--tls-key", str(f["proxy.key"]), "--tls-client-ca", str(f["ca.crt"]))
+    proxy = Proxy(db, tmp_path / "proxy.log", args=("--allow-remote", *tls))
+    ca = f["ca.crt"].read_bytes()
+    mine = TlsFiles(ca=ca, cert=f["client.crt"].read_bytes(), key=f["client.key"].read_bytes())
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the proxy starts: then the client with a certificate gets in
+            try:
+                storage = grpc_storage(proxy.url, ready_timeout=2, tls=mine)
+                break
+            except StorageError:
+                assert proxy.proc.poll() is None and time.monotonic() < deadline, (tmp_path / "proxy.log").read_text()
+        optuna.create_study(study_name="tls", storage=storage).tell(optuna.load_study(study_name="tls", storage=storage).ask(), 2.0)
+        assert [t.value for t in optuna.load_study(study_name="tls", storage=open_storage(db)).trials] == [2.0]
+        # Without a client certificate, or with one another CA signed: refused at once, named.
+        stranger = TlsFiles(ca=ca, cert=f["stranger.crt"].read_bytes(), key=f["stranger.key"].read_bytes())
+        for tls_files in (TlsFiles(ca=ca), stranger):
+            started = time.monotonic()
+            with pytest.raises(StorageError) as e:
+                grpc_storage(proxy.url, ready_timeout=20, tls=tls_files)
+            assert str(e.value) == (
+                f"the storage proxy at {proxy.url} closed every TLS connection: it requires a client certificate signed by "
+                "its CA. Set HPOSVC_STORAGE_TLS_CERT and HPOSVC_STORAGE_TLS_KEY to one (and HPOSVC_STORAGE_TLS_CA to the CA "
+                "of the proxy's certificate)."
+            )
+            assert time.monotonic() - started < 10
+        # A client that does not trust the proxy's certificate, and a plaintext one, get nothing either.
+        with pytest.raises(StorageError, match="the TLS handshake with the storage proxy at .* failed: .*CERTIFICATE_VERIFY_FAILED"):
+            grpc_storage(proxy.url, ready_timeout=20, tls=TlsFiles(ca=f["other-ca.crt"].read_bytes(), cert=f["client.crt"].read_bytes(), key=f["client.key"].read_bytes()))
+        with pytest.raises(StorageError, match="no storage proxy answered"):
+            grpc_storage(proxy.url, ready_timeout=3)
+        assert [s.study_name for s in open_storage(db).get_all_studies()] == ["tls"]
     finally:
         proxy.stop()
 
