@@ -42,8 +42,9 @@ __all__ = ["CompletedTrials", "Outcome", "TrialEnv", "TrialJob", "run_population
 
 log = logging.getLogger(__name__)
 
-# Studies whose "a user's model trains alone" note this process has logged (once each).
-_SAID_ALONE: set[str] = set()
+# Per study and model structure: why its trials cannot train as one population (None:
+# they can). Checked once per process, and the reason logged once.
+_VMAP_VERDICTS: dict[tuple[str, Any], str | None] = {}
 # How stale the completed trials a local pruning decision reads may get (seconds): other
 # workers' results reach a long trial's decisions at most this late.
 SNAPSHOT_SECONDS = 10.0
@@ -317,6 +318,23 @@ def train_trial(ctx: TrialContext) -> "TrainResult":
     )
 
 
+def _vmap_verdict(env: TrialEnv, model: Any, config: TrialConfig) -> str | None:
+    """Why trials of ``model``'s structure train one at a time in this study, or None:
+    :func:`hposvc.population.vmap_reason` on one built model, once per study and
+    structure; a refusal is logged once."""
+    from hposvc.population import structure_key, vmap_reason
+
+    key = (env.spec.name, structure_key(model))
+    if key not in _VMAP_VERDICTS:
+        reason = vmap_reason(model, env.task.x_val[:2].to(env.device))
+        _VMAP_VERDICTS[key] = reason
+        if reason is not None:
+            what = f"model = {env.spec.model!r}" if env.spec.model is not None else f"family {config.family!r}"
+            log.warning("study %s: trials of %s (norm %s, activation %s) train one at a time, not as a population: %s",
+                        env.spec.name, what, config.norm, config.activation, reason)
+    return _VMAP_VERDICTS[key]
+
+
 def _train_builtin(job: TrialJob, task: "Task") -> Outcome:
     job.probe_init(task)
     return Outcome.of_train(train_trial(job.ctx))
@@ -412,11 +430,16 @@ def run_trial(env: TrialEnv, trial: "optuna.Trial") -> str:
 def run_population(env: TrialEnv, trials: "Sequence[optuna.Trial]") -> list[str]:
     """Train several claimed trials together where they share a structure.
 
-    Trials are grouped by :func:`hposvc.population.population_key`; each group of two or
-    more trains as one vectorised population, each member reporting to its own trial and
-    MLflow run every epoch, pruned and diverged members leaving the population alone. A
-    trial that fits no group trains the ordinary way. One heartbeat thread beats for all
-    of them, so a dead worker's trials are failed and retried as in sequential mode.
+    Every trial builds its own model first (seeded, converted: its own init), as it would
+    alone. Trials are grouped by :func:`hposvc.population.population_key` on their built
+    models (hposvc's families and the user's own alike); the first time this study meets
+    a structure, one of its models is checked for vectorising
+    (:func:`hposvc.population.vmap_reason`), and a structure that fails the check trains
+    one trial at a time, its reason logged once. Each group of two or more trains as one
+    vectorised population, each member reporting to its own trial and MLflow run every
+    epoch, pruned and diverged members leaving the population alone. One heartbeat
+    thread beats for all of them, so a dead worker's trials are failed and retried as in
+    sequential mode.
     """
     from hposvc.population import group_configs, train_population
 
@@ -428,32 +451,32 @@ def run_population(env: TrialEnv, trials: "Sequence[optuna.Trial]") -> list[str]
             started: list[tuple[TrialJob, TrialConfig]] = []
             for job in jobs:
                 try:
-                    started.append((job, job.start(task)))
-                    job.probe_init(task)
+                    config = job.start(task)
+                    job.probe_init(task)  # builds the trial's model (job.ctx.model)
+                    started.append((job, config))
                 except STOPS:
                     raise
                 except Exception as e:  # noqa: BLE001
                     states[job.trial.number] = job.fail(e)
-            if env.spec.model is not None:
-                # hposvc vectorises only its own families; a user's model trains alone
-                if env.spec.name not in _SAID_ALONE:
-                    _SAID_ALONE.add(env.spec.name)
-                    log.info("study %s: population members with [study] model = %r train one at a time (only hposvc's own families are vectorised)", env.spec.name, env.spec.model)
-                groups = [[i] for i in range(len(started))]
-            else:
-                groups = group_configs([c for _, c in started])
+            models = [job.ctx.model for job, _ in started]
+            groups: list[list[int]] = []
+            for group in group_configs([c for _, c in started], task=task, models=models):
+                alone = len(group) > 1 and _vmap_verdict(env, models[group[0]], started[group[0]][1]) is not None
+                groups += [[i] for i in group] if alone else [group]
             for group in groups:
                 members = [started[i] for i in group]
                 try:
                     if len(members) == 1:
                         results = [train_trial(members[0][0].ctx)]
                     else:
+                        log.info("study %s: trials %s train as one population", env.spec.name, [job.trial.number for job, _ in members])
                         results = train_population(
                             [c for _, c in members],
                             task,
                             device=dev,
                             on_epoch=lambda i, m, members=members: members[i][0].on_epoch(m),
                             keep_model=True,
+                            models=[job.ctx.model for job, _ in members],
                         )
                 except STOPS:
                     raise

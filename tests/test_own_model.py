@@ -78,6 +78,33 @@ def not_a_model(task, config):
     return "a string"
 
 
+class Gate(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, h):
+        if h.mean() > 0:
+            return self.fc(h)
+        return h
+
+
+class Gated(nn.Module):
+    def __init__(self, n_outputs):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.gate = Gate(16)
+        self.head = nn.Linear(16, n_outputs)
+
+    def forward(self, x):
+        return self.head(self.gate(self.body(x)))
+
+
+def gated(task, config):
+    """Data-dependent control flow: cannot be vectorised, so its trials train alone."""
+    return Gated(task.n_outputs)
+
+
 def builds_its_own(task, config, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU):
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), norm_layer(8), activation_layer(inplace=True),
@@ -410,15 +437,41 @@ def test_family_keys_reach_the_trials_config(tmp_path: Path) -> None:
     assert (config.family, config.zero_init_residual, config.norm, config.precision, config.data, config.num_workers) == ("resnet", True, "instance", "bf16", "loader", 2)
 
 
-def test_a_population_of_a_users_model_trains_each_trial_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # hposvc vectorises only its own families: --population with a model factory runs, each
-    # member training alone, and says so once.
-    spec = write_study(tmp_path, name="pop-model", n_trials=4, space='norm = ["batch", "none"]\nactivation = ["relu", "gelu"]\n')
+def _alone(spec_path: Path, trial: "optuna.trial.FrozenTrial"):
+    """The trial trained alone, its model built as its TrialContext builds it."""
+    spec = load_spec(spec_path)
+    task = load_task(spec.task, seed=spec.seed, options=spec.task_options)
+    config = TrialConfig.from_dict(trial.user_attrs["hposvc.config"])
+    seed_everything(config.seed)
+    return train(config, task, device="cpu", model=model_factory(spec, task, config)())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "vectorised"),
+    [("mymodels:small_cnn", True), ("mymodels:gated", False)],
+    ids=["batchnorm-cnn-vectorised", "data-dependent-refused"],
+)
+def test_a_population_of_a_users_model(tmp_path: Path, caplog: pytest.LogCaptureFixture, model: str, vectorised: bool) -> None:
+    # --population with a model factory: trials of one structure train as one vectorised
+    # population (each member as its trial alone, within float rounding); a model that
+    # cannot be vectorised trains one trial at a time, the layer at fault said once.
+    space = 'optimizer = ["momentum"]\nnorm = ["batch"]\nlr = [0.01, 0.03, 0.1, 0.3]\n'
+    spec = write_study(tmp_path, name="pop-model", model=model, n_trials=4, space=space)
     data = tmp_path / "data"
     with caplog.at_level("INFO", logger="hposvc.trial"):
         result = run(spec, data, "--population", "4")
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="pop-model", storage=f"sqlite:///{data / 'hposvc.db'}").trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
-    said = [r.getMessage() for r in caplog.records if "train one at a time" in r.getMessage()]
-    assert len(said) == 1 and "mymodels:" in said[0]
+    together = [r.getMessage() for r in caplog.records if "train as one population" in r.getMessage()]
+    alone = [r.getMessage() for r in caplog.records if "train one at a time" in r.getMessage()]
+    if vectorised:
+        assert len(together) == 1 and not alone
+    else:
+        assert not together and len(alone) == 1
+        assert "mymodels:gated" in alone[0] and "data-dependent control flow" in alone[0] and "in layer 'gate' (Gate)" in alone[0]
+        assert "mymodels.py:" in alone[0] and "`if h.mean() > 0:`" in alone[0]
+    for t in trials:
+        expected = _alone(spec, t).final["val_accuracy"]
+        assert t.value == (pytest.approx(expected, abs=1 / 360) if vectorised else expected)  # alone: exact

@@ -190,7 +190,7 @@ def test_batched_model_matches_each_members_module(task: Task, norm: str, activa
 
 def test_population_model_rejects_different_shapes() -> None:
     modules = build_members(MLP_TASK, [TrialConfig(width=8), TrialConfig(width=16)])
-    with pytest.raises(InvalidInputError, match="identical parameter"):
+    with pytest.raises(InvalidInputError, match="different structures"):
         PopulationModel(modules)
 
 

@@ -1,9 +1,13 @@
 """A population of same-shaped networks run as one vectorised model.
 
-Each member is built by :func:`hposvc.nn.build_model` exactly as sequential training
-builds it (same seed, same init scheme), then the members' parameters and buffers are
-stacked (``torch.func.stack_module_state``) and one forward call runs all of them with
-``torch.func.vmap`` over ``torch.func.functional_call``.
+Each member is built exactly as sequential training builds it (same seed, same init
+scheme): by :func:`hposvc.nn.build_model` for hposvc's families, by the user's factory
+and conversion for a user's model (each member separately, so each has its own init).
+Then the members' parameters and buffers are stacked
+(``torch.func.stack_module_state``) and one forward call runs all of them with
+``torch.func.vmap`` over ``torch.func.functional_call``. Any module of one structure
+(:func:`~hposvc.population.vmappable.structure_key`) can be stacked; whether its forward
+vectorises correctly is :func:`~hposvc.population.vmappable.vmap_reason`'s question.
 
 Layout, chosen for the optimizer's sake: all parameters of all members live in one flat
 ``(M, P)`` tensor (:attr:`PopulationModel.flat`), and the per-layer tensors handed to
@@ -16,8 +20,11 @@ Buffers (batch norm's running mean/var and batch counter) are stacked per member
 Batch norm in training mode updates them in place inside ``vmap``; with the buffers
 batched along the member dimension functorch's batch-norm rule updates each member's slice
 from that member's own batch statistics, which is exactly what each member's own module
-would do (tests check this in train and eval mode). PReLU's slope is an ordinary
-parameter, so it is per member as well.
+would do (tests check this in train and eval mode); eval mode normalises each member
+with its own running statistics. PReLU's slope is an ordinary parameter, so it is per
+member as well. Frozen parameters (``requires_grad=False``) are stacked with the buffers
+and never trained; tied weights stay tied. Random draws inside ``forward`` (dropout) are
+independent per member (``randomness="different"``).
 
 >>> from types import SimpleNamespace
 >>> import torch
@@ -42,6 +49,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from hposvc.config import TrialConfig
 from hposvc.errors import invalid
 from hposvc.nn import build_model
+from hposvc.population.vmappable import structure_key
 
 if TYPE_CHECKING:
     from hposvc.tasks import Task
@@ -78,16 +86,19 @@ class PopulationModel:
     def __init__(self, models: Sequence[nn.Module], *, device: str | torch.device = "cpu") -> None:
         if not models:
             raise invalid("models", list(models), "a non-empty list of modules")
-        shapes = {tuple((k, tuple(v.shape)) for k, v in m.state_dict().items()) for m in models}
-        if len(shapes) != 1 or len({type(m) for m in models}) != 1:
+        structures = {structure_key(m) for m in models}
+        if len(structures) != 1:
             raise invalid(
                 "models",
-                f"{len(shapes)} different architectures",
-                "modules of one class with identical parameter and buffer shapes",
-                hint="Group trials with hposvc.population.population_key first.",
+                f"{len(structures)} different structures",
+                "modules of one structure (module tree, plain attributes, parameter and buffer shapes)",
+                hint="Group trials with hposvc.population.group_configs first.",
             )
         device = torch.device(device)
         params, buffers = stack_module_state(list(models))
+        # Frozen parameters (requires_grad=False) are not trained: they ride with the buffers.
+        frozen = {n for n, p in models[0].named_parameters() if not p.requires_grad}
+        buffers.update({n: params.pop(n).detach() for n in frozen})
         self.names: tuple[str, ...] = tuple(params)
         self.shapes: tuple[torch.Size, ...] = tuple(p.shape[1:] for p in params.values())
         sizes = [s.numel() for s in self.shapes]
@@ -100,11 +111,22 @@ class PopulationModel:
         # the template keeps one real copy to rebuild members as ordinary modules.
         self._template = copy.deepcopy(models[0]).cpu()
         self._base = copy.deepcopy(models[0]).to("meta")
+        # Weights tied in the model (one parameter under two names) stay tied; a model
+        # without ties skips functional_call's untying pass on every call.
+        first: dict[int, str] = {}
+        self._aliases: dict[str, str] = {}  # a tied parameter's second name -> its first
+        for name, p in models[0].named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                self._aliases[name] = first[id(p)]
+            first.setdefault(id(p), name)
+        self._tied = bool(self._aliases)
         self.params: dict[str, Tensor] = {}
         self._grad_views: list[Tensor] = []
         self._rebuild()
-        self._call = vmap(self._forward_one, in_dims=(0, 0, 0))
-        self._call_shared = vmap(self._forward_one, in_dims=(0, 0, None))
+        # randomness="different": each member draws its own dropout masks (seeding:
+        # hposvc.population.train.population_seed)
+        self._call = vmap(self._forward_one, in_dims=(0, 0, 0), randomness="different")
+        self._call_shared = vmap(self._forward_one, in_dims=(0, 0, None), randomness="different")
 
     @classmethod
     def build(
@@ -135,6 +157,11 @@ class PopulationModel:
     def n_params(self) -> int:
         """Trainable parameters of one member (what ``count_parameters`` gives for it)."""
         return int(self.flat.shape[1])
+
+    @property
+    def template(self) -> nn.Module:
+        """The first member as built (on the CPU): the structure every member shares."""
+        return self._template
 
     @property
     def device(self) -> torch.device:
@@ -176,8 +203,7 @@ class PopulationModel:
     # -- forward -------------------------------------------------------------------------
 
     def _forward_one(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
-        # hposvc's models tie no weights, so skip functional_call's (per call) untying pass.
-        return functional_call(self._base, (params, buffers), (x,), tie_weights=False)
+        return functional_call(self._base, (params, buffers), (x,), tie_weights=self._tied)
 
     def __call__(self, x: Tensor, *, per_member: bool = False) -> Tensor:
         """All members' outputs, ``(M, B, outputs)``; ``x`` is ``(M, B, ...)`` when
@@ -191,6 +217,7 @@ class PopulationModel:
         """Member ``i``'s parameters and buffers, shaped as its own module's state_dict."""
         state = {name: p.detach()[i].clone() for name, p in self.params.items()}
         state.update({name: b[i].clone() for name, b in self.buffers.items()})
+        state.update({alias: state[name] for alias, name in self._aliases.items()})
         return state
 
     def member_module(self, i: int) -> nn.Module:

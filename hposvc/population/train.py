@@ -56,6 +56,7 @@ from hposvc.errors import TrainingError, invalid
 from hposvc.optim import lr_factor
 from hposvc.population.model import PopulationModel
 from hposvc.population.optim import BatchedOptimizer
+from hposvc.population.vmappable import structure_key
 from hposvc.tasks import Task
 from hposvc.train import (
     EVAL_CHUNK,
@@ -74,8 +75,12 @@ __all__ = ["group_configs", "population_key", "population_ready", "train_populat
 EVAL_MIN_CHUNK = 256  # smallest evaluation chunk, however large the population
 
 # What must be equal for trials to share a population, and why (see population_key).
-KEY_FIELDS = (
+STEP_FIELDS = (
     "optimizer",  # one update rule per population: its state tensors differ per rule
+    "batch_size",  # members step in lockstep: same batches per epoch ...
+    "epochs",  # ... and the same number of epochs
+)
+MODEL_FIELDS = (  # what shapes one of hposvc's own families; a built model: its structure_key
     "family",  # the stacked parameters need one architecture ...
     "depth",  # ... and one shape ...
     "width",
@@ -83,20 +88,20 @@ KEY_FIELDS = (
     "norm",  # ... and one module structure runs every member (functional_call)
     "norm_groups",
     "activation",
-    "batch_size",  # members step in lockstep: same batches per epoch ...
-    "epochs",  # ... and the same number of epochs
 )
+KEY_FIELDS = STEP_FIELDS + MODEL_FIELDS
 
 
-def population_key(config: TrialConfig, *, task: Task | None = None) -> tuple[Any, ...]:
+def population_key(config: TrialConfig, *, task: Task | None = None, model: torch.nn.Module | None = None) -> tuple[Any, ...]:
     """The grouping key: configs with equal keys (on the same task) can train together.
 
-    Must match: the optimizer (one update rule and state layout per population), family,
-    depth, width, norm, norm groups and activation (one stacked shape and one module that
-    ``functional_call`` runs for all members), batch size and epochs (members step in
-    lockstep), ``extra`` (a user task factory may read it to shape the model), and how
-    batches arrive (:func:`hposvc.train.data_path` on ``task``, else ``config.data``);
-    through a DataLoader, members see one batch stream, so there the seed must match too.
+    Must match: the optimizer (one update rule and state layout per population), batch
+    size and epochs (members step in lockstep); the model's structure: for hposvc's
+    families family, depth, width, norm, norm groups, activation and ``extra`` (a user
+    task factory may read it to shape the model), for a built ``model`` (the user's, after
+    conversion) its :func:`~hposvc.population.vmappable.structure_key`; and how batches
+    arrive (:func:`hposvc.train.data_path` on ``task``, else ``config.data``): through a
+    DataLoader members see one batch stream, so there the seed must match too.
 
     Free to differ: every optimizer number (lr, momentum, β, ε, ρ, weight decay are
     per-member tensors), schedule and warm-up (each member's lr factor is looked up per
@@ -109,10 +114,14 @@ def population_key(config: TrialConfig, *, task: Task | None = None) -> tuple[An
     >>> population_key(a) == population_key(b), population_key(a) == population_key(a.replace(width=64))
     (True, False)
     """
-    extra = json.dumps(dict(config.extra), sort_keys=True, default=str)
+    if model is None:
+        structure: tuple[Any, ...] = tuple(getattr(config, name) for name in MODEL_FIELDS)
+        structure += (json.dumps(dict(config.extra), sort_keys=True, default=str),)
+    else:
+        structure = structure_key(model)
     path = config.data if task is None else data_path(config, task)
     stream = (path, config.seed) if path == "loader" else (path,)
-    return tuple(getattr(config, name) for name in KEY_FIELDS) + (extra,) + stream
+    return tuple(getattr(config, name) for name in STEP_FIELDS) + (structure,) + stream
 
 
 def population_ready(config: TrialConfig) -> str | None:
@@ -131,11 +140,17 @@ def population_ready(config: TrialConfig) -> str | None:
     return None
 
 
-def group_configs(configs: Sequence[TrialConfig], *, max_size: int | None = None, task: Task | None = None) -> list[list[int]]:
-    """Indices of ``configs`` grouped by :func:`population_key` (on ``task``, when
-    given), first-seen order, each
-    group cut into chunks of at most ``max_size`` members. A config that cannot join a
-    population (:func:`population_ready`) is a group of its own, so it trains alone.
+def group_configs(
+    configs: Sequence[TrialConfig],
+    *,
+    max_size: int | None = None,
+    task: Task | None = None,
+    models: Sequence[torch.nn.Module] | None = None,
+) -> list[list[int]]:
+    """Indices of ``configs`` grouped by :func:`population_key` (on ``task``, and by the
+    structure of ``models[i]`` when the members are built already), first-seen order,
+    each group cut into chunks of at most ``max_size`` members. A config that cannot join
+    a population (:func:`population_ready`) is a group of its own, so it trains alone.
 
     >>> cfgs = [TrialConfig(optimizer="sgd"), TrialConfig(optimizer="adam"), TrialConfig(optimizer="sgd", lr=0.5)]
     >>> group_configs(cfgs), group_configs(cfgs, max_size=1)
@@ -143,10 +158,15 @@ def group_configs(configs: Sequence[TrialConfig], *, max_size: int | None = None
     """
     if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1):
         raise invalid("max_size", max_size, "a positive integer or None")
+    if models is not None and len(models) != len(configs):
+        raise invalid("models", f"{len(models)} models", f"one built model per config ({len(configs)})")
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, config in enumerate(configs):
-        alone = population_ready(config) is not None
-        groups.setdefault(("alone", i) if alone else population_key(config, task=task), []).append(i)
+        if population_ready(config) is not None:
+            key: tuple[Any, ...] = ("alone", i)
+        else:
+            key = population_key(config, task=task, model=None if models is None else models[i])
+        groups.setdefault(key, []).append(i)
     size = max_size or max(1, len(configs))
     return [g[start : start + size] for g in groups.values() for start in range(0, len(g), size)]
 
@@ -159,6 +179,7 @@ def train_population(
     on_epoch: Callable[[int, EpochMetrics], bool] | None = None,
     keep_model: bool = False,
     on_batch: Callable[[], None] | None = None,
+    models: Sequence[torch.nn.Module] | None = None,
 ) -> list[TrainResult]:
     """Train ``configs`` (all with one :func:`population_key`) together on ``task``.
 
@@ -169,6 +190,10 @@ def train_population(
     that diverges ends ``"diverged"`` alone. ``wall_time`` and ``elapsed`` count from the
     start of the population, so they are shared time, not the member's own. ``on_batch()``
     is called after every step; an exception raised there ends the population at once.
+    ``models``: the members built already (the user's model: one per config, each seeded
+    and converted as its trial builds it alone, e.g. by ``TrialContext.build_model``);
+    otherwise each is built from its config's family. Check a user's model with
+    :func:`~hposvc.population.vmappable.vmap_reason` first: stacking trusts its forward.
 
     >>> from hposvc.tasks import load_task
     >>> cfgs = [TrialConfig(optimizer="sgd", lr=lr, epochs=2) for lr in (0.1, 100.0)]
@@ -178,7 +203,9 @@ def train_population(
     configs = list(configs)
     if not configs:
         raise invalid("configs", configs, "a non-empty list of TrialConfig")
-    keys = {population_key(c, task=task) for c in configs}
+    if models is not None and len(models) != len(configs):
+        raise invalid("models", f"{len(models)} models", f"one built model per config ({len(configs)})")
+    keys = {population_key(c, task=task, model=None if models is None else models[i]) for i, c in enumerate(configs)}
     if len(keys) != 1:
         raise invalid(
             "configs",
@@ -188,7 +215,7 @@ def train_population(
         )
     dev = resolve_device(device)
     try:
-        return _train_population(configs, task, dev, on_epoch, keep_model, on_batch=on_batch)
+        return _train_population(configs, task, dev, on_epoch, keep_model, models=models, on_batch=on_batch)
     except torch.OutOfMemoryError as e:
         raise TrainingError(
             f"out of memory on {dev} training a population of {len(configs)} on {task.name} "
@@ -226,14 +253,23 @@ def _train_population(
 
     # 3) random draws (dropout): one generator for the whole population, seeded from its
     # members' seeds, so re-running the same population repeats every member's draws
-    seed_everything(population_seed(configs))
+    seed = population_seed(configs)
+    seed_everything(seed)
+    random_layers = [type(m).__name__ for m in model.template.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0]
 
     # 4) the loop every trial runs (hposvc.train.run_loop)
     results = run_loop(
         learner, data, configs, task.kind, device=dev, t0=t0,
         on_epoch=on_epoch, on_batch=on_batch, keep_model=keep_model,
     )
-    return [replace(r, data=path) for r in results]
+    notes = [()] * len(configs)
+    if random_layers:
+        notes = [
+            (f"{random_layers[0]} drew member {i}'s masks in a population of {len(configs)} seeded with "
+             f"{seed} (population_seed of the members' seeds): the same configs together repeat them, alone they differ",)
+            for i in range(len(configs))
+        ]
+    return [replace(r, data=path, notes=r.notes + n) for r, n in zip(results, notes)]
 
 
 def population_seed(configs: Sequence[TrialConfig]) -> int:
