@@ -18,6 +18,10 @@ What it does, each step time-bounded (``--budget`` seconds in all):
    every slot and every GPU ran trials, and every trial trained on CUDA.
 4. Runs ``bench/bench_population.py --device cuda`` (sequential vs population trials per
    minute, same trials, same process) pinned to the first GPU.
+5. Runs ``bench/bench_population.py --model builtin --device cuda``: a user's CNN with
+   batch norm on digits as 8×8 images, K = 16 trials as one population vs one after
+   another (goal >= 10x), and the population eligibility check on a ResNet-18 (goal < 1 s).
+   The goals are printed as met / NOT met; they are benchmarks, not failed checks.
 
 ``--cpu-dry-run`` runs the same code on the CPU with tiny sizes (2 CPU worker slots stand
 in for GPUs, a stand-in for ``nvidia-smi`` prints per-core CPU utilisation in the same CSV
@@ -417,6 +421,38 @@ def population_step(args: argparse.Namespace, *, work: Path, first_gpu: str | No
     return []
 
 
+def model_population_step(args: argparse.Namespace, *, work: Path, first_gpu: str | None, deadline: float) -> list[str]:
+    """bench/bench_population.py --model builtin (a user's CNN with batch norm on digits as
+    8×8 images, K trials as one population vs one after another, goal >= 10x on a GPU) and
+    the eligibility check's time on a ResNet-18 (goal < 1 s); returns failed checks."""
+    if args.cpu_dry_run:
+        pop_args = ["--device", "cpu", "--trials", "2", "--epochs", "1", "--population", "2", "--repeats", "1"]
+        env = {}
+    else:
+        pop_args = ["--device", "cuda", "--trials", str(args.model_trials), "--epochs", str(args.model_epochs),
+                    "--population", str(args.model_trials), "--repeats", str(args.pop_repeats)]
+        env = {"CUDA_VISIBLE_DEVICES": first_gpu} if first_gpu is not None else {}
+    pop_args = ["--model", "builtin", "--tasks", "digits", *pop_args]
+    cmd = [sys.executable, str(BENCH / "bench_population.py"), *pop_args]
+    where = f"CUDA_VISIBLE_DEVICES={first_gpu} " if env else ""
+    print(f"\n[3] a user's model, population vs sequential: {where}python bench/bench_population.py {' '.join(pop_args)}", flush=True)
+    timeout = min(args.pop_timeout, deadline - time.monotonic())
+    proc = run_bounded(cmd, timeout=timeout, cwd=work, env={**env, "PYTHONWARNINGS": "ignore"}, echo=True)
+    if proc.returncode != 0:
+        return [f"bench_population.py --model exited {proc.returncode}"]
+    device = "cpu" if args.cpu_dry_run else "cuda"
+    rows = [line.split() for line in proc.stdout.splitlines() if re.match(rf"^\S+\s+{device}\s", line)]
+    checks = [line for line in proc.stdout.splitlines() if line.startswith("eligibility check") and f"on {device}:" in line]
+    if not rows or not checks:
+        return [f"bench_population.py --model printed no {device} result row or check time"]
+    ratio = float(rows[0][8].rstrip("x"))
+    seconds = float(re.search(r": ([0-9.]+) s", checks[0]).group(1))
+    goal = 2.0 if device == "cpu" else 10.0
+    print(f"  user-model population: {ratio:.2f}x (goal >= {goal:g}x: {'met' if ratio >= goal else 'NOT met'}); "
+          f"eligibility check on ResNet-18: {seconds:.3f} s (goal < 1 s: {'met' if seconds < 1 else 'NOT met'})", flush=True)
+    return []
+
+
 # -- main ------------------------------------------------------------------------------
 
 
@@ -433,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pop-epochs", type=int, default=5)
     parser.add_argument("--pop-size", type=int, default=16, help="max members per population")
     parser.add_argument("--pop-repeats", type=int, default=2)
+    parser.add_argument("--model-trials", type=int, default=16, help="user-model bench: trials, all in one population")
+    parser.add_argument("--model-epochs", type=int, default=3)
     parser.add_argument("--skip-population", action="store_true")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check")
     parser.add_argument("--study-timeout", type=float, default=240.0)
@@ -487,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                 first = None if args.cpu_dry_run else visible_gpu_ids(n_gpus)[0]
                 try:
                     failed += population_step(args, work=work, first_gpu=first, deadline=deadline)
+                    failed += model_population_step(args, work=work, first_gpu=first, deadline=deadline)
                 except OutOfTime as e:
                     timed_out = True
                     failed.append(f"population: {e}")

@@ -39,10 +39,12 @@ False
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import linecache
 import os
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,6 +55,7 @@ __all__ = ["CHECK_ATOL", "structure_key", "vmap_reason"]
 
 CHECK_SAMPLES = 2  # samples per check batch: batch norm needs two in train mode
 CHECK_ATOL, CHECK_RTOL = 1e-4, 1e-3  # vectorised vs own outputs: float rounding only
+CHECK_SEED = 20  # the check's random draws (its own generator state; the caller's is kept)
 _MODULE_ATTRS = frozenset(vars(nn.Module()))  # what every nn.Module has: not structure
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _HERE = os.path.dirname(os.path.dirname(__file__))  # hposvc/
@@ -130,28 +133,51 @@ def vmap_reason(model: nn.Module, x: Tensor) -> str | None:
     return None
 
 
-def _compare(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, watch: "_Watch", mode: str) -> str | None:
+def _compare(
+    model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, watch: "_Watch", mode: str, *, retry: bool = True
+) -> str | None:
     """Two members (copies of the model) vectorised vs the model on its own, same draws."""
     stacked_params = {n: p.expand(2, *p.shape) for n, p in params.items()}  # read only: no copy
     stacked_buffers = {n: b.unsqueeze(0).repeat(2, *[1] * b.dim()) for n, b in buffers.items()}
     own_buffers = {n: b.clone() for n, b in buffers.items()}
-    rng = torch.random.get_rng_state()
-    try:
-        with torch.no_grad():
-            call = lambda p, b, x: functional_call(model, (p, b), (x,))  # noqa: E731
-            try:
-                # randomness="same": members draw what the model draws alone (training uses "different")
-                out = vmap(call, randomness="same")(stacked_params, stacked_buffers, x.expand(2, *x.shape))
-            except Exception as e:  # noqa: BLE001 (what fails here is the reason)
-                return _explain(e, watch)
-            if watch.replaced:
-                return watch.replaced[0]
-            if not isinstance(out, Tensor):
-                return f"its forward returns {type(out).__name__}, not one tensor of outputs"
-            torch.random.set_rng_state(rng)
-            own = functional_call(model, (params, own_buffers), (x,))
-    finally:
-        torch.random.set_rng_state(rng)
+    call = lambda p, b, x: functional_call(model, (p, b), (x,))  # noqa: E731
+    # Gradients on in train mode, off in eval mode, as in training and evaluation (some
+    # layers take another path without them); the parameters are detached, so no graph.
+    # fork_rng: the check's draws leave the caller's generators (CPU and CUDA) as they were.
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.set_grad_enabled(mode == "train"):
+        _seed(x.device, CHECK_SEED)
+        try:
+            # randomness="same": members draw what the model draws alone (training uses "different")
+            out = vmap(call, randomness="same")(stacked_params, stacked_buffers, x.expand(2, *x.shape))
+        except Exception as e:  # noqa: BLE001 (what fails here is the reason)
+            return _explain(e, watch)
+        if watch.replaced:
+            return watch.replaced[0]
+        if not isinstance(out, Tensor):
+            return f"its forward returns {type(out).__name__}, not one tensor of outputs"
+        _seed(x.device, CHECK_SEED)
+        own = functional_call(model, (params, own_buffers), (x,))
+        mismatch = _mismatch(out, own, stacked_buffers, own_buffers, mode)
+        if mismatch is None or mode != "train" or not retry:
+            return mismatch
+        # Random draws in forward may be batched in another order (dropout inside fused
+        # attention, say). If the model alone is random, compare again without dropout.
+        _seed(x.device, CHECK_SEED + 1)
+        other = functional_call(model, (params, {n: b.clone() for n, b in buffers.items()}), (x,))
+    if torch.equal(other, own):
+        return mismatch  # deterministic: the difference is real
+    with _dropout_off(model):
+        again = _compare(model, params, buffers, x, watch, mode, retry=False)
+    return None if again is None else f"{again} (with dropout off)"
+
+
+def _seed(device: torch.device, seed: int) -> None:
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)  # the current device: the check's own
+
+
+def _mismatch(out: Tensor, own: Tensor, stacked_buffers: dict[str, Tensor], own_buffers: dict[str, Tensor], mode: str) -> str | None:
     for i in range(2):
         if not torch.allclose(out[i].float(), own.float(), atol=CHECK_ATOL, rtol=CHECK_RTOL):
             diff = float((out[i].float() - own.float()).abs().max())
@@ -160,6 +186,21 @@ def _compare(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Ten
         if value.is_floating_point() and not torch.allclose(stacked_buffers[name][0], value, atol=CHECK_ATOL, rtol=CHECK_RTOL):
             return f"in {mode} mode, buffer {name!r} is updated differently when vectorised (not in place on the buffer?)"
     return None
+
+
+@contextlib.contextmanager
+def _dropout_off(model: nn.Module) -> Iterator[None]:
+    """Dropout modules' ``p`` and attention's ``dropout`` at 0 for a while."""
+    saved: list[tuple[nn.Module, str, float]] = []
+    for module in model.modules():
+        for attr in ("p",) if isinstance(module, nn.modules.dropout._DropoutNd) else ("dropout",) if isinstance(module, nn.MultiheadAttention) else ():
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, 0.0)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 _KNOWN = (  # vmap's messages, as one short phrase each
