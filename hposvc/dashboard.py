@@ -309,17 +309,19 @@ def log_plots(client: "MlflowClient", run_id: str, study: "optuna.Study") -> lis
     import tempfile
     from pathlib import Path
 
-    figures = _plotly_figures(study)
-    if not figures:
+    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
         return []
+    figures = _plotly_figures(study)
+    pngs = _png_copies(study)
     with tempfile.TemporaryDirectory(prefix="hposvc-plots-") as tmp:
         folder = Path(tmp) / "plots"
         folder.mkdir()
-        (folder / "dashboard.html").write_text(_dashboard_html(study, figures), encoding="utf-8")
-        for name, png in _png_copies(study, figures).items():
+        if figures:
+            (folder / "dashboard.html").write_text(_dashboard_html(study, figures), encoding="utf-8")
+        for name, png in pngs.items():
             (folder / f"{name}.png").write_bytes(png)
         client.log_artifacts(run_id, str(folder), "plots")
-    return list(figures)
+    return list(dict.fromkeys([*figures, *pngs]))
 
 
 def _quiet(fn: Callable[[], Any], what: str) -> Any:
@@ -342,11 +344,14 @@ def _configs(study: "optuna.Study") -> list[tuple[Any, dict[str, Any]]]:
 
 
 def _plotly_figures(study: "optuna.Study") -> dict[str, Any]:
+    try:
+        import plotly  # noqa: F401 (optuna.visualization draws with it)
+    except ImportError:
+        log.warning("no plots/dashboard.html: plotly is not installed (pip install 'plotly>=5'); PNG copies only")
+        return {}
     import optuna.visualization as ov
     from optuna.importance import PedAnovaImportanceEvaluator
 
-    if not any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
-        return {}
     makers: dict[str, Callable[[], Any]] = {
         "optimization_history": lambda: ov.plot_optimization_history(study),
         # PED-ANOVA: Optuna's fast evaluator (milliseconds where fANOVA takes seconds)
@@ -419,20 +424,31 @@ def _norm_init(study: "optuna.Study") -> Any:
     return fig
 
 
+# dashboard.html's layout in CSS pixels: a header, then one fixed-height band per plot, so
+# a screenshot of the page shows plot i at a known place (tests/test_dashboard_browser.py).
+HEADER_PX = 64
+PLOT_PX = 480
+GAP_PX = 24
+
+
 def _dashboard_html(study: "optuna.Study", figures: Mapping[str, Any]) -> str:
     parts = []
     for i, (name, fig) in enumerate(figures.items()):
-        div = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"plot-{name}", default_height="480px", config={"responsive": True})
+        div = fig.to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"plot-{name}", default_height=f"{PLOT_PX}px", config={"responsive": True})
         parts.append(f'<section id="{name}" class="plot">{div}</section>')
     title = html.escape(f"hposvc study {study.study_name}")
+    style = (
+        "body{font-family:sans-serif;margin:0;padding:0 16px;background:#fff}"
+        f"h1{{height:{HEADER_PX}px;line-height:{HEADER_PX}px;margin:0;font-size:22px}}"
+        f"section.plot{{height:{PLOT_PX}px;margin:0 0 {GAP_PX}px;overflow:hidden}}"
+    )
     return (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title>'
-        "<style>body{font-family:sans-serif;margin:16px;background:#fff}section.plot{margin-bottom:24px}</style>"
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>{style}</style>'
         f"</head><body><h1>{title}</h1>{''.join(parts)}</body></html>"
     )
 
 
-def _png_copies(study: "optuna.Study", figures: Mapping[str, Any]) -> dict[str, bytes]:
+def _png_copies(study: "optuna.Study") -> dict[str, bytes]:
     """A PNG of each plot drawn, with Optuna's matplotlib backend and matplotlib (plotly's
     own PNG export needs a browser engine, kaleido)."""
     import io
@@ -454,8 +470,8 @@ def _png_copies(study: "optuna.Study", figures: Mapping[str, Any]) -> dict[str, 
         "norm_init": lambda: _norm_init_png(study, plt),
     }
     out = {}
-    for name in figures:
-        ax = _quiet(makers[name], f"{name} (PNG)")
+    for name, make in makers.items():
+        ax = _quiet(make, f"{name} (PNG)")
         if ax is None:
             continue
         fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
@@ -472,6 +488,9 @@ def _lr_optimizer_png(study: "optuna.Study", plt: Any) -> Any:
     for t, c in _configs(study):
         if c.get("lr") is not None:
             by_opt.setdefault(c.get("optimizer", "?"), []).append((c["lr"], t.value))
+    if not by_opt:
+        plt.close(fig)
+        return None
     for opt, pts in sorted(by_opt.items()):
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=opt)
     ax.set(xscale="log", xlabel="learning rate", ylabel=_metric(study), title=PLOTS["lr_optimizer"])
@@ -483,6 +502,8 @@ def _norm_init_png(study: "optuna.Study", plt: Any) -> Any:
     import numpy as np
 
     norms, inits, best, counts = _norm_init_cells(study)
+    if not norms:
+        return None
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(inits), 1.4 + 0.8 * len(norms)))
     z = np.array([[np.nan if v is None else v for v in row] for row in best], dtype=float)
     im = ax.imshow(z, cmap="viridis" if study.direction.name == "MAXIMIZE" else "viridis_r", aspect="auto")
