@@ -476,7 +476,7 @@ def _png_copies(study: "optuna.Study") -> dict[str, bytes]:
             continue
         fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=72, bbox_inches="tight")  # optuna's labels would be clipped
         plt.close(fig)
         out[name] = buf.getvalue()
     return out

@@ -157,13 +157,13 @@ def test_runs_url_opens_model_training_sorted_best_first() -> None:
     assert dashboard.runs_url("http://h:5000", "7", maximize=False).endswith("&orderByAsc=true")
 
 
-def test_history_points_missed_or_out_of_order_are_made_right_at_the_end(tmp_path: Path) -> None:
+def test_history_points_missed_or_out_of_order_are_made_right_at_the_end(dash: DashRun, tmp_path: Path) -> None:
     """Trials finishing out of order (several workers) or during an MLflow outage: the
     study's end logs a point for each finished trial without one, and the last step ends
     on the study's best."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "art"))).info.run_id
-    study = optuna.create_study(direction="minimize", storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s")
+    client = dash.client  # its store, another experiment
+    run_id = client.create_run(client.create_experiment("history", artifact_location=str(tmp_path / "art"))).info.run_id
+    study = optuna.create_study(direction="minimize")
     for value in (0.5, 0.7, 0.2, 0.9):
         study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}))
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={}, distributions={}))
