@@ -140,6 +140,19 @@ def log_best_value(client: "MlflowClient", parent_run_id: str, study: "optuna.St
     return best
 
 
+def _running_best(study: "optuna.Study", trials: list) -> dict[int, float]:
+    """:func:`best_so_far` at every trial number from the first COMPLETE one, in one pass."""
+    better = max if study.direction.name == "MAXIMIZE" else min
+    out: dict[int, float] = {}
+    best = None
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state.name == "COMPLETE" and t.value is not None:
+            best = t.value if best is None else better(best, t.value)
+        if best is not None:
+            out[t.number] = best
+    return out
+
+
 def _fill_history(client: "MlflowClient", parent_run_id: str, study: "optuna.Study") -> None:
     """At the study's end: a ``best_value`` point for every finished trial that has none
     (one logged during an MLflow outage, or by an older hposvc), and the last point right.
@@ -156,13 +169,14 @@ def _fill_history(client: "MlflowClient", parent_run_id: str, study: "optuna.Stu
     for m in client.get_metric_history(parent_run_id, "best_value"):
         if m.step not in history or m.timestamp >= history[m.step].timestamp:
             history[m.step] = m  # the latest point of a step is the one MLflow shows
+    running = _running_best(study, trials)
     now = _now_ms()
     points = []
     for number in finished:
-        if number not in history and (best := best_so_far(study, number, trials=trials)) is not None:
+        if number not in history and (best := running.get(number)) is not None:
             points.append(Metric("best_value", float(best), now, number))
     if finished and finished[-1] in history:
-        last, best = history[finished[-1]], best_so_far(study, finished[-1], trials=trials)
+        last, best = history[finished[-1]], running.get(finished[-1])
         if best is not None and last.value != best:
             points.append(Metric("best_value", float(best), max(now, last.timestamp + 1), finished[-1]))
     for i in range(0, len(points), 1000):
