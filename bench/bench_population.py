@@ -210,12 +210,12 @@ def bench(task_name: str, device: str, args) -> dict:
     return row
 
 
-def model_configs(n: int, *, epochs: int, width: int, seed: int = 0) -> list[TrialConfig]:
+def model_configs(n: int, *, epochs: int, width: int, batch_size: int = 64, seed: int = 0) -> list[TrialConfig]:
     """``n`` momentum-SGD trials (lr log-uniform in [1e-3, 0.3], μ in [0.5, 0.99]), study seed."""
     rng = random.Random(seed)
     return [
         TrialConfig(optimizer="momentum", lr=math.exp(rng.uniform(math.log(1e-3), math.log(0.3))),
-                    momentum=rng.uniform(0.5, 0.99), init="he_normal", batch_size=64, epochs=epochs, seed=0, width=width)
+                    momentum=rng.uniform(0.5, 0.99), init="he_normal", batch_size=batch_size, epochs=epochs, seed=0, width=width)
         for _ in range(n)
     ]
 
@@ -223,7 +223,7 @@ def model_configs(n: int, *, epochs: int, width: int, seed: int = 0) -> list[Tri
 def bench_model(factory, task_name: str, device: str, args) -> dict:
     """A user's model: K trials as one population vs one after another."""
     task = load_task(task_name)
-    configs = model_configs(args.trials, epochs=args.epochs, width=args.width or 8)
+    configs = model_configs(args.trials, epochs=args.epochs, width=args.width or 8, batch_size=args.batch_size)
     k = args.population or len(configs)
 
     def build(config):
@@ -258,6 +258,7 @@ def bench_model(factory, task_name: str, device: str, args) -> dict:
     n = len(configs)
     return {
         "task": task_name, "device": device, "trials": n, "population": k, "epochs": args.epochs, "width": configs[0].width,
+        "batch": configs[0].batch_size,
         "seq_tpm": 60 * n / min(seq_times), "pop_tpm": 60 * n / min(pop_times),
         "ratio": min(seq_times) / min(pop_times), "max_val_loss_diff": diff,
         "same_status": f"{sum(a.status == b.status for a, b in zip(seq, pop))}/{n}", "check_s": check_s,
@@ -276,11 +277,11 @@ def check_timing(device: str, repeats: int) -> tuple[float, int]:
 def main_model(args, devices: list[str]) -> None:
     factory = image_cnn if args.model == "builtin" else load_callable(args.model, key="--model")
     name = "bench_population:image_cnn" if args.model == "builtin" else args.model
-    print(f"{'model':<28} {'device':<6} {'width':>5} {'trials':>6} {'K':>3} {'ep':>3} {'seq t/min':>10} {'pop t/min':>10} "
+    print(f"{'model':<28} {'device':<6} {'width':>5} {'batch':>5} {'trials':>6} {'K':>3} {'ep':>3} {'seq t/min':>10} {'pop t/min':>10} "
           f"{'ratio':>6} {'Δval_loss':>10} {'status=':>7} {'check s':>8}", flush=True)
     for device in devices:
         r = bench_model(factory, args.tasks.split(",")[0], device, args)
-        print(f"{name:<28} {device:<6} {r['width']:>5} {r['trials']:>6} {r['population']:>3} {r['epochs']:>3} {r['seq_tpm']:>10.1f} "
+        print(f"{name:<28} {device:<6} {r['width']:>5} {r['batch']:>5} {r['trials']:>6} {r['population']:>3} {r['epochs']:>3} {r['seq_tpm']:>10.1f} "
               f"{r['pop_tpm']:>10.1f} {r['ratio']:>5.2f}x {r['max_val_loss_diff']:>10.2e} {r['same_status']:>7} {r['check_s']:>8.3f}", flush=True)
     for device in devices:
         seconds, n_params = check_timing(device, args.repeats)
@@ -298,6 +299,7 @@ def main() -> None:
     parser.add_argument("--seeds", choices=("shared", "per-trial"), default="shared")
     parser.add_argument("--width", type=int, default=None, help="hidden width / channels (default: the task's)")
     parser.add_argument("--device", default="all", help="cpu, cuda or all (cpu, plus cuda if available)")
+    parser.add_argument("--batch-size", type=int, default=64, help="--model: the trials' batch size")
     parser.add_argument("--model", default=None, help="a user's model factory module:function ('builtin': a CNN with batch norm on digits as 8×8 images)")
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]

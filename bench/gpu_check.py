@@ -445,7 +445,7 @@ def model_population_step(args: argparse.Namespace, *, work: Path, first_gpu: st
     checks = [line for line in proc.stdout.splitlines() if line.startswith("eligibility check") and f"on {device}:" in line]
     if not rows or not checks:
         return [f"bench_population.py --model printed no {device} result row or check time"]
-    ratio = float(rows[0][8].rstrip("x"))
+    ratio = float(rows[0][9].rstrip("x"))
     seconds = float(re.search(r": ([0-9.]+) s", checks[0]).group(1))
     goal = 2.0 if device == "cpu" else 10.0
     print(f"  user-model population: {ratio:.2f}x (goal >= {goal:g}x: {'met' if ratio >= goal else 'NOT met'}); "

@@ -15,7 +15,9 @@ layer and the line at fault:
 - a forward that returns something other than one tensor, or trainable parameters of
   more than one floating dtype;
 - anything else under which the vectorised outputs or updated buffers differ from the
-  module's own, in train mode (same random draws) and in eval mode.
+  module's own, in train mode (same random draws; where a random model's draws come in
+  another order when vectorised, as in fused attention dropout, compared again with
+  dropout off) and in eval mode.
 
 The check runs the model twice, vectorised over two copies and on its own, on two
 samples, once per mode: well under a second for a ResNet-18-sized model on small inputs
@@ -58,7 +60,6 @@ CHECK_ATOL, CHECK_RTOL = 1e-4, 1e-3  # vectorised vs own outputs: float rounding
 CHECK_SEED = 20  # the check's random draws (its own generator state; the caller's is kept)
 _MODULE_ATTRS = frozenset(vars(nn.Module()))  # what every nn.Module has: not structure
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_HERE = os.path.dirname(os.path.dirname(__file__))  # hposvc/
 
 
 # -- which models can share a population --------------------------------------------------
