@@ -20,7 +20,7 @@ from torch import nn
 
 from hposvc.config import TrialConfig
 from hposvc.plugins import build_user_model
-from hposvc.population import PopulationModel, population_seed, structure_key, train_population, vmap_reason
+from hposvc.population import PopulationModel, group_configs, population_seed, structure_key, train_population, vmap_reason
 from hposvc.tasks import Task, load_task
 from hposvc.train import seed_everything, train
 
@@ -185,6 +185,19 @@ def test_dropout_is_independent_per_member_and_repeats_with_the_population_seed(
     assert curves[0] == curves[1]  # the same population again: the same draws
     assert curves[0][0] != curves[0][1]  # two members, the same weights: their own masks
     assert "population of 2 seeded with" in runs[0][0].notes[-1]
+
+
+def test_a_dataset_task_through_the_dataloader_feeds_the_population(digits: Task) -> None:
+    ds = {s: torch.utils.data.TensorDataset(getattr(digits, f"x_{s}")[:300], getattr(digits, f"y_{s}")[:300]) for s in ("train", "val", "test")}
+    task = Task.from_datasets("digits-ds", "multiclass", 10, ds["train"], ds["val"], ds["test"])
+    configs = [TrialConfig(optimizer="momentum", lr=lr, momentum=0.9, epochs=2, batch_size=64, data="loader", seed=4) for lr in (0.01, 0.1)]
+    # one batch stream: through a DataLoader the seed joins the key
+    assert len(group_configs(configs, task=task)) == 1
+    assert len(group_configs([configs[0], configs[1].replace(seed=5)], task=task)) == 2
+    results = train_population(configs, task, device="cpu", models=[build("cnn-batchnorm", task, c) for c in configs])
+    for config, result in zip(configs, results):
+        assert result.data == "loader"
+        assert_same(result, train(config, task, device="cpu", model=build("cnn-batchnorm", task, config)))
 
 
 # -- 2) refusals: the layer and the call at fault ------------------------------------------
