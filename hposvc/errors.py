@@ -22,6 +22,7 @@ __all__ = [
     "TrackingError",
     "TrainingError",
     "TrialPruned",
+    "TrialTimedOut",
     "invalid",
 ]
 
@@ -57,6 +58,11 @@ class TrackingError(HposvcError):
 
 class TrainingError(HposvcError):
     """A trial could not be trained (e.g. out of device memory)."""
+
+
+class TrialTimedOut(TrainingError):
+    """A trial ran past its spec's ``[train] timeout`` and was stopped. It ends FAIL and is
+    not retried: a retry would run out of time the same way."""
 
 
 class TrialPruned(HposvcError):

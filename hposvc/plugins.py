@@ -179,7 +179,7 @@ def param_arguments(fn: Callable[..., Any], params: Mapping[str, Any]) -> dict[s
 
 
 def _task_factory(spec: "StudySpec") -> Callable[..., Any] | None:
-    if ":" not in spec.task:
+    if spec.task is None or ":" not in spec.task:
         return None
     return load_callable(spec.task, key="study.task", code_dir=spec.code_dir, source=spec.source)
 
@@ -190,11 +190,14 @@ def task_params(spec: "StudySpec", params: Mapping[str, Any]) -> dict[str, Any]:
     return {} if fn is None else param_arguments(fn, params)
 
 
-def load_spec_task(spec: "StudySpec", params: Mapping[str, Any] | None = None) -> "Task":
+def load_spec_task(spec: "StudySpec", params: Mapping[str, Any] | None = None) -> "Task | None":
     """The spec's task, with the user's own dimensions its factory takes as keyword
-    arguments (``params``: a trial's; default: each dimension's first value)."""
+    arguments (``params``: a trial's; default: each dimension's first value); None when
+    the spec names none (its trainer or command loads its own data)."""
     from hposvc.tasks import load_task
 
+    if spec.task is None:
+        return None
     with _importable_from(spec.code_dir):
         extra = task_params(spec, first_params(spec) if params is None else params)
         return load_task(spec.task, seed=spec.seed, options={**spec.task_options, **extra})
@@ -366,7 +369,8 @@ def _call_factory(fn: Callable[..., Any], ref: str, task: "Task | None", config:
     except (InvalidInputError, TrainingError):
         raise
     except Exception as e:  # noqa: BLE001 (the user's code: anything can fail; the trial says which)
-        raise TrainingError(f"the model factory {ref}(task, config) raised {type(e).__name__}: {e}") from e
+        why = " (task is None: the spec names no [study] task)" if task is None else ""
+        raise TrainingError(f"the model factory {ref}(task, config) raised {type(e).__name__}: {e}{why}") from e
     if not isinstance(model, nn.Module):
         raise TrainingError(f"the model factory {ref}(task, config) returned {type(model).__name__}; it must return a torch.nn.Module.")
     return model
@@ -433,24 +437,25 @@ def _check_model(spec: "StudySpec") -> None:
     if not needs_task or spec.command is not None:
         return
     task = load_spec_task(spec)  # bad data: InvalidInputError naming the file
-    if task.kind == "regression" and spec.metric == "val_accuracy" and spec.trainer is None:
+    if task is not None and task.kind == "regression" and spec.metric == "val_accuracy" and spec.trainer is None:
         raise invalid(
             "study.metric", spec.metric, ("val_loss",), source=src,
             hint=f"Task {spec.task!r} is a regression (its targets are not class labels), so it has no accuracy; use val_loss, or give [task] kind.",
         )
     if spec.model is None:
-        if spec.trainer is None:
+        if spec.trainer is None and task is not None:
             for family in family_dim.values() if family_dim is not None else (task.family,):
                 check_family(family, task.input_shape, key="model.family", source=f"{src} (task {task.name!r})")
         return
-    config = first_config(spec, task_defaults={"depth": task.default_depth, "width": task.default_width})
+    config = first_config(spec, task_defaults=None if task is None else {"depth": task.default_depth, "width": task.default_width})
     applied = applied_dims(spec, config)
     fn = load_callable(spec.model, key="study.model", code_dir=spec.code_dir, source=src)
     kwargs = {**_layer_arguments(fn, config, applied), **param_arguments(fn, config.params)}
     try:
         model = _call_factory(fn, spec.model, task, config, kwargs)
     except TrainingError as e:
-        raise invalid("study.model", spec.model, "a factory that builds a model for this task", source=src, hint=f"Building one to check the spec failed: {e}") from e
+        why = " (task is None: this spec names no [study] task, so the factory must build its model without one)" if task is None else ""
+        raise invalid("study.model", spec.model, "a factory that builds a model for this task", source=src, hint=f"Building one to check the spec failed: {e}{why}") from e
     from hposvc.nn import convert_with_report
 
     classes = norm_classes(spec)

@@ -42,12 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from hposvc.config import CONDITIONAL, ONE_SHOT_DEFAULTS, OPTIMIZER_PARAMS, TrialConfig
-from hposvc.errors import TrainingError, invalid
+from hposvc.errors import TrainingError, TrialTimedOut, invalid
 
 __all__ = [
     "DEFAULT_GRACE",
     "FIELDS",
     "LINE_PREFIX",
+    "OutputPatterns",
     "ScriptFailed",
     "ScriptResult",
     "check_command",
@@ -57,6 +58,7 @@ __all__ = [
     "render",
     "report",
     "run",
+    "strip_ansi",
 ]
 
 LINE_PREFIX = "hposvc: "  # what marks a stdout line as a metric report
@@ -164,6 +166,95 @@ def report(epoch: int, **metrics: float) -> None:
         raise invalid("report", {"epoch": epoch, **metrics}, "an epoch >= 1 and finite numbers", hint=problem[0].upper() + problem[1:] + ".")
     # Python floats as JSON keep every digit (repr), so the trial sees exactly this number.
     print(LINE_PREFIX + json.dumps({"epoch": epoch, **metrics}), flush=True)
+
+
+# -- reading unmodified output ([metrics] patterns) -----------------------------------
+
+# ANSI escape sequences (colours, cursor moves): removed before a line is matched.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without ANSI escape sequences.
+
+    >>> strip_ansi("\x1b[32mval_loss: 0.89\x1b[0m")
+    'val_loss: 0.89'
+    """
+    return _ANSI.sub("", text)
+
+
+class OutputPatterns:
+    """A spec's ``[metrics]`` patterns, applied to a command's output one line at a time.
+
+    Each pattern's one capture group is the value (scientific notation and signs read as
+    ``float`` reads them). Each line where the study's metric matches is one report: its
+    step is the last value the ``epoch`` pattern captured (0-based epochs are shifted to
+    start at 1), else the count of reports so far. Other metrics on that line go with the
+    report; on other lines they take the step of the epoch under way.
+
+    >>> p = OutputPatterns({"valid_loss": r"valid loss\s+([-+0-9.eE]+)", "ppl": r"ppl\s+([0-9.]+)"}, "valid_loss")
+    >>> p.read("| end of epoch 1 | valid loss 5.80 | valid ppl 330.0")
+    (1, {'valid_loss': 5.8, 'ppl': 330.0}, True)
+    >>> p.read("| epoch 2 | 200/2983 batches | loss 7.63 | ppl 2000.5"), p.read("nothing here")
+    ((2, {'ppl': 2000.5}, False), None)
+    """
+
+    def __init__(self, patterns: Mapping[str, str], metric: str | None) -> None:
+        self.metric = metric
+        self.patterns = dict(patterns)
+        self.epoch = re.compile(patterns["epoch"]) if "epoch" in patterns else None
+        self.values = {name: re.compile(p) for name, p in patterns.items() if name != "epoch"}
+        self.reports = 0  # reports so far
+        self.last_epoch: int | None = None  # what the epoch pattern last captured, shifted
+        self.shift: int | None = None  # +1 when the epochs count from 0
+
+    def describe(self, metric: str) -> str:
+        if metric in self.values:
+            return f"[metrics] {metric} = {self.patterns[metric]!r}, or {LINE_PREFIX.strip()} lines"
+        return f"{LINE_PREFIX.strip()} lines; [metrics] has no pattern for it"
+
+    def read(self, line: str) -> tuple[int, dict[str, float], bool] | None:
+        """``(step, values, is_report)`` for a line any pattern matches, else None."""
+        matched = False
+        if self.epoch is not None and (m := self.epoch.search(line)):
+            matched = True
+            epoch = self._number("epoch", m.group(1), line)
+            if epoch != int(epoch):
+                raise ScriptFailed(f"the [metrics] epoch pattern captured {m.group(1)!r}, not a whole number, in the line {line!r}")
+            if self.shift is None:
+                self.shift = 1 if epoch == 0 else 0
+            self.last_epoch = int(epoch) + self.shift
+        values: dict[str, float] = {}
+        for name, pattern in self.values.items():
+            if (m := pattern.search(line)) is None:
+                continue
+            matched = True
+            value = self._number(name, m.group(1), line)
+            if math.isfinite(value):
+                values[name] = value
+            elif name == self.metric:
+                raise ScriptFailed(f"{name} is {value} in the line {line.strip()!r} (did training diverge?)")
+        if not matched:
+            return None
+        is_report = self.metric in values
+        if is_report:
+            self.reports += 1
+        if self.last_epoch is not None:
+            step = self.last_epoch
+        else:
+            step = self.reports if is_report else self.reports + 1
+        return step, values, is_report
+
+    @staticmethod
+    def _number(name: str, text: str | None, line: str) -> float:
+        try:
+            return float((text or "").strip())
+        except ValueError:
+            raise ScriptFailed(
+                f"the [metrics] pattern for {name} captured {text!r}, which is not a number, in the line {line.strip()!r}; "
+                "make its capture group match only the value, e.g. ([-+0-9.eE]+)"
+            ) from None
 
 
 # -- the command ---------------------------------------------------------------------
@@ -373,16 +464,24 @@ def run(
     grace: float = DEFAULT_GRACE,
     log_dir: Path,
     echo: Callable[[str], None] | None = None,
+    metric: str | None = None,
+    patterns: Mapping[str, str] | None = None,
+    on_values: Callable[[int, dict[str, float]], None] | None = None,
+    timeout: float | None = None,
 ) -> ScriptResult:
     """Run a rendered ``command`` in ``cwd`` with exactly ``env`` as its environment.
 
-    Each metric line on stdout calls ``on_metrics(epoch, metrics)``; when that returns True
-    (prune) the process group gets SIGTERM, ``grace`` seconds, then SIGKILL, and the
-    result is "pruned". Exit 0 is "completed"; any other exit raises :class:`ScriptFailed`
-    with the code and the last lines of stderr. stdout and stderr are saved whole under
-    ``log_dir``; lines that are not metric lines also go to ``echo`` (e.g. a logger's
-    ``info``). If ``on_metrics`` raises (an interrupt, a storage error), the group is
-    stopped the same way before the exception goes on.
+    Each report calls ``on_metrics(epoch, metrics)``: a metric line on stdout, or a line
+    (of stdout or stderr) where ``patterns`` (a spec's ``[metrics]``, see
+    :class:`OutputPatterns`) find the study's ``metric``. Other pattern matches go to
+    ``on_values(step, metrics)``. When ``on_metrics`` returns True (prune) the process
+    group gets SIGTERM, ``grace`` seconds, then SIGKILL, and the result is "pruned"; the
+    same happens ``timeout`` seconds after the start, and then :class:`TrialTimedOut` is
+    raised. Exit 0 is "completed", unless ``metric`` was never reported: then, as for any
+    other exit, :class:`ScriptFailed` with the last lines of output. stdout and stderr are
+    saved whole under ``log_dir``; lines that match nothing also go to ``echo`` (e.g. a
+    logger's ``info``). If ``on_metrics`` raises (an interrupt, a storage error), the
+    group is stopped the same way before the exception goes on.
 
     >>> result = run(["sh", "-c", "echo 'hposvc: {\\"epoch\\": 1, \\"acc\\": 0.5}'"],
     ...              cwd=".", env={}, on_metrics=lambda e, m: False, log_dir=tmp)  # doctest: +SKIP
@@ -395,9 +494,11 @@ def run(
     argv = list(command)
     if os.sep in argv[0]:  # a relative program path means relative to cwd, as validated
         argv[0] = os.path.abspath(os.path.join(cwd, argv[0]))  # not Path: it drops the './'
+    reader = OutputPatterns(patterns or {}, metric)
     epochs: list[tuple[int, dict[str, float]]] = []
     final: dict[str, float] = {}
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+    stdout_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL // 2)
     pruned = False
     t0 = time.perf_counter()
     try:
@@ -413,35 +514,69 @@ def run(
     except OSError as e:
         raise ScriptFailed(f"could not start the command {argv!r}: {e}") from e
 
-    def on_line(stream: str, line: str) -> None:
+    def report(epoch: int, metrics: dict[str, float]) -> None:
         nonlocal pruned
+        epochs.append((epoch, metrics))
+        final.update(metrics)
+        if on_metrics(epoch, metrics):
+            pruned = True
+            _stop(proc, grace)
+
+    def on_line(stream: str, line: str) -> None:
+        if pruned:
+            return  # flushed while stopping: the trial's history ended at the prune
+        line = strip_ansi(line)
+        if not line.strip():
+            return
         if stream == "stderr":
             tail.append(line)
-        elif (parsed := parse_line(line)) is not None:
-            if pruned:
-                return  # flushed while stopping: the trial's history ended at the prune
-            epochs.append(parsed)
-            final.update(parsed[1])
-            if on_metrics(*parsed):
-                pruned = True
-                _stop(proc, grace)
+        else:
+            stdout_tail.append(line)
+            if (parsed := parse_line(line)) is not None:
+                report(*parsed)
+                return
+        found = reader.read(line)
+        if found is None:
+            if echo is not None:
+                echo(line)
             return
-        if echo is not None:
-            echo(line)
+        step, values, is_report = found
+        if is_report:
+            report(step, values)
+        elif values:
+            final.update(values)
+            if on_values is not None:
+                on_values(step, values)
 
+    deadline = None if timeout is None else time.monotonic() + timeout
+    timed_out = False
     with proc, open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         try:
             # One loop reads both pipes, so neither can fill up and block the script.
-            _pump(proc, {proc.stdout: ("stdout", out), proc.stderr: ("stderr", err)}, on_line, grace)
+            timed_out = _pump(proc, {proc.stdout: ("stdout", out), proc.stderr: ("stderr", err)}, on_line, grace, deadline)
             proc.wait()
         finally:
             if proc.returncode is None or _group_running(proc.pid):
                 _stop(proc, grace)  # any way out of here: no process of the group is left
     duration = time.perf_counter() - t0
+    # The two pipes are read as their data comes, so their lines' order between them is lost.
+    last = "".join(
+        f"\nits last {len(lines)} lines on {name}:\n" + "\n".join(lines)
+        for name, lines in (("stdout", stdout_tail), ("stderr", list(tail)[-(STDERR_TAIL // 2) :]))
+        if lines
+    ) or "\nit printed nothing."
+    if timed_out:
+        raise TrialTimedOut(f"timed out after {timeout:g} s;{last}")
     if pruned:
         status = "pruned"
     elif proc.returncode == 0:
         status = "completed"
+        if metric is not None and metric not in final:
+            raise ScriptFailed(
+                f"{metric} never appeared in the output (read with {reader.describe(metric)});{last}",
+                returncode=0,
+                stderr_tail=tail,
+            )
     else:
         code = proc.returncode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
@@ -459,12 +594,16 @@ def _pump(
     pipes: dict[Any, tuple[str, Any]],
     on_line: Callable[[str, str], None],
     grace: float,
-) -> None:
-    """Read the pipes to their end, a line at a time, until the process group is gone.
+    deadline: float | None = None,
+) -> bool:
+    """Read the pipes to their end, a line at a time, until the process group is gone;
+    True when ``deadline`` (``time.monotonic()``) came first and the group was stopped.
 
-    A backgrounded child can hold a pipe open after the script exits; then the group is
-    stopped so the pipes close, and reading gives up ``grace`` seconds later (a process
-    that left the group with setsid cannot be stopped from here).
+    Lines end at ``\\n`` or ``\\r`` (a progress bar redraws its line with ``\\r``: each
+    redraw is read as it comes). A backgrounded child can hold a pipe open after the
+    script exits; then the group is stopped so the pipes close, and reading gives up
+    ``grace`` seconds later (a process that left the group with setsid cannot be stopped
+    from here).
     """
     sel = selectors.DefaultSelector()
     buffers: dict[int, bytes] = {}
@@ -476,6 +615,9 @@ def _pump(
     try:
         while sel.get_map():
             ready = sel.select(timeout=0.1)
+            if deadline is not None and exited_at is None and time.monotonic() > deadline:
+                _stop(proc, grace)
+                return True
             if proc.poll() is not None:
                 now = time.monotonic()
                 exited_at = exited_at or now
@@ -483,7 +625,7 @@ def _pump(
                     _stop(proc, grace)
                     give_up = now + grace
                 elif give_up is not None and now > give_up:
-                    return
+                    return False
             for key, _ in ready:
                 name, file = key.data
                 chunk = os.read(key.fd, 1 << 16)
@@ -492,9 +634,10 @@ def _pump(
                     sel.unregister(key.fileobj)
                     lines, buffers[key.fd] = [buffers[key.fd]] if buffers[key.fd] else [], b""
                 else:
-                    *lines, buffers[key.fd] = (buffers[key.fd] + chunk).split(b"\n")
+                    *lines, buffers[key.fd] = _LINE_END.split(buffers[key.fd] + chunk)
                 for raw in lines:
-                    on_line(name, raw.decode("utf-8", errors="replace").rstrip("\r"))
+                    on_line(name, raw.decode("utf-8", errors="replace"))
+        return False
     finally:
         for file in {id(f): f for _, f in pipes.values()}.values():
             file.flush()

@@ -6,12 +6,14 @@ written anywhere, and raised as one :class:`~hposvc.errors.SpecError` that names
 the key path, the bad value and what is allowed. Parsing is pure: it reads the spec and
 nothing else (no storage, no data files, no torch/optuna/mlflow import).
 
-The format (every key; ``[study] name`` and ``task`` are required)::
+The format (every key; ``[study] name`` is required, and ``task`` unless a trainer or
+command loads its own data)::
 
     [study]
     name = "digits-quick"        # letters, digits, '.', '_', '-'
     task = "digits"              # digits | mnist1d | moons | spirals | tabular | "module:function"
-    metric = "val_accuracy"      # or "val_loss"; direction follows (maximize / minimize)
+    metric = "val_accuracy"      # or "val_loss"; a trainer or command may report any name
+    direction = "minimize"       # needed when the metric's name does not say (val_loss, valid_ppl, val_acc do)
     n_trials = 12                # finished trials the study should end with (default 20)
     sampler = "tpe"              # tpe | random | cmaes | gp | grid | nsga2 | qmc (default tpe)
     pruner = "median"            # none | median | successive_halving | hyperband (default median)
@@ -29,6 +31,9 @@ The format (every key; ``[study] name`` and ``task`` are required)::
     [model]                      # depth, width (channels: the CNN's name for width), pretrained_path,
                                  # family (mlp | cnn1d | cnn2d | resnet), zero_init_residual (resnet),
                                  # norm_classes (["module:Class"]: a model factory's own norms)
+    [metrics]                    # a command's output, read by patterns with one capture group (hposvc.script)
+    valid_loss = 'valid loss\\s+([-+0-9.eE]+)'   # each match of the study's metric is one report
+    epoch = 'end of epoch\\s+(\\d+)'              # optional: the step (else: the count of reports)
     [space]                      # any TrialConfig field, fixed / list / range
     optimizer_defaults = "auto"  # what unmentioned optimizer numbers do: auto | search | fixed
     [space.optimizers.adam]      # per-optimizer lr/momentum/beta1/beta2/eps/rho/weight_decay
@@ -113,6 +118,7 @@ __all__ = [
     "Dim",
     "default_lr_dim",
     "METRICS",
+    "direction_of",
     "PRUNERS",
     "SAMPLERS",
     "StudySpec",
@@ -120,8 +126,14 @@ __all__ = [
     "parse_spec",
 ]
 
-METRICS = ("val_accuracy", "val_loss")
+METRICS = ("val_accuracy", "val_loss")  # what hposvc's own loop reports
 DIRECTIONS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+# A trainer or command may report any metric; its name must be one MLflow takes.
+METRIC_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]{0,249}")
+# Words that say which way a metric goes, when [study] direction does not: a name made of
+# words from one list and none from the other ("valid_loss", "val_acc") says it.
+_LOWER_IS_BETTER = ("loss", "error", "err", "mse", "mae", "rmse", "nll", "ppl", "perplexity", "wer", "cer")
+_HIGHER_IS_BETTER = ("acc", "accuracy", "auc", "f1", "precision", "recall", "bleu", "iou", "map", "r2")
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "grid", "nsga2", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband")
 OPTIMIZER_DEFAULTS = ("auto", "search", "fixed")
@@ -273,10 +285,27 @@ def default_lr_dim(optimizer: str) -> Dim:
     return Dim.range(float(f"{lr / DEFAULT_LR_FACTOR:.3g}"), float(f"{lr * DEFAULT_LR_FACTOR:.3g}"), log=True)
 
 
+def direction_of(metric: str) -> str | None:
+    """Which way ``metric`` goes by its name, or None when the name does not say.
+
+    >>> direction_of("valid_loss"), direction_of("val_acc"), direction_of("score")
+    ('minimize', 'maximize', None)
+    """
+    if metric in DIRECTIONS:
+        return DIRECTIONS[metric]
+    words = set(re.split(r"[^a-z0-9]+", metric.lower()))
+    lower, higher = words & set(_LOWER_IS_BETTER), words & set(_HIGHER_IS_BETTER)
+    if lower and not higher:
+        return "minimize"
+    if higher and not lower:
+        return "maximize"
+    return None
+
+
 # -- the keys each table takes -----------------------------------------------------------
 
 _STUDY_KEYS = (
-    "name", "task", "metric", "n_trials", "sampler", "pruner", "seed", "population", "description",
+    "name", "task", "metric", "direction", "n_trials", "sampler", "pruner", "seed", "population", "description",
     "model", "trainer", "command", "code_dir",
 )
 # [train] and [model] fix the fields whose Rule names that table (config.FIELDS);
@@ -285,7 +314,7 @@ _TRAIN_KEYS = tuple(name for name, rule in FIELDS.items() if rule.table == "trai
 _MODEL_KEYS = (*(name for name, rule in FIELDS.items() if rule.table == "model"), "channels", "norm_classes")
 _FIELDS = tuple(FIELDS)
 _SPACE_KEYS = _FIELDS + ("optimizers", "optimizer_defaults", "params")
-_TOP_KEYS = ("study", "task", "train", "model", "space")
+_TOP_KEYS = ("study", "task", "train", "model", "space", "metrics")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _DIM_HINT = "A dimension is a value (fixed), a list (one of these) or a table {low, high, log, step} (a range)."
@@ -306,10 +335,10 @@ class StudySpec:
     """
 
     name: str  # study name in storage and MLflow ("hposvc/<name>")
-    task: str  # a built-in task name or "module:function"
+    task: str | None  # a built-in task name or "module:function"; None: the trainer or command loads its own data
     task_options: Mapping[str, Any]  # the [task] table, passed to load_task
-    metric: str  # "val_accuracy" | "val_loss"
-    direction: str  # "maximize" | "minimize", from the metric
+    metric: str  # "val_accuracy" | "val_loss"; any name for a trainer or command
+    direction: str  # "maximize" | "minimize": [study] direction, or what the metric's name says
     n_trials: int  # finished trials the study should end with
     sampler: str  # one of SAMPLERS
     pruner: str  # one of PRUNERS
@@ -326,6 +355,9 @@ class StudySpec:
     # (ctx.params) and factories; Optuna params of the same plain names.
     params: Mapping[str, Dim] = field(default_factory=dict)
     norm_classes: tuple[str, ...] = ()  # [model] norm_classes: "module:Class" norms of a model factory the rule misses
+    # [metrics]: metric name (or "epoch") -> a regular expression with one capture group,
+    # read from each line of a command's output (hposvc.script)
+    metrics: Mapping[str, str] = field(default_factory=dict)
     # Where user code is imported from and commands run: the spec file's folder unless
     # [study] code_dir says otherwise. A path of this machine, so not part of the hash.
     code_dir: str | None = field(default=None, compare=False)
@@ -422,7 +454,7 @@ class StudySpec:
         trials can be pooled (recommend). Searched fields, optimizer numbers and the seed
         are not part of it.
         """
-        label = self.task
+        label = self.task if self.task is not None else "own-data"  # the trainer or command loads it
         options = dict(self.task_options)
         if self.task == "tabular" and "path" in options:
             label = f"tabular:{Path(str(options.pop('path'))).name}"
@@ -447,13 +479,15 @@ class StudySpec:
         """
         study: dict[str, Any] = {
             "name": self.name,
-            "task": self.task,
+            **({"task": self.task} if self.task is not None else {}),
             "metric": self.metric,
             "n_trials": self.n_trials,
             "sampler": self.sampler,
             "pruner": self.pruner,
             "seed": self.seed,
         }
+        if self.metric not in DIRECTIONS:
+            study["direction"] = self.direction  # the built-in metrics' is implied (and hashes stay)
         if self.population is not None:
             study["population"] = self.population
         if self.description:
@@ -474,8 +508,12 @@ class StudySpec:
                 opt: {p: dim.to_json() for p, dim in params.items()}
                 for opt, params in sorted(self.optimizer_overrides.items())
             }
-        model = {"model": {"norm_classes": list(self.norm_classes)}} if self.norm_classes else {}
-        return {"study": study, "task": _json_safe(dict(self.task_options)), "space": space, **model}
+        out = {"study": study, "task": _json_safe(dict(self.task_options)), "space": space}
+        if self.norm_classes:
+            out["model"] = {"norm_classes": list(self.norm_classes)}
+        if self.metrics:
+            out["metrics"] = dict(self.metrics)
+        return out
 
     @property
     def spec_hash(self) -> str:
@@ -776,19 +814,25 @@ class _StudyTable(_Reader):
 class _TaskTable(_Reader):
     """[study] task and metric, and the [task] table of options."""
 
-    def task(self, task: Any) -> str:
+    def task(self, task: Any, *, optional: bool = False) -> str | None:
+        """The workload: a built-in or a "module:function" factory; None (absent) where the
+        spec's own trainer or command loads its data."""
+        if task is MISSING and optional:
+            return None
         if isinstance(task, str) and (task in TASKS or _FACTORY_RE.fullmatch(task)):
             return task
         close = _close(task, TASKS)
         hint = f"Did you mean {close!r}?" if close else "A user factory is named 'package.module:function'."
         if task is MISSING:
-            hint = "Every spec needs [study] name and task."
+            hint = "Every spec needs [study] name and task (a spec whose trainer or command loads its own data may leave task out)."
         elif isinstance(task, str) and task.startswith("tabular:"):
             hint = "For a CSV/Parquet file use task = 'tabular' with [task] path and target."
         raise self.error("study.task", task, [*TASKS, "module:function"], hint)
 
-    def options(self, task: str, raw: Any) -> dict[str, Any]:
+    def options(self, task: str | None, raw: Any) -> dict[str, Any]:
         options = dict(self.table("task", raw))
+        if task is None:
+            self.check_keys("task", options, (), hint="there is no [study] task to take options")
         if task == "tabular":
             self.check_keys("task", options, ("path", "target", "kind"), hint="'tabular' reads a file")
         elif task in TASK_OPTIONS:
@@ -812,19 +856,70 @@ class _TaskTable(_Reader):
             options["path"] = self.path(options["path"])
         return dict(sorted(options.items()))
 
-    def metric(self, task: str, options: Mapping[str, Any], metric: Any) -> str:
+    def metric(self, task: str, options: Mapping[str, Any], metric: Any, direction: Any, *, own_code: bool) -> tuple[str, str]:
+        """The study's metric and direction. hposvc's own loop reports val_accuracy and
+        val_loss; a trainer or command may report any metric, with [study] direction where
+        its name does not say which way is better."""
+        if direction is not MISSING:
+            direction = self.enum("study.direction", direction, ("minimize", "maximize"))
         regression = task in ("tabular", "arrays") and options.get("kind") == "regression"
         if metric is MISSING:
             # Accuracy where the task is known to classify; loss works for every kind.
             kind = options.get("kind")
             classifies = task in TASK_FAMILY and (task != "tabular" or kind in ("classification", "binary"))
-            return "val_accuracy" if classifies else "val_loss"
-        metric = self.enum("study.metric", metric, METRICS)
+            metric = "val_accuracy" if classifies else "val_loss"
+        elif own_code:
+            if not isinstance(metric, str) or not METRIC_NAME_RE.fullmatch(metric):
+                raise self.error("study.metric", metric, "a metric name of letters, digits and '_', '.', '-', '/' (starting with a letter or '_')")
+        else:
+            hint = "Any other name needs your own [study] trainer or command, which reports it."
+            if not isinstance(metric, str) or metric not in METRICS:
+                close = _close(metric, METRICS)
+                raise self.error("study.metric", metric, METRICS, f"Did you mean {close!r}?" if close else hint)
         if metric == "val_accuracy" and regression:
             raise self.error(
                 "study.metric", metric, ("val_loss",), "[task] kind = 'regression' has no accuracy; use val_loss."
             )
-        return metric
+        implied = direction_of(metric)
+        if direction is MISSING:
+            if implied is None:
+                raise self.error(
+                    "study.direction", MISSING, ("minimize", "maximize"),
+                    f"The name {metric!r} does not say whether lower or higher is better; add [study] direction.",
+                )
+            return metric, implied
+        if metric in DIRECTIONS and direction != implied:
+            raise self.error("study.direction", direction, (implied,), f"hposvc's {metric} is better when it is {'lower' if implied == 'minimize' else 'higher'}.")
+        return metric, direction
+
+
+class _MetricsTable(_Reader):
+    """[metrics]: how to read a command's output. Each key is a metric name (or "epoch",
+    the step) and each value a regular expression whose one capture group is the value."""
+
+    def parse(self, raw: Any, *, command: Any) -> dict[str, str]:
+        table = self.table("metrics", raw)
+        if table and command is None:
+            raise self.error(
+                "metrics", dict(table), "absent without a [study] command",
+                "Patterns read a command's output; a trainer reports with ctx.report, hposvc's own loop by itself.",
+            )
+        for name, pattern in table.items():
+            key = f"metrics.{name}"
+            if name != "epoch" and not METRIC_NAME_RE.fullmatch(name):
+                raise self.error("metrics", name, "a metric name of letters, digits and '_', '.', '-', '/', or 'epoch'")
+            if not isinstance(pattern, str) or not pattern:
+                raise self.error(key, pattern, "a regular expression (a string)", "E.g. valid_loss = 'valid loss\\s+([-+0-9.eE]+)'.")
+            try:
+                compiled = re.compile(pattern)
+            except re.error as e:
+                raise self.error(key, pattern, "a regular expression that compiles", f"re says: {e}.") from None
+            if compiled.groups != 1:
+                raise self.error(
+                    key, pattern, "a regular expression with exactly one capture group (...) around the value",
+                    f"It has {compiled.groups}; write (?:...) for a group that is not the value.",
+                )
+        return dict(table)
 
 
 class _FieldDims(_Reader):
@@ -1051,9 +1146,11 @@ class _SpecParser(_Reader):
         study = _StudyTable(**readers).parse(data.get("study", {}))
         raw_study = data.get("study", {})
         tasks = _TaskTable(**readers)
-        task = tasks.task(raw_study.get("task", MISSING))
+        own_code = study["trainer"] is not None or study["command"] is not None
+        task = tasks.task(raw_study.get("task", MISSING), optional=own_code)
         options = tasks.options(task, data.get("task", {}))
-        metric = tasks.metric(task, options, raw_study.get("metric", MISSING))
+        metric, direction = tasks.metric(task, options, raw_study.get("metric", MISSING), raw_study.get("direction", MISSING), own_code=own_code)
+        metrics = _MetricsTable(**readers).parse(data.get("metrics", {}), command=study["command"])
         dims, overrides, optimizer_defaults = _SpaceTables(**readers).parse(task, data, study["sampler"])
         space = data.get("space", {})
         params = _ParamsTable(**readers).parse(space.get("params", {}) if isinstance(space, Mapping) else {})
@@ -1064,9 +1161,10 @@ class _SpecParser(_Reader):
             task=task,
             task_options=options,
             metric=metric,
-            direction=DIRECTIONS[metric],
+            direction=direction,
             dims=dims,
             params=params,
+            metrics=metrics,
             optimizer_overrides=overrides,
             optimizer_defaults=optimizer_defaults,
             norm_classes=norm_classes,

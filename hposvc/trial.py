@@ -211,8 +211,8 @@ class TrialJob:
 
         An error that hides an interruption (a signal a library caught and wrapped) fails
         the trial as interrupted and raises the interruption, so the worker stops. A job
-        that has ended already is left as it is. A trial that failed on its own (not by
-        an interruption) is re-queued; an interrupted study is topped up by its next run.
+        that has ended already is left as it is. An interrupted trial is re-queued (the
+        study's next run resumes it); one that failed on its own is not: it would fail again.
         """
         import traceback
 
@@ -250,8 +250,12 @@ class TrialJob:
         queue.tell_fail(self.study, self.trial, reason)
         if self.run is not None:
             self.run.end("FAIL", reason=reason)
+        # Retry only what can succeed: an interrupted trial runs again (from its checkpoint)
+        # when the study is run again; one whose code raised, whose command exited non-zero
+        # or which timed out would fail the same way. (A dead worker's trial is re-queued by
+        # whoever finds it stale: queue.StaleWatch.)
         frozen = self.trial.storage.get_trial(queue.trial_id(self.trial))
-        if frozen.state.name == "FAIL" and not isinstance(e, STOPS):
+        if frozen.state.name == "FAIL" and isinstance(e, STOPS):
             queue.requeue(self.study, frozen)
         return "FAIL"
 
@@ -375,8 +379,15 @@ def _train_command(job: TrialJob, task: "Task | None") -> Outcome:
         "HPOSVC_TRIAL_NUMBER": str(job.trial.number),
         "HPOSVC_STUDY": spec.name,
         "HPOSVC_DEVICE": str(job.device),
+        # a Python script's prints reach the pipe as they happen, so the pruner sees each epoch
+        "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED") or "1",
     }
-    result = script.run(argv, cwd=spec.code_dir or ".", env=env, on_metrics=lambda epoch, metrics: ctx.should_stop(epoch, **metrics), log_dir=log_dir)
+    result = script.run(
+        argv, cwd=spec.code_dir or ".", env=env, log_dir=log_dir,
+        on_metrics=lambda epoch, metrics: ctx.should_stop(epoch, **metrics),
+        metric=spec.metric, patterns=spec.metrics,  # [metrics]: values read from the output
+        on_values=lambda step, values: job.run.log_epoch(values, step=step),
+    )
     logs = {f"logs/{p.name}": p.read_text(errors="replace") for p in (result.stdout_path, result.stderr_path) if p and p.is_file()}
     if result.status != "completed":
         return Outcome(False, dict(result.final), f"pruned by {type(job.study.pruner).__name__}: the command was stopped", artifacts=logs)

@@ -126,8 +126,8 @@ def load_study_data(name: str, *, storage: str) -> StudyData:
     task = "?"
     if spec_dict:
         spec = parse_spec(spec_dict, source=f"study {name!r}")
-        task = spec.task
-        if metric == "val_accuracy":
+        task = spec.task or "(its own data)"
+        if metric == "val_accuracy" and spec.task is not None:
             try:
                 chance = chance_accuracy(spec.task, seed=spec.seed, options=spec.task_options)
             except HposvcError as e:  # e.g. a tabular file that moved: the report goes on without it
