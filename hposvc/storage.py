@@ -225,7 +225,7 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
         except (OperationalError, DBAPIError, StorageInternalError) as e:
             if attempt == attempts - 1 or not is_connection_error(e):
                 raise StorageError(f"{what} failed: {e.orig if hasattr(e, 'orig') else e}") from e
-            if is_connection_error(e) and "locked" not in str(e):
+            if "locked" not in str(e):  # a busy SQLite writer is not an outage
                 OUTAGE.failed("database", e, retrying=f" ({attempts} attempts)")
             time.sleep(base_delay * 2**attempt * (1 + random.random() / 2))
         else:
@@ -236,12 +236,8 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 6, base_dela
 
 def is_connection_error(e: BaseException) -> bool:
     """Whether a database error means the connection or the server went away (retry it)."""
-    return _is_connection_error(e)
-
-
-def _is_connection_error(e: BaseException) -> bool:
     # Optuna wraps SQLAlchemy's errors in StorageInternalError; the cause tells.
-    if e.__cause__ is not None and _is_connection_error(e.__cause__):
+    if e.__cause__ is not None and is_connection_error(e.__cause__):
         return True
     if getattr(e, "connection_invalidated", False):
         return True

@@ -143,6 +143,8 @@ def test_study_run_survives_a_proxy_kill_and_a_database_restart(tmp_path: Path, 
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert len(_claims(tmp_path)) == len(set(_claims(tmp_path))), "a trial ran twice"
     assert all(t.user_attrs.get("hposvc.reason") for t in trials if t.state == TrialState.FAIL)
+    # the epochs of trials in flight during the outages landed (through the write-behind queue)
+    assert all(t.intermediate_values == {1: 0.5, 2: 0.25} for t in trials if t.state == TrialState.COMPLETE)
     text = log.read_text()
     # Each outage is said once per process (the launcher and two workers), not once per call.
     assert 1 <= text.count("is unreachable (") <= 6, text
