@@ -18,7 +18,7 @@ import importlib
 from typing import Any
 
 from hposvc.config import TrialConfig
-from hposvc.errors import HposvcError, Interrupted, InvalidInputError, SpecError, StorageError, TrackingError, TrainingError, TrialPruned
+from hposvc.errors import HposvcError, Interrupted, InvalidInputError, SpecError, StorageError, StorageUnavailableError, TrackingError, TrainingError, TrialPruned
 
 __all__ = [
     "Best",
@@ -27,6 +27,7 @@ __all__ = [
     "InvalidInputError",
     "SpecError",
     "StorageError",
+    "StorageUnavailableError",
     "StudyRun",
     "StudySpec",
     "TrackingError",
