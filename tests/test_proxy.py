@@ -413,3 +413,42 @@ def test_time_the_storage_was_away_does_not_count_toward_the_grace_period(tmp_pa
         assert [t.number for t in watch.stale(study)] == [trial.number]  # a whole grace period later
     finally:
         proxy.stop()
+
+
+def test_a_result_whose_answer_was_lost_is_stored_once(tmp_path: Path) -> None:
+    # The proxy dies after storing a trial's result but before answering (here: the result
+    # lands directly while the client's call waits for the proxy to come back). The retried
+    # call finds the trial finished with that very result: success, not a conflict.
+    import threading
+
+    db = f"sqlite:///{tmp_path / 'lost.db'}"
+    proxy = Proxy(db, tmp_path / "proxy.log")
+    try:
+        remote = proxy.storage()
+        study = optuna.create_study(study_name="lost", storage=remote)
+        tid = study.ask()._trial_id
+        other = study.ask()._trial_id
+        proxy.kill()
+        answers: dict[str, object] = {}
+
+        def tell(key: str, trial_id: int, value: float) -> None:
+            try:
+                answers[key] = remote.set_trial_state_values(trial_id, TrialState.COMPLETE, [value])
+            except Exception as e:  # noqa: BLE001 (the assertion below shows it)
+                answers[key] = e
+
+        calls = [threading.Thread(target=tell, args=("same", tid, 1.0)), threading.Thread(target=tell, args=("different", other, 2.0))]
+        for c in calls:
+            c.start()
+        time.sleep(1.0)  # both are retrying now
+        direct = open_storage(db)
+        direct.set_trial_state_values(tid, TrialState.COMPLETE, [1.0])  # "the first attempt landed"
+        direct.set_trial_state_values(other, TrialState.COMPLETE, [3.0])  # someone else's result
+        proxy.start()
+        for c in calls:
+            c.join(timeout=120)
+        assert answers["same"] is True
+        assert isinstance(answers["different"], optuna.exceptions.UpdateFinishedTrialError)  # a real conflict stays one
+        assert [t.values for t in direct.get_all_trials(direct.get_study_id_from_name("lost"))] == [[1.0], [3.0]]
+    finally:
+        proxy.stop()
