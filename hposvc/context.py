@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hposvc.config import TrialConfig
-from hposvc.errors import InvalidInputError, TrialPruned
+from hposvc.errors import InvalidInputError, TrialPruned, TrialTimedOut
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +68,8 @@ class TrialContext:
     model_factory: "Callable[[], torch.nn.Module] | None" = field(default=None, repr=False)
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list, repr=False)
     model: "torch.nn.Module | None" = field(default=None, repr=False)  # the last model build_model gave
+    timeout: float | None = None  # [train] timeout in seconds; None: no limit
+    deadline: float | None = field(default=None, repr=False)  # time.monotonic() at which the limit passes
 
     @property
     def seed(self) -> int:
@@ -79,6 +82,13 @@ class TrialContext:
         return dict(self.config.params)
 
     # -- reporting ------------------------------------------------------------------------
+
+    def check_time(self) -> None:
+        """Raise :class:`hposvc.errors.TrialTimedOut` once the trial's time limit has
+        passed. Every report checks it, and hposvc's own loop after every batch; a
+        trainer may call it in a long stretch without reports."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TrialTimedOut(f"timed out after {self.timeout:g} s")
 
     def should_stop(self, epoch: int, **metrics: float) -> bool:
         """Report an epoch and return whether the pruner says stop (no exception)."""
@@ -100,7 +110,9 @@ class TrialContext:
         if not math.isfinite(clean[self.metric]):
             raise InvalidInputError(f"ctx.report: {self.metric} is {clean[self.metric]} at epoch {epoch} (diverged).")
         self.history.append((epoch, clean))
-        return bool(self.on_report(epoch, clean))
+        stop = bool(self.on_report(epoch, clean))
+        self.check_time()  # the epoch is recorded, then a trial past its limit ends here
+        return stop
 
     def report(self, epoch: int, **metrics: float) -> None:
         """Report one epoch's metrics; raises :class:`hposvc.TrialPruned` when the pruner

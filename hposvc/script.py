@@ -468,6 +468,7 @@ def run(
     patterns: Mapping[str, str] | None = None,
     on_values: Callable[[int, dict[str, float]], None] | None = None,
     timeout: float | None = None,
+    limit: float | None = None,
 ) -> ScriptResult:
     """Run a rendered ``command`` in ``cwd`` with exactly ``env`` as its environment.
 
@@ -477,7 +478,7 @@ def run(
     ``on_values(step, metrics)``. When ``on_metrics`` returns True (prune) the process
     group gets SIGTERM, ``grace`` seconds, then SIGKILL, and the result is "pruned"; the
     same happens ``timeout`` seconds after the start, and then :class:`TrialTimedOut` is
-    raised. Exit 0 is "completed", unless ``metric`` was never reported: then, as for any
+    raised (its message names ``limit``, the trial's whole limit, when given). Exit 0 is "completed", unless ``metric`` was never reported: then, as for any
     other exit, :class:`ScriptFailed` with the last lines of output. stdout and stderr are
     saved whole under ``log_dir``; lines that match nothing also go to ``echo`` (e.g. a
     logger's ``info``). If ``on_metrics`` raises (an interrupt, a storage error), the
@@ -566,7 +567,7 @@ def run(
         if lines
     ) or "\nit printed nothing."
     if timed_out:
-        raise TrialTimedOut(f"timed out after {timeout:g} s;{last}")
+        raise TrialTimedOut(f"timed out after {limit or timeout:g} s;{last}")
     if pruned:
         status = "pruned"
     elif proc.returncode == 0:

@@ -26,7 +26,8 @@ command loads its own data)::
     code_dir = "."               # where "module:function" code is imported from (default: the spec's folder)
 
     [task]                       # options for the workload (tabular: path, target, kind; images: path, size, ...)
-    [train]                      # fixed training settings: epochs, batch_size, schedule, warmup, seed,
+    [train]                      # fixed training settings: epochs, batch_size, schedule, warmup, seed, timeout
+                                 # (per trial: 600, "10m"; a trial past it is stopped and fails, not retried),
                                  # precision (fp32 | bf16 | fp16), channels_last, compile, data (auto | tensors | loader), num_workers, checkpoint_every
     [model]                      # depth, width (channels: the CNN's name for width), pretrained_path,
                                  # family (mlp | cnn1d | cnn2d | resnet), zero_init_residual (resnet),
@@ -310,13 +311,14 @@ _STUDY_KEYS = (
 )
 # [train] and [model] fix the fields whose Rule names that table (config.FIELDS);
 # "channels" is the CNN's name for width; norm_classes names a model factory's own norms.
-_TRAIN_KEYS = tuple(name for name, rule in FIELDS.items() if rule.table == "train")
+_TRAIN_KEYS = (*(name for name, rule in FIELDS.items() if rule.table == "train"), "timeout")  # timeout: per trial, not a dimension
 _MODEL_KEYS = (*(name for name, rule in FIELDS.items() if rule.table == "model"), "channels", "norm_classes")
 _FIELDS = tuple(FIELDS)
 _SPACE_KEYS = _FIELDS + ("optimizers", "optimizer_defaults", "params")
 _TOP_KEYS = ("study", "task", "train", "model", "space", "metrics")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _FACTORY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s?)?")
 _DIM_HINT = "A dimension is a value (fixed), a list (one of these) or a table {low, high, log, step} (a range)."
 
 # The fields a task key names: the workload's size and budget, not the choices being compared.
@@ -355,6 +357,9 @@ class StudySpec:
     # (ctx.params) and factories; Optuna params of the same plain names.
     params: Mapping[str, Dim] = field(default_factory=dict)
     norm_classes: tuple[str, ...] = ()  # [model] norm_classes: "module:Class" norms of a model factory the rule misses
+    # [train] timeout: seconds a trial may run before it is stopped and fails (None: no limit).
+    # Like n_trials it bounds a run, not what is searched, so it is not part of the hash.
+    timeout: float | None = None
     # [metrics]: metric name (or "epoch") -> a regular expression with one capture group,
     # read from each line of a command's output (hposvc.script)
     metrics: Mapping[str, str] = field(default_factory=dict)
@@ -509,6 +514,8 @@ class StudySpec:
                 for opt, params in sorted(self.optimizer_overrides.items())
             }
         out = {"study": study, "task": _json_safe(dict(self.task_options)), "space": space}
+        if self.timeout is not None:
+            out["train"] = {"timeout": self.timeout}
         if self.norm_classes:
             out["model"] = {"norm_classes": list(self.norm_classes)}
         if self.metrics:
@@ -525,6 +532,7 @@ class StudySpec:
         data = self.to_dict()
         for key in ("n_trials", "population", "description", "code_dir"):
             data["study"].pop(key, None)
+        data.pop("train", None)  # [train] timeout
         text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -967,7 +975,8 @@ class _SpaceTables(_FieldDims):
         train = self.table("train", data.get("train", {}))
         self.check_keys("train", train, _TRAIN_KEYS)
         for key, raw in train.items():
-            self.put("train", key, key, raw, fixed_only=True)
+            if key != "timeout":  # not a trial dimension: _SpecParser.timeout reads it
+                self.put("train", key, key, raw, fixed_only=True)
 
         model = self.table("model", data.get("model", {}))
         self.check_keys("model", model, _MODEL_KEYS)
@@ -1157,6 +1166,8 @@ class _SpecParser(_Reader):
         if study["sampler"] == "grid":
             self.check_grid(dims, params, overrides, optimizer_defaults, data)
         norm_classes = self.norm_classes(data.get("model", {}), study["model"])
+        train = data.get("train", {})
+        timeout = self.timeout(train.get("timeout")) if isinstance(train, Mapping) else None
         return StudySpec(
             task=task,
             task_options=options,
@@ -1168,9 +1179,23 @@ class _SpecParser(_Reader):
             optimizer_overrides=overrides,
             optimizer_defaults=optimizer_defaults,
             norm_classes=norm_classes,
+            timeout=timeout,
             source=self.source,
             **study,
         )
+
+    def timeout(self, value: Any) -> float | None:
+        """[train] timeout: seconds (a number), or a duration such as "90s", "10m", "1h30m"."""
+        if value is None:
+            return None
+        seconds: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())) and any(m.groups()):
+            seconds = sum(float(n or 0) * unit for n, unit in zip(m.groups(), (3600, 60, 1)))
+        if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+            raise self.error("train.timeout", value, 'a number of seconds > 0, or a duration such as "90s", "10m" or "1h30m"')
+        return seconds
 
     def norm_classes(self, model_table: Mapping[str, Any], model: str | None) -> tuple[str, ...]:
         """[model] norm_classes: the model factory's own norm classes, as "module:Class"

@@ -130,6 +130,9 @@ class TrialJob:
             trial_dir=None if self.trials_dir is None else self.trials_dir / f"trial-{first}",
             logger=logging.getLogger(f"hposvc.trial.{trial.number}"),
             model_factory=plugins.model_factory(self.spec, task, config, on_built=self.log_model),
+            # [train] timeout: the trial's clock starts now, with its config
+            timeout=self.spec.timeout,
+            deadline=None if self.spec.timeout is None else time.monotonic() + self.spec.timeout,
         )
         return config
 
@@ -138,12 +141,17 @@ class TrialJob:
         conversion), ``n_params``, and what conversion changed (``conversion.txt``)."""
         from hposvc.nn import count_parameters
 
-        self.run.add_text("model.txt", str(model))
-        self.run.log_epoch({"n_params": count_parameters(model)}, step=0)
-        if report is not None:
-            self.run.add_text("conversion.txt", report.describe())
-            for note in report.notes:
-                self.ctx.logger.info("%s", note)
+        conversion = report.describe() if report is not None else None
+        self.log_model_text(str(model), count_parameters(model), conversion, list(report.notes) if report is not None else [])
+
+    def log_model_text(self, text: str, n_params: int, conversion: str | None, notes: list[str]) -> None:
+        """:meth:`log_model` for a model described already (one a trainer's child process built)."""
+        self.run.add_text("model.txt", text)
+        self.run.log_epoch({"n_params": n_params}, step=0)
+        if conversion is not None:
+            self.run.add_text("conversion.txt", conversion)
+        for note in notes:
+            self.ctx.logger.info("%s", note)
 
     def on_report(self, epoch: int, metrics: "dict[str, float]") -> bool:
         """Report an epoch to the trial (pruners) and MLflow; True when it should stop."""
@@ -246,7 +254,8 @@ class TrialJob:
             reason = f"{type(e).__name__}: {e}"
             log.error("trial %s failed: %s", self.trial.number, reason)
             if self.run is not None:
-                self.run.add_text("traceback.txt", "".join(traceback.format_exception(e)))
+                # a trainer's child process sends its own traceback (hposvc.isolate)
+                self.run.add_text("traceback.txt", getattr(e, "child_traceback", None) or "".join(traceback.format_exception(e)))
         queue.tell_fail(self.study, self.trial, reason)
         if self.run is not None:
             self.run.end("FAIL", reason=reason)
@@ -319,6 +328,7 @@ def train_trial(ctx: TrialContext) -> "TrainResult":
         on_epoch=lambda m: ctx.should_stop(m.epoch, **m.metrics()),
         checkpoint=ctx.checkpoint if every else None,
         resume=ctx.restore() if every else None,
+        on_batch=ctx.check_time if ctx.deadline is not None else None,  # [train] timeout: checked every batch
     )
 
 
@@ -350,12 +360,26 @@ def _train_user(job: TrialJob, task: "Task | None") -> Outcome:
 
     from hposvc.plugins import load_callable
 
-    spec = job.spec
+    spec, ctx = job.spec, job.ctx
+    if ctx.deadline is not None:
+        # Under a time limit the trainer runs in a child process the limit can always end,
+        # even one that hangs without reporting (hposvc.isolate).
+        from hposvc.isolate import run_trainer
+        from hposvc.script import DEFAULT_GRACE
+
+        kind, result = run_trainer(
+            spec, ctx.config, trial_number=job.trial.number, trial_dir=ctx.trial_dir, device=str(job.device),
+            deadline=ctx.deadline, timeout=ctx.timeout, grace=DEFAULT_GRACE,
+            on_report=lambda epoch, metrics: ctx.should_stop(epoch, **metrics), on_model=job.log_model_text,
+        )
+        if kind == "pruned":
+            return Outcome(False, dict(ctx.history[-1][1]) if ctx.history else {}, result)
+        return Outcome(True, _final_metrics(result, spec.metric, what=f"{spec.trainer}(ctx)"))
     fn = load_callable(spec.trainer, key="study.trainer", code_dir=spec.code_dir, source=spec.source)
     try:
-        final = fn(job.ctx)
+        final = fn(ctx)
     except (TrialPruned, optuna.TrialPruned) as e:
-        last = dict(job.ctx.history[-1][1]) if job.ctx.history else {}
+        last = dict(ctx.history[-1][1]) if ctx.history else {}
         return Outcome(False, last, f"pruned: {e}" if str(e) else None)
     return Outcome(True, _final_metrics(final, spec.metric, what=f"{spec.trainer}(ctx)"))
 
@@ -387,6 +411,7 @@ def _train_command(job: TrialJob, task: "Task | None") -> Outcome:
         on_metrics=lambda epoch, metrics: ctx.should_stop(epoch, **metrics),
         metric=spec.metric, patterns=spec.metrics,  # [metrics]: values read from the output
         on_values=lambda step, values: job.run.log_epoch(values, step=step),
+        timeout=None if ctx.deadline is None else max(ctx.deadline - time.monotonic(), 0.0), limit=ctx.timeout,  # [train] timeout
     )
     logs = {f"logs/{p.name}": p.read_text(errors="replace") for p in (result.stdout_path, result.stderr_path) if p and p.is_file()}
     if result.status != "completed":

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"storage"},
     {"records", "proxy"},
     # what a trial trains: the stages below the service
-    {"devices", "spec", "space", "tasks", "sequences", "nn", "optim", "train", "probes", "population", "context", "plugins", "script"},
+    {"devices", "spec", "space", "tasks", "sequences", "nn", "optim", "train", "probes", "population", "context", "plugins", "script", "isolate"},
     {"queue", "tracking", "dashboard"},
     {"trial"},
     {"worker"},
