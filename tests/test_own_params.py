@@ -111,11 +111,18 @@ def _write(tmp_path: Path, name: str, runner: str) -> Path:
     return spec
 
 
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data dir (SQLite and MLflow stores) for the module's studies: the stores are
+    created and migrated once, not per test; each study has a name of its own."""
+    return tmp_path_factory.mktemp("data")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["command", "trainer", "model"])
-def test_user_dimensions_reach_the_code_and_every_record(tmp_path: Path, how: str) -> None:
+def test_user_dimensions_reach_the_code_and_every_record(tmp_path: Path, shared_data: Path, how: str) -> None:
     spec = _write(tmp_path, how, RUNNERS[how])
-    data = tmp_path / "data"
+    data = shared_data
     result = CliRunner().invoke(main, ["study", "run", str(spec), "--data-dir", str(data), "--quiet"])
     assert result.exit_code == 0, result.output
     storage, uri = f"sqlite:///{data / 'hposvc.db'}", f"sqlite:///{data / 'mlflow.db'}"

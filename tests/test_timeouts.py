@@ -85,16 +85,23 @@ def _marked_processes() -> list[str]:
     return found
 
 
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data dir (SQLite and MLflow stores) for the module's studies: the stores are
+    created and migrated once, not per test; each study has a name of its own."""
+    return tmp_path_factory.mktemp("data")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("spec_text", "name", "limit", "states"), [
     (COMMAND_SPEC, "slow-command", TIMEOUT, {"COMPLETE": 1, "FAIL": 1}),
     (TRAINER_SPEC, "slow-trainer", TRAINER_TIMEOUT, {"COMPLETE": 1, "FAIL": 2}),
 ], ids=["command", "trainer"])
-def test_trials_past_their_limit_fail_once_and_leave_nothing_running(tmp_path: Path, spec_text: str, name: str, limit: float, states: dict) -> None:
+def test_trials_past_their_limit_fail_once_and_leave_nothing_running(tmp_path: Path, shared_data: Path, spec_text: str, name: str, limit: float, states: dict) -> None:
     (tmp_path / "slowloop.py").write_text(TRAINER)
     spec = tmp_path / f"{name}.toml"
     spec.write_text(spec_text)
-    data = tmp_path / "data"
+    data = shared_data
     result = CliRunner().invoke(main, ["study", "run", str(spec), "--data-dir", str(data), "--quiet"])
     assert result.exit_code == 0, result.output
     trials = [t for t in optuna.load_study(study_name=name, storage=f"sqlite:///{data / 'hposvc.db'}").trials if t.state.name != "WAITING"]

@@ -114,14 +114,21 @@ def _history(uri: str, name: str) -> dict[int, dict[str, list[tuple[int, float]]
     return out
 
 
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data dir (SQLite and MLflow stores) for the module's studies: the stores are
+    created and migrated once, not per test; each study has a name of its own."""
+    return tmp_path_factory.mktemp("data")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("style", ["lm", "keras"])
-def test_an_unmodified_script_s_output_is_the_trial_s_history(tmp_path: Path, style: str) -> None:
+def test_an_unmodified_script_s_output_is_the_trial_s_history(tmp_path: Path, shared_data: Path, style: str) -> None:
     (tmp_path / "main.py").write_text(WORD_LM)
     (tmp_path / "fit.py").write_text(KERAS)
     spec = tmp_path / f"{style}.toml"
     spec.write_text(SPECS[style])  # no task: the script loads its own data
-    data = tmp_path / "data"
+    data = shared_data
     result = CliRunner().invoke(main, ["study", "run", str(spec), "--data-dir", str(data), "--quiet"])
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name=style, storage=f"sqlite:///{data / 'hposvc.db'}").trials
@@ -143,13 +150,13 @@ def test_an_unmodified_script_s_output_is_the_trial_s_history(tmp_path: Path, st
 
 
 @pytest.mark.slow
-def test_a_metric_that_never_appears_fails_the_trial_with_the_last_lines(tmp_path: Path) -> None:
+def test_a_metric_that_never_appears_fails_the_trial_with_the_last_lines(tmp_path: Path, shared_data: Path) -> None:
     (tmp_path / "fit.py").write_text(KERAS)
     spec = tmp_path / "never.toml"
     # a grid of one point: the study ends after its one trial whatever became of it
     text = SPECS["keras"].replace('name = "keras"', 'name = "never"\nsampler = "grid"').replace("val_loss:\\s*", "validation loss=\\s*")
     spec.write_text(text)
-    data = tmp_path / "data"
+    data = shared_data
     result = CliRunner().invoke(main, ["study", "run", str(spec), "--data-dir", str(data), "--quiet"])
     assert result.exit_code == 0, result.output
     trials = optuna.load_study(study_name="never", storage=f"sqlite:///{data / 'hposvc.db'}").trials
