@@ -311,7 +311,7 @@ def study_create(spec: str, n_trials: int | None, name: str | None, storage: str
     parsed = _load_spec(spec, n_trials=n_trials, name=name)
     study = prepare_study(parsed, storage=storage, warm_start=_warm_start(warm_start))
     # the MLflow experiment and parent run too, so workers starting together share them
-    open_tracker(study, spec=parsed.to_dict(), tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), data_dir=data_dir).drain()
+    open_tracker(study, spec=parsed.to_dict(), tracking_uri=resolve_tracking_uri(tracking_uri, data_dir=data_dir), data_dir=data_dir, storage=storage)
     emit({"name": study.study_name, "storage": storage, "n_trials": parsed.n_trials, **{k.lower(): v for k, v in counts(study).by_state.items()}}, as_json=as_json, title="study created")
 
 
@@ -495,20 +495,25 @@ def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | No
 @main.command("sync")
 @click.option("--data-dir", envvar="HPOSVC_DATA_DIR", type=click.Path(file_okay=False))
 @tracking_option
-def sync(data_dir: str | None, tracking_uri: str | None) -> None:
-    """Send tracking data kept locally during an MLflow outage to the tracking store."""
-    from hposvc.storage import resolve_tracking_uri
-    from hposvc.tracking import Tracker, sync_outbox
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0), help="Give up after this many seconds.")
+def sync(data_dir: str | None, tracking_uri: str | None, timeout: float) -> None:
+    """Send the tracking records waiting in the outbox to MLflow now, and wait until they
+    are there (what the tracking process does all along; run it after an MLflow outage).
 
-    tracker = Tracker(resolve_tracking_uri(tracking_uri, data_dir=data_dir), study="", data_dir=data_dir)
-    n = sync_outbox(tracker)
-    left = len(list(tracker.outbox.glob("*.json"))) if tracker.outbox.is_dir() else 0
-    click.echo(f"sent {n} trial record(s); {left} left in {tracker.outbox}", err=True)
+    Exits 1 when records are left (MLflow still unreachable, or it refused some: see the
+    outbox's failed/ folder).
+    """
+    from hposvc.drain import sync_folder
+    from hposvc.storage import resolve_data_dir, resolve_tracking_uri
+    from hposvc.outbox import folder_for
+
+    folder = folder_for(resolve_data_dir(data_dir), resolve_tracking_uri(tracking_uri, data_dir=data_dir))
+    left, error = sync_folder(folder, timeout=timeout)
+    refused = sum(1 for p in folder.failed.glob("*.jsonl") for _ in p.open()) if folder.failed.is_dir() else 0
+    click.echo(f"{left} byte(s) of tracking records left in {folder.path}" + (f" ({error})" if error else "")
+               + (f"; {refused} record(s) MLflow refused are in {folder.failed}" if refused else ""), err=True)
     if left:
         sys.exit(1)
-
-
-# -- storage proxy --
 
 
 @main.group("storage")

@@ -74,9 +74,9 @@ def run_parallel(
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
     slots = plan_slots(devices, trials_per_device=trials_per_device, workers=workers)
     study = prepare_study(spec, storage=url, warm_start=warm_start)
-    # Create the tracking store, experiment and parent run here, once: workers starting
-    # together would otherwise race to create the embedded store's tables.
-    open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir)
+    # Start the tracking process now: it opens the experiment and parent run while the
+    # workers start.
+    open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
     return run_slots(study, slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=spec.population, drain=drain, progress=progress)
 
 

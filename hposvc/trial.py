@@ -99,12 +99,7 @@ class TrialJob:
         config = suggest_config(trial, self.spec, task_defaults=defaults)
         task = self.task = plugins.trial_task(self.spec, task, config.params)  # a task factory may take a searched dimension
         trial_id = queue.trial_id(trial)
-
-        def remember_run(run_id: str) -> None:
-            # From the MLflow writer thread: lets whoever finds this trial stale close its run.
-            trial.storage.set_trial_user_attr(trial_id, records.RUN_ID, run_id)
-
-        self.run = self.tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": self.worker_id}, on_created=remember_run)
+        self.run = self.tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": self.worker_id})
         attrs = {
             records.CONFIG: config.to_dict(),
             records.DEVICE: str(dev),

@@ -106,7 +106,7 @@ def run_worker(
         )
     info = records.study_info(study)
     n_trials = info.n_trials or spec.n_trials
-    tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir)
+    tracker = tracker or open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
     task = load_spec_task(spec)  # [task] options, and the [space.params] its factory takes
     k = population_size(population if population is not None else spec.population, device=device, task=task)
     trials_dir = resolve_data_dir(data_dir) / "trials" / (info.uid or study.study_name)
@@ -155,11 +155,13 @@ def run_worker(
                 run_population(env, claimed)
             ran += len(claimed)
             bar.update()
-            tracker.sync_soon()
+    # MLflow holds this worker's trials when it returns (bounded: tracking.WAIT_SECONDS, cut
+    # short when MLflow is unreachable); the study's summary and plots follow a moment later.
+    sent_upto = tracker.journal.size
     c = records.counts(study)
     if c.done >= n_trials and c["RUNNING"] == 0:
-        tracker.sync()
-        tracker.finish_study(study)
+        tracker.finish_study(url)
+    tracker.wait(upto=sent_upto)
     return StudyRun.of(study, storage=url, tracking_uri=uri, n_trials=n_trials, ran=ran)
 
 
@@ -186,12 +188,12 @@ def population_size(value: int | str | None, *, device: str = "auto", task: "Tas
 
 @contextmanager
 def _draining(tracker: Tracker, writes: "queue.WriteBehind") -> Iterator[None]:
-    """However the loop ends, queued storage and MLflow writes are sent (or kept) before we return."""
+    """However the loop ends, queued storage writes are sent before we return (tracking
+    records are in the outbox already; the tracking process sends them)."""
     try:
         yield
     finally:
         writes.close()
-        tracker.drain()
 
 
 class Progress:

@@ -261,7 +261,7 @@ def run_survey(
                 study.set_user_attr(key, value)
         if len(slots) > 1:
             # the MLflow experiment and parent run, once, before workers race to create them
-            open_tracker(study, spec=cell.spec.to_dict(), tracking_uri=uri, data_dir=data_dir).drain()
+            open_tracker(study, spec=cell.spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
         before += records.counts(study).done
         names.append(cell.spec.name)
         if progress:
