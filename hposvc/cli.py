@@ -496,18 +496,22 @@ def worker(name: str, storage: str, data_dir: str | None, tracking_uri: str | No
 @click.option("--data-dir", envvar="HPOSVC_DATA_DIR", type=click.Path(file_okay=False))
 @tracking_option
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0), help="Give up after this many seconds.")
-def sync(data_dir: str | None, tracking_uri: str | None, timeout: float) -> None:
+@click.option("--serve", is_flag=True, help="Keep running as the tracking process of this data dir and URI (a sidecar; see HPOSVC_TRACKING_PROCESS=external).")
+def sync(data_dir: str | None, tracking_uri: str | None, timeout: float, serve: bool) -> None:
     """Send the tracking records waiting in the outbox to MLflow now, and wait until they
     are there (what the tracking process does all along; run it after an MLflow outage).
 
     Exits 1 when records are left (MLflow still unreachable, or it refused some: see the
     outbox's failed/ folder).
     """
-    from hposvc.drain import sync_folder
+    from hposvc.drain import main as serve_folder, sync_folder
     from hposvc.storage import resolve_data_dir, resolve_tracking_uri
     from hposvc.outbox import folder_for
 
     folder = folder_for(resolve_data_dir(data_dir), resolve_tracking_uri(tracking_uri, data_dir=data_dir))
+    if serve:
+        folder.create()
+        sys.exit(serve_folder([str(folder.path)]))
     left, error = sync_folder(folder, timeout=timeout)
     refused = sum(1 for p in folder.failed.glob("*.jsonl") for _ in p.open()) if folder.failed.is_dir() else 0
     click.echo(f"{left} byte(s) of tracking records left in {folder.path}" + (f" ({error})" if error else "")

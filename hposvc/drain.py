@@ -486,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return 0  # another tracking process serves this folder
+        log.info("another tracking process serves %s; exiting", folder.path)
+        return 0
     outbox._atomic_write(folder.pid_file, str(os.getpid()))
     log.info("tracking process for %s started (outbox %s)", folder.uri, folder.path)
     try:

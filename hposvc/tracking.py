@@ -66,6 +66,9 @@ RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 WAIT_SECONDS = float(os.environ.get("HPOSVC_TRACKING_WAIT", "60"))
 # How often that wait looks at the tracking process's cursors (seconds).
 WAIT_POLL_SECONDS = 0.02
+# "auto": a training process starts the tracking process when none runs; "external": one is
+# run separately (`hposvc sync --serve`, e.g. as a sidecar container) and never started here.
+PROCESS_MODE = os.environ.get("HPOSVC_TRACKING_PROCESS", "auto")
 
 # One journal per process and outbox folder, shared by every Tracker of the process.
 _JOURNALS: dict[Path, outbox.Journal] = {}
@@ -276,7 +279,7 @@ def ensure_tracking_process(folder: outbox.OutboxFolder) -> int | None:
     finds the lock taken and exits."""
     folder.create()
     pid = tracking_process_pid(folder)
-    if pid is not None:
+    if pid is not None or PROCESS_MODE == "external":
         return pid
     for p in list(_SPAWNED):
         if p.poll() is not None:

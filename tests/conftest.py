@@ -63,7 +63,10 @@ os.environ["DO_NOT_TRACK"] = "true"
 # 3) Any `mlflow server`/`mlflow ui` a test starts: no GenAI job runner, which would start
 #    eight more Python processes per server (seconds of CPU on two cores, for nothing here).
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-# 4) Loopback servers must never be reached through a proxy from the environment.
+# 4) hposvc's tracking processes (one per data dir a test uses) exit soon after their
+#    test instead of lingering for back-to-back studies; the fixture below ends the rest.
+os.environ["HPOSVC_TRACKING_IDLE"] = "3"
+# 5) Loopback servers must never be reached through a proxy from the environment.
 _no_proxy = [p for p in os.environ.get("NO_PROXY", "").split(",") if p]
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join([*_no_proxy, "127.0.0.1", "localhost"])
 
@@ -98,6 +101,23 @@ def _isolated_hposvc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
     data = tmp_path / "hposvc-data"
     monkeypatch.setenv("HPOSVC_DATA_DIR", str(data))
     return data
+
+
+@pytest.fixture(autouse=True)
+def _end_tracking_processes(tmp_path: Path) -> Iterator[None]:
+    """The tracking processes this test's studies started (their pid files are under
+    tmp_path) end with it."""
+    yield
+    from hposvc.outbox import OutboxFolder
+    from hposvc.tracking import tracking_process_pid
+
+    for uri_file in tmp_path.rglob("outbox/tracking-*/uri"):
+        pid = tracking_process_pid(OutboxFolder(uri_file.parent, ""))  # only while it holds its lock
+        if pid is not None and pid > 0:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
 
 
 @pytest.fixture

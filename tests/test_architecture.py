@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"errors"},
     {"config", "interrupts", "stats", "builtin"},
     {"storage"},
-    {"records", "proxy"},
+    {"records", "proxy", "outbox"},
     # what a trial trains: the stages below the service
     {"devices", "spec", "space", "tasks", "sequences", "nn", "optim", "train", "probes", "population", "context", "plugins", "script", "isolate"},
     {"queue", "tracking", "dashboard"},
@@ -28,7 +28,9 @@ LAYERS: list[set[str]] = [
     {"worker"},
     {"study", "results"},
     {"launcher"},
-    {"report", "recommendation"},  # above results and tracking; never imported by the core
+    # above results and tracking; never imported by the core (the tracking process, drain,
+    # runs in its own process and is started by module name)
+    {"report", "recommendation", "drain"},
     {"cli", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -58,8 +58,11 @@ def test_contract_spec_end_to_end_on_sqlite(tmp_path: Path) -> None:
     assert study.best_value >= 0.9
 
     client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
-    runs = _trial_runs(client, "digits-quick")
+    runs = _trial_runs(client, "digits-quick")  # there when `study run` returns
     assert len(runs) == 12
+    # the parent run's summary and plots follow a moment later; `hposvc sync` waits for them
+    synced = CliRunner().invoke(main, ["sync", "--data-dir", str(data)])
+    assert synced.exit_code == 0, synced.output
     assert sorted(int(r.data.tags["hposvc.trial_number"]) for r in runs) == list(range(12))
     parent = _parent_runs(client, "digits-quick")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
@@ -255,10 +258,12 @@ def test_quickstart_against_mlflow_server(tmp_path: Path, mlflow_server) -> None
     assert len(runs) == 4
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
     assert all(client.get_metric_history(r.info.run_id, "val_loss") for r in runs)
+    synced = CliRunner().invoke(main, ["sync", "--data-dir", str(data), "--tracking-uri", mlflow_server.uri])
+    assert synced.exit_code == 0, synced.output
     parent = _parent_runs(client, "digits-quick")
     assert parent[0].info.status == "FINISHED"
     assert {"best_config.json", "spec.json"} <= {a.path for a in client.list_artifacts(parent[0].info.run_id)}
-    assert not (data / "outbox").exists() or not list((data / "outbox").iterdir())
+    assert not list((data / "outbox").rglob("*.jsonl"))  # every journal sent and removed
     # study run ends by pointing at the study's runs page on the server (the dashboard's link)
     exp_id = client.get_experiment_by_name(experiment_name("digits-quick")).experiment_id
     assert f"Inspect it in MLflow: {mlflow_server.uri}/#/experiments/{exp_id}/runs?workflowType=machine_learning&orderByKey=" in r.stderr

@@ -17,9 +17,8 @@ import hposvc
 from hposvc import records
 from hposvc.config import TrialConfig
 from hposvc.storage import load_study
-from hposvc.tracking import Tracker, sync_outbox
-
-from conftest import free_port
+from hposvc.drain import drain_once
+from hposvc.tracking import Tracker, find_study_run, mlflow_client
 
 SPEC = {
     "study": {"name": "twin", "task": "moons", "n_trials": 1, "sampler": "random", "pruner": "none", "seed": 3},
@@ -34,21 +33,18 @@ def _stale_trial() -> optuna.trial.FrozenTrial:
     return study.trials[0]
 
 
-def test_syncing_a_namesakes_outbox_does_not_change_who_closes_stale_runs(tmp_path: Path) -> None:
+def test_a_namesakes_records_in_one_outbox_land_on_their_own_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # The older study "twin" (uid "old") lost its tracking server: its trial record waits
-    # in the shared outbox.
-    old = Tracker(f"http://127.0.0.1:{free_port()}", study="twin", uid="old", data_dir=tmp_path)
-    run = old.start_trial(0, TrialConfig(optimizer="adam"))
-    run.end("COMPLETE")
-    old.drain()
-    assert len(list((tmp_path / "outbox").glob("*.json"))) == 1
-
-    # The current "twin" (uid "new") replays it under the old uid, then closes a stale trial.
+    monkeypatch.setattr("hposvc.tracking.PROCESS_MODE", "external")  # drained below, in this process
+    # The older study "twin" (uid "old") left a trial in the outbox; the current "twin"
+    # (uid "new") writes there too and closes a stale trial of its own, trial 0 as well.
+    old = Tracker(uri, study="twin", uid="old", data_dir=tmp_path)
+    old.start_trial(0, TrialConfig(optimizer="adam")).end("COMPLETE")
     new = Tracker(uri, study="twin", uid="new", data_dir=tmp_path)
     new.start_study(spec={})
-    assert sync_outbox(new) == 1
     new.close_stale_trial(_stale_trial())
+    sent, left = drain_once(new.folder)
+    assert sent > 0 and left == 0
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("hposvc/twin")
@@ -68,8 +64,9 @@ def test_a_report_is_logged_to_its_own_studys_parent_run(tmp_path: Path) -> None
     mine, theirs = f"sqlite:///{tmp_path / 'mine.db'}", f"sqlite:///{tmp_path / 'theirs.db'}"
     hposvc.run_study(SPEC, storage=mine, tracking_uri=tracking, data_dir=tmp_path)
     hposvc.run_study(SPEC, storage=theirs, tracking_uri=tracking, data_dir=tmp_path)
-    my_run = records.study_info(load_study("twin", storage=mine)).parent_run_id
-    their_run = records.study_info(load_study("twin", storage=theirs)).parent_run_id
+    client = mlflow_client(tracking)
+    my_run = find_study_run(client, "twin", uid=records.study_info(load_study("twin", storage=mine)).uid).info.run_id
+    their_run = find_study_run(client, "twin", uid=records.study_info(load_study("twin", storage=theirs)).uid).info.run_id
     assert my_run and their_run and my_run != their_run
 
     from hposvc.report import build_report

@@ -231,28 +231,30 @@ def test_a_dead_workers_run_is_closed_through_an_mlflow_outage(tmp_path: Path, m
     # The survivor finds the dead worker's trial stale while MLflow is down: the closing
     # waits in the outbox and the next sync sends it, so the run does not stay RUNNING.
     from hposvc.config import TrialConfig
-    from hposvc.tracking import Tracker, sync_outbox
+    from hposvc.tracking import Tracker
 
     study = optuna.create_study(study_name="stale", storage=f"sqlite:///{tmp_path / 'study.db'}")
     tracker = Tracker(mlflow_server.uri, study="stale", uid="u1", data_dir=tmp_path)
     tracker.start_study(spec={})
     died_with_run, died_before_run = study.ask(), study.ask()
-    run = tracker.start_trial(died_with_run.number, TrialConfig(optimizer="adam", lr=1e-3))
-    tracker.drain()
-    assert run.run_id is not None
+    tracker.start_trial(died_with_run.number, TrialConfig(optimizer="adam", lr=1e-3))
+    assert tracker.wait(timeout=60)
+    (run_id,) = [r.info.run_id for r in _trial_runs(mlflow_server.uri, "stale")]
 
     mlflow_server.stop()
     for t in study.trials:
         tracker.close_stale_trial(t)
-    assert len(list((tmp_path / "outbox").glob("*.json"))) == 2
+    assert not tracker.wait(timeout=60)  # MLflow is down: the closings wait in the outbox
+    assert tracker.folder.pending() > 0
     mlflow_server.start()
 
-    assert sync_outbox(Tracker(mlflow_server.uri, study="stale", uid="u1", data_dir=tmp_path)) == 2
+    sync = subprocess.run(_cli("sync", "--data-dir", str(tmp_path), "--tracking-uri", mlflow_server.uri), env=_env(), capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0, sync.stderr
     runs = {int(r.data.tags["hposvc.trial_number"]): r for r in _trial_runs(mlflow_server.uri, "stale")}
     assert sorted(runs) == [died_with_run.number, died_before_run.number]
-    assert runs[died_with_run.number].info.run_id == run.run_id  # closed, not duplicated
+    assert runs[died_with_run.number].info.run_id == run_id  # closed, not duplicated
     for r in runs.values():
         assert r.info.status == "FAILED"
         assert r.data.tags["hposvc.state"] == "FAIL" and "no heartbeat" in r.data.tags["hposvc.reason"]
         assert r.data.tags["hposvc.study_uid"] == "u1"  # how replays and queries find it
-    assert not list((tmp_path / "outbox").glob("*.json"))
+    assert tracker.folder.pending() == 0
