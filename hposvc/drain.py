@@ -147,6 +147,7 @@ class Drain:
         self._writers: dict[str, tuple[str, int]] = {}  # journal name -> (host, pid)
         self._waiting_done: dict[str, tuple[float, dict[str, Any]]] = {}  # study key -> (since, record)
         self._open_runs: dict[str, str] = {}  # run key -> study key, runs started and not ended
+        self._ended: set[str] = set()  # runs ended in this pass: forgotten with the cursors past their end
 
     @property
     def client(self) -> "MlflowClient":
@@ -205,6 +206,11 @@ class Drain:
         # yet: a tracking process killed while drawing the plots draws them again.
         for name, end in ends.items():
             self.state.offsets[name] = done_at[name][0] if name in done_at else end
+        # An ended run is forgotten in the same save that moves the cursors past its end: a
+        # resend (after a crash before this save) still finds it noted, so never creates it twice.
+        for key in self._ended:
+            self.state.runs.pop(key, None)
+        self._ended.clear()
         self._save(online=True)
         self._finish_studies()
         for name, (_, keys) in done_at.items():
@@ -309,7 +315,7 @@ class Drain:
             self._open_runs[r.key] = study_key
         else:
             self._open_runs.pop(r.key, None)
-            self.state.runs.pop(r.key, None)  # nothing more comes for it (a resend finds it by tags)
+            self._ended.add(r.key)
             self.trial_finished(r, run_id)
 
     def trial_finished(self, r: RunBatch, run_id: str) -> None:
