@@ -375,16 +375,13 @@ def _probe_mlflow(folder: str) -> dict:
         for epoch in range(1, 11):
             run.log_epoch({"train_loss": 1.0, "val_loss": 1.0, "val_accuracy": 0.5, "lr": 0.1}, step=epoch)
         run.end("COMPLETE", metrics={"final_val_loss": 1.0})
-    tracker.drain()
+    tracker.wait()
     per_trial, per_trial_cpu = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1.0, log=True) + len(t.suggest_categorical("optimizer", ["adam", "sgd"])), n_trials=24)
-    t0 = time.perf_counter()
-    tracker.finish_study(study)
     return {
-        "mlflow store create + parent run s": f"{create:.2f}",
-        "mlflow one trial's writes s (cpu)": f"{per_trial:.3f} ({per_trial_cpu:.3f})",
-        "mlflow finish_study (plots) s": f"{time.perf_counter() - t0:.2f}",
+        "tracking: outbox + tracking process start s": f"{create:.2f}",
+        "tracking: one trial's records, until MLflow holds them, s (cpu here)": f"{per_trial:.3f} ({per_trial_cpu:.3f})",
     }
 
 

@@ -511,7 +511,7 @@ def sync(data_dir: str | None, tracking_uri: str | None, timeout: float, serve: 
     folder = folder_for(resolve_data_dir(data_dir), resolve_tracking_uri(tracking_uri, data_dir=data_dir))
     if serve:
         folder.create()
-        sys.exit(serve_folder([str(folder.path)]))
+        sys.exit(serve_folder([str(folder.path), "--idle", "inf"]))
     left, error = sync_folder(folder, timeout=timeout)
     refused = sum(1 for p in folder.failed.glob("*.jsonl") for _ in p.open()) if folder.failed.is_dir() else 0
     click.echo(f"{left} byte(s) of tracking records left in {folder.path}" + (f" ({error})" if error else "")

@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hposvc.drain", description="hposvc's tracking process: send an outbox folder to MLflow.")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--once", action="store_true", help="send what is there and exit")
+    parser.add_argument("--idle", type=float, default=IDLE_SECONDS, help="exit after this many idle seconds (inf: run until stopped)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(message)s")
     uri_file = args.folder / "uri"
@@ -500,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.once:
             drain_once(folder)
             return 0
-        return serve(folder)
+        return serve(folder, idle=args.idle)
     finally:
         log.info("tracking process for %s exits", folder.uri)
         try:

@@ -157,6 +157,13 @@ def test_killed_worker_trial_is_failed_and_retried(tmp_path: Path, postgres_url:
     assert runs[killed.number].info.status == "FAILED"
     assert "no heartbeat" in runs[killed.number].data.tags["hposvc.reason"]
     assert all(r.info.status != "RUNNING" for r in runs.values())
+    # What the killed worker wrote to the outbox reached MLflow: every epoch it reported
+    # (at least those Optuna stored), each once, and its config.
+    client = MlflowClient(tracking)
+    steps = [m.step for m in client.get_metric_history(runs[killed.number].info.run_id, "val_accuracy")]
+    assert steps == list(range(1, len(steps) + 1)) and set(killed.intermediate_values) <= set(steps)
+    assert runs[killed.number].data.params["optimizer"] == killed.params["optimizer"]
+    assert sorted(runs) == sorted(t.number for t in trials if t.state.name != "WAITING")  # one run each
 
 
 def test_mlflow_outage_loses_nothing(tmp_path: Path, mlflow_server) -> None:
