@@ -395,10 +395,92 @@ def _build(name: str, seed: int, options: dict[str, Any]) -> Task:
 def _cut(xs: np.ndarray, ys: np.ndarray, fraction: float, seed: int, *, stratify: bool) -> list[np.ndarray]:
     """x_keep, x_cut, y_keep, y_cut with ``fraction`` of the samples cut off (stratified
     where every class can be represented on both sides)."""
-    from sklearn.model_selection import train_test_split
-
     strat = ys if stratify and np.unique(ys, return_counts=True)[1].min() >= 2 else None
-    return train_test_split(xs, ys, test_size=fraction, random_state=seed, stratify=strat)
+    return train_test_split(xs, ys, test_size=fraction, seed=seed, stratify=strat)
+
+
+# scikit-learn's splits and toy data, written again in NumPy so that running a study never
+# imports scikit-learn (a second of start-up). They draw the same numbers from the same
+# seeds as scikit-learn's train_test_split (ShuffleSplit / StratifiedShuffleSplit) and
+# make_moons, so the studies made before keep their data; tests/test_tasks.py checks it.
+
+
+def train_test_split(x: np.ndarray, y: np.ndarray, *, test_size: float, seed: int, stratify: np.ndarray | None = None) -> list[np.ndarray]:
+    """x_train, x_test, y_train, y_test: ``test_size`` of the samples in the test part,
+    shuffled by ``seed``, class proportions kept when ``stratify`` (the labels) is given."""
+    n = len(x)
+    n_test = math.ceil(test_size * n)
+    n_train = n - n_test
+    rng = np.random.RandomState(seed)
+    if stratify is None:
+        order = rng.permutation(n)
+        test, train = order[:n_test], order[n_test : n_test + n_train]
+    else:
+        train, test = _stratified_indices(np.asarray(stratify), n_train, n_test, rng)
+    return [x[train], x[test], y[train], y[test]]
+
+
+def _stratified_indices(y: np.ndarray, n_train: int, n_test: int, rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    if n_train < len(classes) or n_test < len(classes):
+        raise ValueError(f"a stratified split of {len(y)} samples into {n_train}/{n_test} cannot hold all {len(classes)} classes on both sides")
+    by_class = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    n_i = _apportion(class_counts, n_train, rng)
+    t_i = _apportion(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, members in enumerate(by_class):
+        shuffled = members.take(rng.permutation(class_counts[i]), mode="clip")
+        train.extend(shuffled[: n_i[i]])
+        test.extend(shuffled[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _apportion(counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """``n_draws`` shared out over classes in proportion to ``counts``: floors first, then
+    one more for the largest remainders, ties broken at random."""
+    share = counts / counts.sum() * n_draws
+    taken = np.floor(share)
+    left = int(n_draws - taken.sum())
+    remainder = share - taken
+    for value in np.sort(np.unique(remainder))[::-1]:
+        if left <= 0:
+            break
+        (tied,) = np.where(remainder == value)
+        now = min(len(tied), left)
+        taken[rng.choice(tied, size=now, replace=False)] += 1
+        left -= now
+    return taken.astype(int)
+
+
+def make_moons(n_samples: int, *, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two interleaved half circles, shuffled, with Gaussian noise of std ``noise``."""
+    n_out = n_samples // 2
+    n_in = n_samples - n_out
+    rng = np.random.RandomState(seed)
+    outer, inner = np.linspace(0, np.pi, n_out), np.linspace(0, np.pi, n_in)
+    x = np.vstack([np.append(np.cos(outer), 1 - np.cos(inner)), np.append(np.sin(outer), 1 - np.sin(inner) - 0.5)]).T
+    y = np.hstack([np.zeros(n_out, dtype=np.intp), np.ones(n_in, dtype=np.intp)])
+    order = np.arange(n_samples)
+    rng.shuffle(order)
+    x, y = x[order], y[order]
+    x += rng.normal(scale=noise, size=x.shape)
+    return x, y
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 8x8 digits (1797 images, pixels 0..16) from the file scikit-learn ships, read
+    without importing scikit-learn."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidInputError("task 'digits' reads the digits file that ships with scikit-learn; install it (pip install scikit-learn).")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, *, stratify: bool, val: float = _FRACTIONS[1], test: float = _FRACTIONS[2]) -> list[np.ndarray]:
@@ -440,12 +522,10 @@ def _make(name: str, kind: str, family: str, n_outputs: int, parts: list[np.ndar
 
 
 def _digits(seed: int) -> Task:
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    x, y = load_digits_arrays()
     # Pixels are intensities 0..16; dividing keeps them on one scale. Standardising per
     # pixel instead blows up the near-constant border pixels and costs ~2% accuracy.
-    parts = _split(data.data / 16.0, data.target.astype(np.int64), seed, stratify=True)
+    parts = _split(x / 16.0, y.astype(np.int64), seed, stratify=True)
     return _make("digits", "multiclass", "mlp", 10, parts, defaults_of="digits")
 
 
@@ -466,21 +546,17 @@ def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, ...]:
 
 
 def _mnist1d(seed: int, *, num_samples: int) -> Task:
-    from sklearn.model_selection import train_test_split
-
     x, y, x_test, y_test = _mnist1d_arrays(num_samples)
     # Keep the package's own test split (comparable with published figures); carve the
     # validation split out of its training part: 20% of the whole, like the other tasks.
-    x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=0.25, seed=seed, stratify=y)
     parts = [a[:, None, :] for a in (x_train, x_val, x_test)] + [y_train, y_val, y_test]  # (N, 1 channel, 40)
     parts = [*parts[:3], *(a.astype(np.int64) for a in parts[3:])]
     return _make("mnist1d", "multiclass", "cnn1d", 10, parts, defaults_of="mnist1d")
 
 
 def _moons(seed: int, *, n_samples: int, noise: float) -> Task:
-    from sklearn.datasets import make_moons
-
-    x, y = make_moons(n_samples=n_samples, noise=float(noise), random_state=seed)
+    x, y = make_moons(n_samples, noise=float(noise), seed=seed)
     parts = _split(x, y.astype(np.int64), seed, stratify=True)
     parts[:3] = _standardise(*parts[:3])
     return _make("moons", "multiclass", "mlp", 2, parts, defaults_of="moons")

@@ -271,3 +271,39 @@ def test_task_checks_what_a_factory_builds():
         Task("t", "multiclass", "mlp", (3,), 2, x, y, x, y, x, y + 1)
     binary = Task("t", "binary", "mlp", (3,), 1, x.numpy(), y.numpy(), x, y, x, y)  # NumPy accepted
     assert binary.y_train.dtype == torch.float32 and binary.x_train.dtype == torch.float32
+
+
+# -- scikit-learn's data and splits, without importing it ----------------------------------
+
+
+def test_digits_moons_and_splits_match_scikit_learn() -> None:
+    # hposvc reads the digits file and splits in NumPy so a study never imports
+    # scikit-learn; studies made before must keep exactly their data.
+    from sklearn.datasets import load_digits, make_moons
+    from sklearn.model_selection import train_test_split
+
+    from hposvc import tasks
+
+    x, y = tasks.load_digits_arrays()
+    digits = load_digits()
+    assert np.array_equal(x, digits.data) and np.array_equal(y, digits.target)
+    uneven = np.array([0] * 7 + [1] * 5 + [2] * 5 + [3] * 3)  # remainders tie: broken by the seed
+    for seed in range(4):
+        for labels, frac in ((y, 0.2), (y, 0.25), (uneven, 0.3)):
+            data = np.arange(len(labels))
+            for strat in (labels, None):
+                ours = tasks.train_test_split(data, labels, test_size=frac, seed=seed, stratify=strat)
+                theirs = train_test_split(data, labels, test_size=frac, random_state=seed, stratify=strat)
+                assert all(np.array_equal(a, b) for a, b in zip(ours, theirs)), (seed, frac, strat is None)
+        for n, noise in ((200, 0.1), (7, 0.0)):
+            ours, theirs = tasks.make_moons(n, noise=noise, seed=seed), make_moons(n_samples=n, noise=noise, random_state=seed)
+            assert np.array_equal(ours[0], theirs[0]) and np.array_equal(ours[1], theirs[1])
+
+
+def test_a_digits_study_does_not_import_scikit_learn(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, hposvc.tasks as t; t.load_task('digits'); t.load_task('moons'); print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'mlflow', 'matplotlib')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
