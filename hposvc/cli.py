@@ -63,9 +63,8 @@ def _clean(value: Any) -> Any:
 
 def emit(data: Any, *, as_json: bool, columns: list[str] | None = None, title: str | None = None) -> None:
     """Write ``data`` (a DataFrame, list of dicts or dict) to stdout as a table or JSON."""
-    import pandas as pd
-
-    if isinstance(data, pd.DataFrame):
+    pd = sys.modules.get("pandas")  # a DataFrame means pandas is imported; never import it here (half a second)
+    if pd is not None and isinstance(data, pd.DataFrame):
         records = [{k: _clean(None if pd.isna(v) else v) if not isinstance(v, (list, dict)) else v for k, v in r.items()} for r in data.to_dict(orient="records")]
     else:
         records = data
@@ -202,6 +201,12 @@ def main(verbose: bool) -> None:
       hposvc best quickstart
     """
     _setup_logging(verbose)
+    if "torch" not in sys.modules:
+        # A fresh process (not one that has trained already, like a test runner calling
+        # the CLI in-process): worker slots may be forked from it once it has imported torch.
+        from hposvc import launcher
+
+        launcher.FORK_SLOTS = True
 
 
 # -- study -----------------------------------------------------------------------------
@@ -245,10 +250,10 @@ def study_validate(spec: str, as_json: bool) -> None:
 @storage_options
 @tracking_option
 @click.option("--device", default="auto", show_default=True, help="Device for in-process trials: auto, cpu, cuda:N.")
-@click.option("--workers", help="Run N worker processes ('auto': one per device slot) instead of in this process.")
+@click.option("--workers", help="N worker processes ('auto': one per device slot; 1: this process). Default: the plan hposvc picks for this machine and spec (printed).")
 @click.option("--devices", default="auto", show_default=True, help="With --workers: devices to use, e.g. cuda:0,cuda:2 or cpu.")
 @click.option("--trials-per-device", default=1, show_default=True, type=click.IntRange(min=1), help="With --workers: concurrent trials per GPU.")
-@click.option("--drain", is_flag=True, help="With --workers: on SIGINT/SIGTERM let trials in flight finish.")
+@click.option("--drain", is_flag=True, help="With worker processes: on SIGINT/SIGTERM let trials in flight finish.")
 @click.option("--warm-start", is_flag=True, help="Queue the current recommended configurations as the first trials.")
 @click.option("--population", callback=lambda ctx, param, v: _population(v), help="Train up to K trials at once as one vectorised population ('auto': from the device). Overrides the spec.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -263,28 +268,26 @@ def study_run(spec: str, n_trials: int | None, name: str | None, storage: str, d
       hposvc study run quickstart
       hposvc study run studies/survey/digits.toml --workers auto
     """
-    from hposvc.launcher import run_parallel
-    from hposvc.study import run_study
+    from hposvc.launcher import run_planned
 
     parsed = _load_spec(spec, n_trials=n_trials, name=name, population=population)
     warm = _warm_start(warm_start)
-    if workers is None:
-        if drain or trials_per_device != 1 or devices != "auto":
-            raise InvalidInputError("the '--drain', '--devices' and '--trials-per-device' options need --workers N or --workers auto.")
-        result = run_study(parsed, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, device=device, warm_start=warm, progress=not quiet)
-    else:
-        result = run_parallel(
-            parsed,
-            workers=workers,
-            devices=devices,
-            trials_per_device=trials_per_device,
-            storage=storage,
-            tracking_uri=tracking_uri,
-            data_dir=data_dir,
-            warm_start=warm,
-            drain=drain,
-            progress=not quiet,
-        )
+    if workers is None and (trials_per_device != 1 or devices != "auto"):
+        raise InvalidInputError("the '--devices' and '--trials-per-device' options need --workers N or --workers auto.")
+    result = run_planned(
+        parsed,
+        workers=workers,
+        device=device,
+        devices=devices,
+        trials_per_device=trials_per_device,
+        storage=storage,
+        tracking_uri=tracking_uri,
+        data_dir=data_dir,
+        warm_start=warm,
+        drain=drain,
+        progress=not quiet,
+        on_plan=lambda plan: click.echo(plan.describe(), err=True),
+    )
     emit_run(result, as_json=as_json, title=f"study {result.study_name}")
     click.echo(f"Inspect it in MLflow: {_where_to_look(result.study_name, data_dir=data_dir, tracking_uri=result.tracking_uri)}", err=True)
 

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hposvc.errors import InvalidInputError
 from hposvc.records import DONE_STATES, HEARTBEAT, QUEUED, REASON, WORKER, Counts, counts
@@ -343,9 +343,39 @@ def storage_of(study: "optuna.Study") -> "optuna.storages.BaseStorage":
     return _storage(study)
 
 
+def seed_sampler(sampler: "optuna.samplers.BaseSampler", seed: int) -> None:
+    """Make ``sampler`` draw its next numbers from ``seed`` (every random stream in it,
+    those of the samplers it delegates to included).
+
+    Called with a seed of the study's seed and the trial's number before each trial is
+    sampled, so a trial's configuration does not depend on which worker (or how many)
+    sampled it: only on what the sampler knows of the other trials at that moment.
+    """
+    from optuna.samplers import BaseSampler
+
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        for name, value in vars(obj).items():
+            if isinstance(value, _lazy_random_state()):
+                setattr(obj, name, _lazy_random_state()(seed))
+            elif isinstance(value, BaseSampler):
+                visit(value)
+
+    visit(sampler)
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """The seed trial ``trial_number`` of a study seeded ``study_seed`` is sampled with."""
+    return (study_seed * 1_000_003 + trial_number) % 2**32
+
+
 # -- the adapter: the only reads of Optuna's private names in hposvc ------------------
-# Optuna has no public accessor for a study's storage and id, a trial's storage id, or the
-# RDBStorage inside its trial cache. tests/test_queue.py
+# Optuna has no public accessor for a study's storage and id, a trial's storage id, the
+# random streams of its samplers, or the RDBStorage inside its trial cache. tests/test_queue.py
 # checks each against what the public API says, so an Optuna upgrade that moves them fails
 # there, not in a worker.
 
@@ -360,6 +390,12 @@ def _study_id(study: "optuna.Study") -> int:
 
 def _trial_id(trial: "optuna.Trial | FrozenTrial") -> int:
     return trial._trial_id  # noqa: SLF001
+
+
+def _lazy_random_state() -> type:
+    from optuna.samplers._lazy_random_state import LazyRandomState  # noqa: PLC2701
+
+    return LazyRandomState
 
 
 def backend_of(storage: "optuna.storages.BaseStorage") -> "optuna.storages.BaseStorage":

@@ -248,6 +248,23 @@ def is_connection_error(e: BaseException) -> bool:
     )
 
 
+# Storages this process opened: a forked child (a worker slot) forgets them and opens its
+# own, leaving the parent's pooled connections to the parent.
+_OPENED: list[Any] = []
+
+
+def _forget_storages_in_child() -> None:
+    for rdb in _OPENED:
+        engine = getattr(rdb, "engine", None)
+        if engine is not None:
+            engine.dispose(close=False)
+    _OPENED.clear()
+    open_storage.cache_clear()
+
+
+os.register_at_fork(after_in_child=_forget_storages_in_child)
+
+
 @functools.lru_cache(maxsize=16)
 def open_storage(url: str) -> "optuna.storages.BaseStorage":
     """Open (and create if needed) the Optuna storage at ``url``: an RDB storage for an
@@ -285,6 +302,7 @@ def open_storage(url: str) -> "optuna.storages.BaseStorage":
         event.listen(storage.engine, "connect", _on_sqlite_connect)
         event.listen(storage.engine, "begin", _begin_immediate)
         storage.engine.dispose()  # later connections get the pragmas
+    _OPENED.append(storage)
     return storage
 
 

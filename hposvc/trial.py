@@ -96,6 +96,7 @@ class TrialJob:
 
         trial, dev = self.trial, self.device
         defaults = {} if task is None else {"depth": task.default_depth, "width": task.default_width}
+        queue.seed_sampler(self.study.sampler, queue.trial_seed(self.spec.seed, trial.number))
         config = suggest_config(trial, self.spec, task_defaults=defaults)
         task = self.task = plugins.trial_task(self.spec, task, config.params)  # a task factory may take a searched dimension
         trial_id = queue.trial_id(trial)
