@@ -100,6 +100,7 @@ def plan_run(
     trials_per_device: int = 1,
     cpu_count: int | None = None,
     cuda_count: int | None = None,
+    fork: bool = True,
 ) -> Plan:
     """Choose how to run ``n_left`` more trials of ``spec`` here: the fastest plan by default.
 
@@ -109,8 +110,9 @@ def plan_run(
        worker processes (:func:`hposvc.devices.plan_slots`).
     2. A population (``--population K`` or the spec's): this process trains K at a time;
        ``--population 1`` is the plain plan.
-    3. A device named (``--device cuda:1``), one GPU, or fewer than two trials or usable
-       cores: this process.
+    3. A device named (``--device cuda:1``), one GPU, fewer than two trials or usable
+       cores, or a process worker slots cannot be forked from (``fork=False``: then each
+       would pay the start-up again): this process.
     4. Several GPUs: one worker process per GPU.
     5. The CPU with C >= 2 usable cores: min(C, n_left) worker processes sharing the cores
        (one thread each on a machine of as many cores). Small models use a thread poorly
@@ -137,6 +139,8 @@ def plan_run(
     gpus = (cuda_device_count() if cuda_count is None else cuda_count) if device in ("auto", "cuda") else 0
     if device not in ("auto", "cpu", "cuda"):
         return Plan((), device, None, f"--device {device}")
+    if not fork:
+        return Plan((), device, None, "worker processes would each start afresh here")
     if gpus >= 2 and n_left >= 2:
         slots = plan_slots("cuda", cpu_count=cores, cuda_count=gpus)[:n_left]
         return Plan(tuple(slots), device, None, f"{gpus} GPUs, {n_left} trials to run; --workers 1 for one process")
@@ -171,7 +175,7 @@ def run_planned(
 
     url = resolve_storage_url(storage, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
-    options = {"workers": workers, "device": device, "devices": devices, "trials_per_device": trials_per_device}
+    options = {"workers": workers, "device": device, "devices": devices, "trials_per_device": trials_per_device, "fork": can_fork(url)}
     if drain and not plan_run(spec, n_left=spec.n_trials, **options).slots:  # before anything is written
         raise InvalidInputError("the '--drain' option needs worker processes, and this machine's plan runs one. Add --workers N.")
     study = prepare_study(spec, storage=url, warm_start=warm_start)
