@@ -38,7 +38,7 @@ from hposvc.errors import HposvcError, Interrupted, InvalidInputError
 from hposvc.records import StudyRun
 from hposvc.storage import resolve_storage_url, resolve_tracking_uri
 from hposvc.study import WarmStart, prepare_study
-from hposvc.tracking import open_tracker
+from hposvc.tracking import close_journals, open_tracker
 from hposvc.worker import Progress
 
 if TYPE_CHECKING:
@@ -349,6 +349,7 @@ class _Forked:
             os.dup2(devnull, 1)  # a worker's stdout is not data
             os.environ.update(slot_env(slot))  # before the child's first CUDA call
             code = run()
+            close_journals()
         except BaseException:  # noqa: BLE001
             traceback.print_exc()
         finally:

@@ -81,7 +81,9 @@ def _forget_journals() -> None:
     _SPAWNED.clear()
 
 
-def _close_journals() -> None:
+def close_journals() -> None:
+    """Close this process's journals (at exit; a forked worker slot calls it before
+    ``os._exit``, which skips exit handlers)."""
     for journal in list(_JOURNALS.values()):
         try:
             journal.close()  # "eof": the tracking process may drop it once sent
@@ -90,7 +92,7 @@ def _close_journals() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_journals)
-atexit.register(_close_journals)
+atexit.register(close_journals)
 
 
 def journal_for(folder: outbox.OutboxFolder) -> outbox.Journal:
