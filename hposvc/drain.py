@@ -9,11 +9,15 @@ saves its cursors. A pass that cannot reach MLflow changes nothing it has not se
 retried after a pause, so an outage is only a wait. ``hposvc sync`` is the same drain,
 run once.
 
-Where things happen (helper code for dashboards hooks in here):
+Where things happen (what the study looks like in MLflow is :mod:`hposvc.dashboard`'s):
 
-- :meth:`Drain.trial_finished`: a trial's run has been closed in MLflow.
-- :meth:`Drain.study_finished`: the study has all its trials: summary and plots on its
-  parent run (matplotlib lives here only).
+- :meth:`Drain.open_study`: the experiment and the parent run exist; the experiment is
+  set up to open on its training runs (:func:`hposvc.dashboard.setup_experiment`).
+- :meth:`Drain.trials_finished`: trials' runs were closed in MLflow in this pass: the
+  parent run's ``best_value`` at each of their numbers (the live optimisation history).
+- :meth:`Drain.study_finished`: the study has all its trials: its summary and plots on
+  the parent run (:func:`hposvc.dashboard.summarise_study`; plotly and matplotlib are
+  imported here only, never in a training process).
 
 Run as ``python -m hposvc.drain OUTBOX_FOLDER [--once]``.
 """
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hposvc import outbox, records
+from hposvc import dashboard, outbox, records
 from hposvc.errors import TrackingError
 from hposvc.tracking import ensure_experiment, experiment_name, find_study_run, find_trial_run, mlflow_client
 
@@ -148,6 +152,8 @@ class Drain:
         self._waiting_done: dict[str, tuple[float, dict[str, Any]]] = {}  # study key -> (since, record)
         self._open_runs: dict[str, str] = {}  # run key -> study key, runs started and not ended
         self._ended: set[str] = set()  # runs ended in this pass: forgotten with the cursors past their end
+        self._finished: dict[str, list[int]] = {}  # study key -> trials closed COMPLETE/PRUNED this pass
+        self._optuna: dict[str, Any] = {}  # study key -> its Optuna study, read for best values and summaries
 
     @property
     def client(self) -> "MlflowClient":
@@ -202,6 +208,9 @@ class Drain:
             self.open_study(rec)
         for key in order:
             self.send_run(runs[key])
+        for key, numbers in self._finished.items():
+            self.trials_finished(key, numbers)
+        self._finished.clear()
         # A journal's cursor stops before a "done" whose study is not finished in MLflow
         # yet: a tracking process killed while drawing the plots draws them again.
         for name, end in ends.items():
@@ -263,6 +272,7 @@ class Drain:
             run_id = self.parent(rec["study"], rec.get("uid", ""), rec.get("tags"))
             if rec.get("spec") is not None:
                 self.client.log_dict(run_id, rec["spec"], "spec.json")
+            dashboard.setup_experiment(self.client, self.experiment(rec["study"]), study=rec["study"], metric=rec.get("metric"), direction=rec.get("direction"))
         except Exception as e:  # noqa: BLE001
             if not is_refusal(e):
                 raise
@@ -316,11 +326,41 @@ class Drain:
         else:
             self._open_runs.pop(r.key, None)
             self._ended.add(r.key)
-            self.trial_finished(r, run_id)
+            if r.status in ("FINISHED", "KILLED"):  # COMPLETE or PRUNED
+                self._finished.setdefault(study_key, []).append(r.trial)
 
-    def trial_finished(self, r: RunBatch, run_id: str) -> None:
-        """A trial's run is closed in MLflow (its status, final metrics and tags are there)."""
-        log.debug("trial %s of %s closed in MLflow as %s (run %s)", r.trial, r.study, r.status, run_id)
+    def trials_finished(self, study_key: str, numbers: list[int]) -> None:
+        """Trials ``numbers`` of a study ended COMPLETE or PRUNED and their runs are closed
+        in MLflow: the parent run's ``best_value`` at step = each trial's number, read from
+        the study's storage (one read for all of them). Points missed here (a tracking
+        process that did not see the study's start) are filled at the study's end."""
+        from mlflow.entities import Metric
+
+        known = self._studies.get(study_key)
+        study = self._study(study_key)
+        if known is None or study is None:
+            return
+        try:
+            trials = study.get_trials(deepcopy=False)
+        except Exception as e:  # noqa: BLE001 (the storage is the workers' business; the study's end fills the gap)
+            log.warning("could not read study %s for its best values: %s", known.study, _short(e))
+            return
+        done = {t.number for t in trials if t.state.name in records.DONE_STATES}
+        now = int(time.time() * 1000)
+        points = [Metric("best_value", float(best), now, n) for n in sorted(set(numbers) & done)
+                  if (best := dashboard.best_so_far(study, n, trials=trials)) is not None]
+        if points:
+            self.client.log_batch(self.parent(known.study, known.uid), metrics=points[:MAX_METRICS])
+
+    def _study(self, study_key: str) -> "optuna.Study | None":
+        known = self._studies.get(study_key)
+        if study_key not in self._optuna and known is not None and known.storage:
+            try:
+                self._optuna[study_key] = _load_study(known.study, known.storage)
+            except Exception as e:  # noqa: BLE001
+                log.warning("could not open study %s in %s: %s", known.study, known.storage, _short(e))
+                return None
+        return self._optuna.get(study_key)
 
     # -- the study's end ----------------------------------------------------------------
 
@@ -332,7 +372,7 @@ class Drain:
             run_id = self.parent(study_name, uid)
             if storage:
                 study = _load_study(study_name, storage)
-                _log_summary(self.client, run_id, study, plots=rec.get("plots", True))
+                dashboard.summarise_study(self.client, run_id, study, plan=rec.get("plan"), plots=rec.get("plots", True))
             self.client.set_terminated(run_id, "FINISHED")
         except Exception as e:  # noqa: BLE001
             if not is_refusal(e):
@@ -538,51 +578,6 @@ def _load_study(name: str, storage: str) -> "optuna.Study":
     from hposvc.storage import load_study
 
     return load_study(name, storage=storage)
-
-
-def _log_summary(client: "MlflowClient", run_id: str, study: "optuna.Study", *, plots: bool) -> None:
-    from mlflow.entities import Metric
-
-    best = records.best_trial(study)
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"n_{state.lower()}", float(n), now, 0) for state, n in records.counts(study).by_state.items()]
-    if best is not None:
-        metrics.append(Metric("best_value", float(best.value), now, 0))
-        client.log_dict(run_id, best.user_attrs.get(records.CONFIG, {}), "best_config.json")
-        client.set_tag(run_id, "hposvc.best_trial", str(best.number))
-    client.log_batch(run_id, metrics=metrics)
-    if plots and best is not None:
-        _log_study_plots(client, run_id, study)
-
-
-def _log_study_plots(client: "MlflowClient", run_id: str, study: "optuna.Study") -> None:
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import optuna.visualization.matplotlib as ovm
-    from optuna.importance import PedAnovaImportanceEvaluator
-
-    plots = {
-        "plots/optimization_history.png": ovm.plot_optimization_history,
-        "plots/slice.png": ovm.plot_slice,
-        # PED-ANOVA: Optuna's fast importance evaluator (milliseconds where fANOVA's random
-        # forest takes seconds).
-        "plots/param_importances.png": lambda study: ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()),
-    }
-    for path, plot in plots.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "experimental" and few-trial warnings
-                ax = plot(study)
-        except Exception as e:  # noqa: BLE001 (e.g. importance needs ≥ 2 completed trials)
-            log.info("skipped %s: %s", path, _short(e))
-            continue
-        fig = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
-        client.log_figure(run_id, fig, path)
-        plt.close(fig)
 
 
 def _read_writer(path: Path) -> tuple[str, int] | None:

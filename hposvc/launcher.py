@@ -188,8 +188,8 @@ def run_planned(
     tracker = open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
     if not plan.slots:
         return run_worker(study, spec=spec, storage=url, tracking_uri=uri, data_dir=data_dir, device=plan.device,
-                          population=plan.population, progress=progress, tracker=tracker)
-    return run_slots(study, plan.slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=plan.population, drain=drain, progress=progress)
+                          population=plan.population, progress=progress, tracker=tracker, plan=plan.describe())
+    return run_slots(study, plan.slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=plan.population, drain=drain, progress=progress, plan=plan.describe())
 
 
 def run_parallel(
@@ -228,8 +228,11 @@ def run_slots(
     population: int | str | None = None,
     drain: bool = False,
     progress: bool = False,
+    plan: str | None = None,
 ) -> StudyRun:
     """Run one ``hposvc worker`` process per slot on an existing study and wait.
+
+    ``plan``: the plan line, for the study's summary in MLflow (forked slots pass it on).
 
     What ``study run --workers`` does after preparing the study, and what ``hposvc worker
     NAME --workers auto`` does on a host that joins a study (one process per GPU there).
@@ -258,7 +261,7 @@ def run_slots(
             if stop_signal:
                 break
             if fork:
-                procs.append(_Forked.start(slot, lambda slot=slot: _slot_worker(study.study_name, slot, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, population=population)))
+                procs.append(_Forked.start(slot, lambda slot=slot: _slot_worker(study.study_name, slot, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, population=population, plan=plan)))
                 continue
             cmd = worker_command(study.study_name, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, slot=slot, population=population)
             # Own session: a terminal's Ctrl-C reaches this process only, which forwards it
@@ -377,7 +380,7 @@ class _Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def _slot_worker(study_name: str, slot: "Slot", *, storage: str, tracking_uri: str, data_dir: str | None, population: int | str | None) -> int:
+def _slot_worker(study_name: str, slot: "Slot", *, storage: str, tracking_uri: str, data_dir: str | None, population: int | str | None, plan: str | None = None) -> int:
     """In a forked slot: what ``hposvc worker NAME --device D --quiet`` does; its exit code."""
     from hposvc.devices import apply_slot_threads
     from hposvc.worker import run_worker
@@ -385,7 +388,7 @@ def _slot_worker(study_name: str, slot: "Slot", *, storage: str, tracking_uri: s
     apply_slot_threads()  # (storages the parent opened were forgotten at the fork: hposvc.storage)
     try:
         run_worker(study_name, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, device=slot.device,
-                   worker_id=f"{os.uname().nodename}:slot{slot.index}", population=population)
+                   worker_id=f"{os.uname().nodename}:slot{slot.index}", population=population, plan=plan)
         return 0
     except Interrupted as e:
         print(f"Interrupted: {e}.", file=sys.stderr)

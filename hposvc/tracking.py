@@ -139,11 +139,11 @@ class Tracker:
     def _write(self, kind: str, *, sync: bool = False, **fields: Any) -> None:
         self.journal.write({"k": kind, "study": self.study, "uid": self.uid, **fields}, sync=sync)
 
-    def start_study(self, *, spec: Mapping[str, Any], storage: str | None = None) -> None:
-        """Open the study's experiment and parent run (with ``spec.json``), and make sure a
-        tracking process sends this outbox. ``storage``: where that process reads the study
-        when it has finished (its summary and plots)."""
-        self._write("study", spec=dict(spec), tags=self.study_tags, storage=storage)
+    def start_study(self, *, spec: Mapping[str, Any], storage: str | None = None, metric: str | None = None, direction: str | None = None) -> None:
+        """Open the study's experiment (described: ``metric``, ``direction``) and parent run
+        (with ``spec.json``), and make sure a tracking process sends this outbox.
+        ``storage``: where that process reads the study (best values, summary and plots)."""
+        self._write("study", spec=dict(spec), tags=self.study_tags, storage=storage, metric=metric, direction=direction)
         ensure_tracking_process(self.folder)
 
     def _base_tags(self, trial_number: int) -> dict[str, str]:
@@ -185,10 +185,11 @@ class Tracker:
             m=[],
         )
 
-    def finish_study(self, storage: str, *, plots: bool = True) -> None:
+    def finish_study(self, storage: str, *, plots: bool = True, plan: str | None = None) -> None:
         """The study has all its trials: the tracking process ends its parent run with the
-        best value, best config and plots (read from ``storage``)."""
-        self._write("done", storage=storage, plots=plots, sync=True)
+        study's summary (:func:`hposvc.dashboard.summarise_study`, read from ``storage``;
+        ``plan``: the plan line that ran it)."""
+        self._write("done", storage=storage, plots=plots, plan=plan, sync=True)
 
     def wait(self, timeout: float = WAIT_SECONDS, *, upto: int | None = None) -> bool:
         """Wait until MLflow holds what this process wrote (up to byte ``upto`` of its
@@ -250,7 +251,7 @@ def open_tracker(
         data_dir=data_dir,
         tags={"hposvc.spec_hash": info.spec_hash or "", "hposvc.task": info.task or ""},
     )
-    tracker.start_study(spec=spec, storage=storage)
+    tracker.start_study(spec=spec, storage=storage, metric=info.metric, direction=study.direction.name.lower())
     return tracker
 
 

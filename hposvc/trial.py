@@ -205,8 +205,7 @@ class TrialJob:
         final = {f"final_{k}": v for k, v in outcome.final.items()}
         if outcome.completed:
             final[VALUE_METRIC] = outcome.final[self.spec.metric]  # what Optuna was told, under one name
-        self.run.end(state, reason=reason, metrics=final)
-        self.tracker.trial_finished(self.study, self.trial.number)
+        self.run.end(state, reason=reason, metrics=final)  # the tracking process logs the study's best_value then
         self.ended = True
         return state
 

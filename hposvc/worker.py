@@ -75,6 +75,7 @@ def run_worker(
     population: int | str | None = None,
     progress: bool = False,
     tracker: Tracker | None = None,
+    plan: str | None = None,
 ) -> StudyRun:
     """Run trials of an existing study until it has its ``n_trials`` finished trials.
 
@@ -82,7 +83,8 @@ def run_worker(
     spec, sampler and pruner are used). ``max_trials`` and ``timeout`` bound this worker
     alone. ``population`` (default: the spec's) claims up to that many trials at a time
     and trains those that share a structure as one vectorised model (``"auto"``:
-    :func:`population_size`). ``tracker``: the study's tracker when the caller has one.
+    :func:`population_size`). ``tracker``: the study's tracker when the caller has one;
+    ``plan``: the plan line that runs the study (for its summary in MLflow).
 
     >>> import hposvc
     >>> hposvc.run_worker("digits-quick", max_trials=4)  # doctest: +SKIP
@@ -160,7 +162,7 @@ def run_worker(
     sent_upto = tracker.journal.size
     c = records.counts(study)
     if c.done >= n_trials and c["RUNNING"] == 0:
-        tracker.finish_study(url)
+        tracker.finish_study(url, plan=plan)
     tracker.wait(upto=sent_upto)
     return StudyRun.of(study, storage=url, tracking_uri=uri, n_trials=n_trials, ran=ran)
 

@@ -70,6 +70,10 @@ def dash_outputs(tmp_path_factory: pytest.TempPathFactory) -> DashRun:
     data = root / "data"
     result = CliRunner().invoke(main, ["study", "run", str(spec), "--data-dir", str(data), "--device", "cpu", "--quiet", "--json"])
     assert result.exit_code == 0, result.output
+    # the trial runs are in MLflow when `study run` returns; the parent run's summary and
+    # plots follow from the tracking process a moment later: `hposvc sync` waits for them
+    synced = CliRunner().invoke(main, ["sync", "--data-dir", str(data)])
+    assert synced.exit_code == 0, synced.output
     client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment_name(STUDY))
     runs = client.search_runs([exp.experiment_id])
