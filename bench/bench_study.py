@@ -5,7 +5,9 @@ The same 20 digits trials (fixed configs: four optimizers × five learning rates
 
   (a) bare: ``hposvc.train.train`` on each config, nothing else;
   (b) hposvc: the configs enqueued into a study, run end to end (SQLite study database,
-      MLflow SQLite tracking store, per-epoch reports to the trial and to MLflow);
+      per-epoch reports to the trial and to the outbox, which the tracking process sends
+      to an MLflow SQLite store beside training; the run returns once MLflow holds every
+      trial);
   (c) plain: an Optuna study (SQLite) whose objective trains with a textbook DataLoader
       loop, reports each epoch to the trial and logs it to MLflow, with
       optuna-integration's ``MLflowCallback`` (MLflow SQLite store).

@@ -606,6 +606,15 @@ def _where_to_look(study_name: str, *, data_dir: str | None, tracking_uri: str) 
     import shlex
 
     if tracking_uri.startswith(("http://", "https://")):
+        from hposvc.dashboard import runs_url
+        from hposvc.outbox import folder_for
+        from hposvc.storage import resolve_data_dir
+        from hposvc.tracking import experiment_name
+
+        # The tracking process noted the experiment: no MLflow import in this process.
+        known = folder_for(resolve_data_dir(data_dir), tracking_uri).state().experiments.get(experiment_name(study_name))
+        if known:
+            return runs_url(tracking_uri, known[0], maximize=None if not known[1] else known[1] == "maximize")
         try:
             return _ui_url(tracking_uri, tracking_uri, study_name)
         except Exception:  # noqa: BLE001 (the server went away: the hint is not worth failing for)

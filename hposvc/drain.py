@@ -272,7 +272,9 @@ class Drain:
             run_id = self.parent(rec["study"], rec.get("uid", ""), rec.get("tags"))
             if rec.get("spec") is not None:
                 self.client.log_dict(run_id, rec["spec"], "spec.json")
-            dashboard.setup_experiment(self.client, self.experiment(rec["study"]), study=rec["study"], metric=rec.get("metric"), direction=rec.get("direction"))
+            experiment_id = self.experiment(rec["study"])
+            dashboard.setup_experiment(self.client, experiment_id, study=rec["study"], metric=rec.get("metric"), direction=rec.get("direction"))
+            self.state.experiments[experiment_name(rec["study"])] = [experiment_id, rec.get("direction") or ""]
         except Exception as e:  # noqa: BLE001
             if not is_refusal(e):
                 raise

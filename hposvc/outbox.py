@@ -217,6 +217,7 @@ class DrainState:
     offsets: dict[str, int] = field(default_factory=dict)  # journal name -> bytes sent
     runs: dict[str, str] = field(default_factory=dict)  # "uid/trial" -> MLflow run id, runs not ended yet
     creating: list[str] = field(default_factory=list)  # runs being created: found by tags after a crash
+    experiments: dict[str, list[str]] = field(default_factory=dict)  # experiment name -> [id, direction] (for links)
     pid: int = 0  # the tracking process that wrote this
     online: bool = True  # False: the last pass could not reach MLflow
     error: str = ""  # why, when offline

@@ -111,7 +111,9 @@ def test_results_are_the_same_in_one_process_and_in_two(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr
         assert f"plan: {'1 process' if workers == '1' else '2 worker processes'}" in run.stderr
         study = optuna.load_study(study_name="planned", storage=f"sqlite:///{data / 'hposvc.db'}")
-        outcomes.append({t.number: (t.params, t.value) for t in study.trials})
+        ran = [t for t in study.trials if t.state.name != "WAITING"]  # two workers topping up at once may leave one queued
+        assert len(ran) == 6
+        outcomes.append({t.number: (t.params, t.value) for t in ran})
         if workers == "2":
-            assert len({t.user_attrs["hposvc.worker"] for t in study.trials}) == 2
+            assert len({t.user_attrs["hposvc.worker"] for t in ran}) == 2
     assert outcomes[0] == outcomes[1]
