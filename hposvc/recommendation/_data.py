@@ -27,7 +27,17 @@ from hposvc import storage as _storage
 from hposvc.queue import storage_of
 from hposvc.storage import redact, resolve_data_dir, resolve_storage_url
 
-__all__ = ["CONFIG_FIELDS", "SURVEY_HELD_OUT", "SURVEY_SCALE", "SURVEY_TASK", "collect_trials", "open_storage"]
+__all__ = [
+    "CONFIG_FIELDS",
+    "MODEL_KINDS",
+    "SURVEY_HELD_OUT",
+    "SURVEY_KIND",
+    "SURVEY_SCALE",
+    "SURVEY_TASK",
+    "collect_trials",
+    "model_kind",
+    "open_storage",
+]
 
 CONFIG_FIELDS: tuple[str, ...] = tuple(TrialConfig.__dataclass_fields__)
 # Columns every frame from collect_trials has, before the TrialConfig fields. ``curve``:
@@ -38,6 +48,21 @@ BASE_COLUMNS = ("study", "task", "number", "state", "value", "metric", "directio
 SURVEY_TASK = "hposvc.survey.task"
 SURVEY_HELD_OUT = "hposvc.survey.held_out"
 SURVEY_SCALE = "hposvc.survey.scale"  # "ci" | "full": which survey run a study belongs to
+SURVEY_KIND = "hposvc.survey.kind"  # the task's kind of model (MODEL_KINDS), which --kind selects by
+# Kinds of model a decision can be made for, by built-in family (an MLP without hidden
+# layers is a linear model): see model_kind.
+MODEL_KINDS = ("mlp", "linear", "cnn", "resnet", "transformer")
+_KIND_OF_FAMILY = {"mlp": "mlp", "cnn1d": "cnn", "cnn2d": "cnn", "resnet": "resnet", "transformer": "transformer"}
+
+
+def model_kind(family: str | None, depth: int | None) -> str | None:
+    """The kind of model a built-in ``family`` with ``depth`` is (None: not a built-in).
+
+    >>> model_kind("mlp", 0), model_kind("cnn2d", 2), model_kind("transformer", 2), model_kind(None, 2)
+    ('linear', 'cnn', 'transformer', None)
+    """
+    kind = _KIND_OF_FAMILY.get(family or "")
+    return "linear" if kind == "mlp" and depth == 0 else kind
 
 
 # Whatever names a study storage: a URL (None: the configured default), a storage, a study.

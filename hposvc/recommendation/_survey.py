@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from hposvc.config import TrialConfig
 from hposvc.errors import HposvcError, InvalidInputError, invalid
-from hposvc.recommendation._data import SURVEY_HELD_OUT, SURVEY_SCALE, SURVEY_TASK
+from hposvc.recommendation._data import SURVEY_HELD_OUT, SURVEY_KIND, SURVEY_SCALE, SURVEY_TASK, model_kind
 
 if TYPE_CHECKING:
     import optuna
@@ -79,14 +79,17 @@ SCALES: dict[str, Scale] = {
         sweep_points=4,
         default_seeds=(1, 2, 3),
         budgets=(1, 4),
-        tasks=("moons", "breast-cancer", "clf-small"),
+        tasks=("moons", "breast-cancer", "clf-small", "imbalance"),
         held_out=("wine",),
         optimizers=("sgd", "momentum", "adam", "adamw"),
         max_epochs=5,
         prefix="survey-ci",
     ),
     # Full: every task and optimizer, 16 lr points each (budgets up to 16, k <= N).
-    "full": Scale(name="full", sweep_points=16, default_seeds=(1, 2, 3), budgets=(1, 4, 16)),
+    # Full: every task and optimizer, 8 lr points each (budgets up to 8, k <= N). Sized to
+    # finish within an hour on 2 busy CPU cores with one worker (16 points, as in the first
+    # survey, fit only before the transformer tasks were added).
+    "full": Scale(name="full", sweep_points=8, default_seeds=(1, 2, 3), budgets=(1, 4, 8)),
 }
 
 
@@ -98,6 +101,18 @@ class SurveyTask:
     held_out: bool  # True: never enters the recommendation, only tests it
     spec: "StudySpec"
     path: Path
+
+    @property
+    def kind(self) -> str:
+        """The kind of model the task trains (:data:`~hposvc.recommendation._data.MODEL_KINDS`):
+        from the spec's [model] family and depth, else the task's own family."""
+        family = self.spec.dims["family"].value if "family" in self.spec.dims else None
+        depth = self.spec.dims["depth"].value if "depth" in self.spec.dims else None
+        if family is None:
+            from hposvc.tasks import load_task
+
+            family = load_task(self.spec.task, seed=self.spec.seed, options=dict(self.spec.task_options)).family
+        return model_kind(family, depth) or "other"
 
 
 @dataclass(frozen=True)
@@ -253,10 +268,12 @@ def run_survey(
         population = max(len(c.configs) for c in todo)
 
     # 1) every study and its queue, before any training (a bad spec fails here, not midway)
+    kinds = {c.task.name: c.task.kind for c in todo}
     names, before = [], 0
     for i, cell in enumerate(todo):
         study = prepare_study(cell.spec, storage=url, enqueue=cell.configs)
-        for key, value in {SURVEY_TASK: cell.task.name, SURVEY_HELD_OUT: cell.task.held_out, SURVEY_SCALE: sc.name}.items():
+        attrs = {SURVEY_TASK: cell.task.name, SURVEY_HELD_OUT: cell.task.held_out, SURVEY_SCALE: sc.name, SURVEY_KIND: kinds[cell.task.name]}
+        for key, value in attrs.items():
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
         if len(slots) > 1:
@@ -379,7 +396,8 @@ def survey_frame(
     """The finished trials of a survey run, one row each, as :func:`collect_trials` gives
     them plus: ``task`` (the protocol's task name), ``held_out``, ``at_defaults`` (the
     trial ran at a default seed), ``floor`` (chance accuracy; for a loss, predicting the
-    training mean) and ``curve`` (the metric per epoch).
+    training mean or, for classes, the training class frequencies), ``kind`` (the task's
+    kind of model) and ``curve`` (the metric per epoch).
 
     >>> df = survey_frame("sqlite:///survey-data/hposvc.db", scale="ci")  # doctest: +SKIP
     """
@@ -398,6 +416,8 @@ def survey_frame(
     cell_of = df["study"].map(wanted)
     df["task"] = cell_of.map(lambda c: c.task.name)
     df["held_out"] = cell_of.map(lambda c: c.task.held_out).astype(bool)
+    kinds = {name: c.task.kind for name, c in wanted.items() if name in set(present)}
+    df["kind"] = df["study"].map(kinds)
     df["at_defaults"] = [int(seed) in sc.default_seeds for seed in df["seed"]]
     floors = {c.spec.name: _floor(c.spec) for c in wanted.values()}
     df["floor"] = df["study"].map(floors).astype(float)
@@ -407,7 +427,8 @@ def survey_frame(
 
 def _floor(spec: "StudySpec") -> float:
     """The task's floor in metric units: chance accuracy (the commonest validation class),
-    or for a loss the validation loss of predicting the training mean."""
+    or for a loss the validation loss of predicting the training mean (regression) or the
+    training class frequencies (multiclass)."""
     from hposvc.report.data import chance_accuracy
     from hposvc.tasks import load_task
 
@@ -418,7 +439,13 @@ def _floor(spec: "StudySpec") -> float:
     task = load_task(spec.task, seed=spec.seed, options=dict(spec.task_options))
     if task.kind == "regression":
         return float(((task.y_val - task.y_train.mean()) ** 2).mean())
-    return math.nan  # a classification loss has no fixed floor: the median trial serves
+    if task.kind == "multiclass":
+        # the cross-entropy of predicting the training class frequencies (a char LM: unigram)
+        import torch
+
+        freq = torch.bincount(task.y_train, minlength=task.n_outputs).double() / len(task.y_train)
+        return float(-torch.log(freq.clamp_min(1.0 / len(task.y_train))[task.y_val]).mean())
+    return math.nan  # a binary loss: the median trial serves
 
 
 def _main(argv: list[str]) -> int:

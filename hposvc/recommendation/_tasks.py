@@ -20,7 +20,7 @@ import numpy as np
 
 from hposvc.tasks import Task, _make, _split, _standardise, load_task
 
-__all__ = ["breast_cancer", "classification", "diabetes", "mnist1d_flat", "wine"]
+__all__ = ["breast_cancer", "classification", "diabetes", "heavy_tailed", "mnist1d_flat", "wine"]
 
 # Network size a spec gets when its [model] table says nothing (the same as tabular files).
 _DEFAULTS_OF = "tabular"
@@ -109,3 +109,30 @@ def mnist1d_flat(*, seed: int = 0, num_samples: int = 5000) -> Task:
         y_test=task.y_test,
         **flat,
     )
+
+
+def heavy_tailed(
+    *,
+    seed: int = 0,
+    levels: int = 7,
+    rarest: int = 5,
+    n_features: int = 64,
+    noise: float = 1.0,
+    data_seed: int = 0,
+) -> Task:
+    """Heavy-tailed class imbalance for a linear softmax model (Kunstner et al. 2024):
+    level i (0 .. levels-1) has 2^i classes of ``rarest`` · 2^(levels-1-i) samples each, so
+    every level holds the same number of samples while class frequencies span
+    2^(levels-1) (7 levels: 127 classes, 64× spread). A class's inputs are its mean (a
+    random Gaussian direction, drawn with ``data_seed``) plus Gaussian ``noise``. Split
+    60/20/20 stratified by ``seed``; validation has the same imbalance, so each frequency
+    level carries the same weight in ``val_loss``."""
+    levels, rarest, n_features = int(levels), int(rarest), int(n_features)
+    rng = np.random.default_rng(int(data_seed))
+    counts = np.concatenate([np.full(2**i, rarest * 2 ** (levels - 1 - i)) for i in range(levels)])
+    means = rng.standard_normal((len(counts), n_features))
+    y = np.repeat(np.arange(len(counts)), counts)
+    x = means[y] + float(noise) * rng.standard_normal((len(y), n_features))
+    parts = _split(x, y.astype(np.int64), seed, stratify=True)
+    parts[:3] = _standardise(*parts[:3])
+    return _make(_module_name("heavy_tailed"), "multiclass", "mlp", len(counts), parts, defaults_of=_DEFAULTS_OF)
