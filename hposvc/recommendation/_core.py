@@ -18,7 +18,12 @@ The steps, per task w (a workload plus its fixed settings) and optimizer s:
 6. performance profiles on epochs to a per-task target, where per-epoch data exists;
 7. recommended numbers: the lr (and β/μ where searched) cell of a shared grid that is
    best on average across tasks, with its leave-one-task-out regret;
-8. optionally the same ranking within each norm type or activation family.
+8. optionally the same ranking within each norm type or activation family;
+9. a decision per kind of model (mlp, linear, cnn, resnet, transformer): the same
+   statistics on each kind's tasks, and whether the kinds disagree.
+
+Each step is a function of a screen or less; :func:`recommend_from_frame` calls them in
+this order and :func:`_analyse` runs steps 2–6 on one frame.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from hposvc.config import ONE_SHOT_DEFAULTS, OPTIMIZER_PARAMS, OPTIMIZERS, Trial
 from hposvc.errors import HposvcError, invalid
 from hposvc.recommendation import _stats
 
-__all__ = ["ACTIVATION_FAMILIES", "BY_CHOICES", "DEFAULT_BUDGET", "Recommendation", "recommend_from_frame"]
+__all__ = ["ACTIVATION_FAMILIES", "BY_CHOICES", "DEFAULT_BUDGET", "MIN_KIND_TASKS", "Recommendation", "recommend_from_frame"]
 
 # Budget used when none is given: a light tuning run. Lowered to half the fewest trials
 # an optimizer has on a task of the complete block: the best of k of N trials is an
@@ -79,6 +84,10 @@ PROFILE_TAUS = np.round(np.linspace(1.0, _stats.R_MAX, 61), 6)
 # Table statuses: ranked on the complete block; measured but not on all of its tasks;
 # enough trials but no second optimizer to rank against; too few trials anywhere.
 OK, INCOMPLETE, NO_COMPARISON, INSUFFICIENT = "ok", "incomplete", "no comparison", "insufficient data"
+# A decision for one kind of model needs this many of its tasks: with one, it would be a
+# statement about that task (its bootstrap over tasks cannot vary), not about the kind.
+MIN_KIND_TASKS = 2
+TOO_FEW_TASKS = "too few tasks"  # a kind's status when it has fewer than MIN_KIND_TASKS
 
 TABLE_COLUMNS = (
     "optimizer",
@@ -150,6 +159,8 @@ class Recommendation:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load_s, compute_s, store_s
     id: int | None = None  # row id in hposvc_recommendations once stored
     mlflow_run_id: str | None = None  # the MLflow run it was logged to
+    kind: str | None = None  # the kind of model it was computed for (None: every task)
+    kinds: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> its decision object (see _kind_decision)
 
     @property
     def insufficient(self) -> pd.DataFrame:
@@ -200,6 +211,8 @@ class Recommendation:
             "timings": self.timings,
             "id": self.id,
             "mlflow_run_id": self.mlflow_run_id,
+            "kind": self.kind,
+            "kinds": self.kinds,
         }
         return _json_safe(out)
 
@@ -311,7 +324,7 @@ def _optimizer_order(names: Sequence[str]) -> list[str]:
     return known + sorted(set(names) - set(known))
 
 
-def _cells(f: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
+def _search_scores(f: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
     """(unit, optimizer) -> the sorted scores of its random-search trials."""
     search = f[~f["at_defaults"]]
     return {
@@ -328,7 +341,7 @@ def _budget_score(v: np.ndarray, budget: int) -> float:
 
 
 def _anchors(
-    f: pd.DataFrame, cells: dict[tuple[str, str], np.ndarray], *, reference: str | None, budget: int, need: int
+    f: pd.DataFrame, search: dict[tuple[str, str], np.ndarray], *, reference: str | None, budget: int, need: int
 ) -> pd.DataFrame:
     """Per unit (score units): floor, best, floor_source, noise, target, usable.
 
@@ -345,7 +358,7 @@ def _anchors(
         floor, source = math.nan, ""
         if reference is not None:
             ref_defaults = g.loc[g["at_defaults"] & (g["optimizer"] == reference), "score"]
-            ref_search = cells.get((str(unit), reference))
+            ref_search = search.get((str(unit), reference))
             if len(ref_defaults):
                 floor, source = float(ref_defaults.mean()), f"{reference} at defaults"
             elif ref_search is not None and ref_search.size >= need:
@@ -406,6 +419,31 @@ class _Analysis:
     decision: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class _Scores:
+    """Step 2 on the anchored scale: units × optimizers."""
+
+    units: list[str]
+    usable: set[str]  # units whose runs did not all score the same
+    counts: pd.DataFrame  # search trials per cell
+    expected: pd.DataFrame  # expected best of ``budget`` search trials (score units; nan: too few)
+    anchored: pd.DataFrame  # the same on the task's scale (0 = floor, 1 = best known)
+
+
+@dataclass(frozen=True)
+class _Tests:
+    """Steps 4–5 on the complete block."""
+
+    ranks: pd.DataFrame  # block tasks × ranked optimizers, ties within seed noise
+    friedman: dict[str, Any]
+    boot: np.ndarray  # n_bootstrap × ranked optimizers
+    p_best: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    cmp: _stats.Comparison | None
+    wilcoxon: pd.Series
+
+
 def _analyse(
     f: pd.DataFrame,
     *,
@@ -416,38 +454,77 @@ def _analyse(
     n_bootstrap: int,
     rng: np.random.Generator,
 ) -> _Analysis:
-    cells = _cells(f)
+    """Steps 2–6 on the trials of ``f``, each task on its own ``anchors``."""
+    search = _search_scores(f)
+    scores = _budget_scores(search, f, optimizers, anchors, budget, need)
+    tasks, ranked = _stats.complete_matrix(scores.expected.notna())
+    if len(ranked) < 2:
+        tasks, ranked = [], []
+    block = scores.anchored.loc[tasks, ranked]
+    agg = block.mean(axis=0) if ranked else pd.Series(dtype=float)
+    tests = _tests(block, agg, search, anchors, budget, n_bootstrap, rng)
+    costs = _epochs_to_target(f, anchors, tasks, ranked, budget) if ranked else pd.DataFrame()
+    table = _optimizer_table(optimizers, scores, tasks, ranked, agg, tests, costs, need)
+    task_scores = _task_scores(scores, anchors, optimizers, tasks, ranked, tests, costs, need)
+    best, tied, decision = _decide(tests, agg, ranked, tasks, n_bootstrap)
+    return _Analysis(
+        table=table,
+        task_scores=task_scores,
+        costs=costs,
+        boot=pd.DataFrame(tests.boot, columns=ranked),
+        friedman=tests.friedman,
+        ranked=ranked,
+        tasks=tasks,
+        tied=tied,
+        best=best,
+        decision=decision,
+    )
+
+
+def _budget_scores(
+    search: dict[tuple[str, str], np.ndarray], f: pd.DataFrame, optimizers: list[str], anchors: pd.DataFrame, budget: int, need: int
+) -> _Scores:
+    """Step 2: the expected best of ``budget`` search trials per cell with at least
+    ``need`` of them, on the task's anchored scale."""
     units = [u for u in anchors.index if u in set(f["unit"])]
     usable = {u for u in units if anchors.at[u, "usable"]}
     counts = pd.DataFrame(0, index=units, columns=optimizers, dtype=int)
-    E = pd.DataFrame(np.nan, index=units, columns=optimizers)
-    for (u, o), v in cells.items():
+    expected = pd.DataFrame(np.nan, index=units, columns=optimizers)
+    for (u, o), v in search.items():
+        if u not in counts.index:
+            continue
         counts.at[u, o] = v.size
         if v.size >= need and u in usable:
-            E.at[u, o] = _budget_score(v, budget)
-    floor = anchors.loc[units, "floor"].to_numpy(dtype=float) if units else np.zeros(0)
-    top = anchors.loc[units, "best"].to_numpy(dtype=float) if units else np.zeros(0)
+            expected.at[u, o] = _budget_score(v, budget)
     with np.errstate(invalid="ignore", divide="ignore"):
-        norm = pd.DataFrame(_stats.anchored(E.to_numpy(), floor, top), index=units, columns=optimizers)
-    sufficient = E.notna()
+        on_scale = _stats.anchored(expected.to_numpy(), _col(anchors, units, "floor"), _col(anchors, units, "best"))
+    return _Scores(units, usable, counts, expected, pd.DataFrame(on_scale, index=units, columns=optimizers))
 
-    # 3) the complete block
-    tasks, ranked = _stats.complete_matrix(sufficient)
-    if len(ranked) < 2:
-        tasks, ranked = [], []
-    block = norm.loc[tasks, ranked]
-    agg = block.mean(axis=0) if ranked else pd.Series(dtype=float)
 
-    # 4) ranks (ties within seed noise, on the anchored scale) and Friedman
-    noise = (anchors.loc[tasks, "noise"] / (anchors.loc[tasks, "best"] - anchors.loc[tasks, "floor"])).to_numpy(dtype=float)
+def _col(anchors: pd.DataFrame, units: list[str], name: str) -> np.ndarray:
+    return anchors.loc[units, name].to_numpy(dtype=float) if units else np.zeros(0)
+
+
+def _tests(
+    block: pd.DataFrame,
+    agg: pd.Series,
+    search: dict[tuple[str, str], np.ndarray],
+    anchors: pd.DataFrame,
+    budget: int,
+    n_bootstrap: int,
+    rng: np.random.Generator,
+) -> _Tests:
+    """Steps 4–5: ranks with ties inside the seed noise and Friedman; the two-level
+    bootstrap (tasks, then trials), P(best), intervals and the step-down comparison with
+    the top; Holm-corrected Wilcoxon tests against the top."""
+    tasks, ranked = list(block.index), list(block.columns)
+    spread = _col(anchors, tasks, "best") - _col(anchors, tasks, "floor")
+    noise = _col(anchors, tasks, "noise") / spread if tasks else np.zeros(0)
     ranks = pd.DataFrame(_stats.noise_ranks(block.to_numpy(), noise), index=tasks, columns=ranked)
-    fried = _stats.friedman(ranks)
-
-    # 5) bootstrap over tasks, then trials, and the comparisons with the top
     boot = _stats.hierarchical_bootstrap(
-        [[cells[(t, o)] for o in ranked] for t in tasks],
-        anchors.loc[tasks, "floor"].to_numpy(dtype=float),
-        anchors.loc[tasks, "best"].to_numpy(dtype=float),
+        [[search[(t, o)] for o in ranked] for t in tasks],
+        _col(anchors, tasks, "floor"),
+        _col(anchors, tasks, "best"),
         budget,
         n_bootstrap if ranked else 0,
         rng,
@@ -459,118 +536,135 @@ def _analyse(
         p_best = (win / win.sum(axis=1, keepdims=True)).mean(axis=0)  # ties split the win
         ci_low, ci_high = np.percentile(boot, [2.5, 97.5], axis=0)
     cmp = _stats.compare_with_top(agg.to_numpy(), boot) if S else None
-    wilcoxon = _stats.wilcoxon_vs_top(block, ranked[cmp.top], noise) if S else pd.Series(dtype=float)
+    wilcoxon = _stats.wilcoxon_vs_top(block, ranked[cmp.top], noise) if cmp is not None else pd.Series(dtype=float)
+    return _Tests(ranks, _stats.friedman(ranks), boot, p_best, ci_low, ci_high, cmp, wilcoxon)
 
-    # 6) performance profiles on epochs to target
-    costs = _epochs_to_target(f, anchors, tasks, ranked, budget) if S else pd.DataFrame()
+
+def _status(ranked_here: bool, measured: bool, any_ranked: bool) -> str:
+    if ranked_here:
+        return OK
+    if measured:
+        return INCOMPLETE if any_ranked else NO_COMPARISON
+    return INSUFFICIENT
+
+
+def _optimizer_table(
+    optimizers: list[str],
+    scores: _Scores,
+    tasks: list[str],
+    ranked: list[str],
+    agg: pd.Series,
+    tests: _Tests,
+    costs: pd.DataFrame,
+    need: int,
+) -> pd.DataFrame:
+    """One row per optimizer: the ranked ones in score order, then the others."""
+    sufficient = scores.expected.notna()
     area = _stats.profile_area(costs) if not costs.empty and costs.notna().any().any() else pd.Series(np.nan, index=ranked)
-    ratios = _stats.profile_ratios(costs) if not costs.empty else costs
-
-    # The table: ranked optimizers in score order, then the others.
-    measured_any = sufficient.any(axis=0)
     rows = []
     for o in optimizers:
         j = ranked.index(o) if o in ranked else None
-        own = norm.loc[sufficient[o], o] if o in norm.columns else pd.Series(dtype=float)
-        if j is not None:
-            status = OK
-        elif measured_any.get(o, False):
-            status = INCOMPLETE if ranked else NO_COMPARISON
-        else:
-            status = INSUFFICIENT
-        rows.append(
-            {
-                "optimizer": o,
-                "status": status,
-                "score": float(agg[o]) if j is not None else np.nan,
-                "ci_low": ci_low[j] if j is not None else np.nan,
-                "ci_high": ci_high[j] if j is not None else np.nan,
-                "p_best": p_best[j] if j is not None else np.nan,
-                "diff_to_top": cmp.diff[j] if j is not None else np.nan,
-                "diff_low": cmp.low[j] if j is not None else np.nan,
-                "diff_high": cmp.high[j] if j is not None else np.nan,
-                "p_adj": cmp.p_adj[j] if j is not None else np.nan,
-                "p_wilcoxon_holm": wilcoxon.get(o, np.nan) if j is not None else np.nan,
-                "tied": bool(cmp.tied[j]) if j is not None else False,
-                "rank": float(ranks[o].mean()) if j is not None else np.nan,
-                "profile_area": float(area.get(o, np.nan)) if j is not None else np.nan,
-                "default_score": np.nan,  # filled by recommend_from_frame from the default runs
-                "partial_score": float(own.mean()) if status == INCOMPLETE and len(own) else np.nan,
-                "n_tasks": len(tasks) if j is not None else int(sufficient[o].sum()),
-                "n_trials": int(counts[o].sum()),
-                "insufficient_tasks": int(((counts[o] > 0) & (counts[o] < need)).sum()),
-            }
+        status = _status(j is not None, bool(sufficient[o].any()), bool(ranked))
+        own = scores.anchored.loc[sufficient[o], o]
+        row = dict.fromkeys(TABLE_COLUMNS, np.nan)
+        row.update(
+            optimizer=o,
+            status=status,
+            tied=False,
+            partial_score=float(own.mean()) if status == INCOMPLETE and len(own) else np.nan,
+            n_tasks=len(tasks) if j is not None else int(sufficient[o].sum()),
+            n_trials=int(scores.counts[o].sum()),
+            insufficient_tasks=int(((scores.counts[o] > 0) & (scores.counts[o] < need)).sum()),
         )
+        if j is not None:
+            cmp = tests.cmp
+            row.update(
+                score=float(agg[o]),
+                ci_low=tests.ci_low[j],
+                ci_high=tests.ci_high[j],
+                p_best=tests.p_best[j],
+                diff_to_top=cmp.diff[j],
+                diff_low=cmp.low[j],
+                diff_high=cmp.high[j],
+                p_adj=cmp.p_adj[j],
+                p_wilcoxon_holm=tests.wilcoxon.get(o, np.nan),
+                tied=bool(cmp.tied[j]),
+                rank=float(tests.ranks[o].mean()),
+                profile_area=float(area.get(o, np.nan)),
+            )
+        rows.append(row)  # default_score is filled by recommend_from_frame from the default runs
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     order = {OK: 0, INCOMPLETE: 1, NO_COMPARISON: 2, INSUFFICIENT: 3}
     table = table.assign(_g=table["status"].map(order)).sort_values(
         ["_g", "score", "partial_score"], ascending=[True, False, False], na_position="last", kind="stable"
     )
-    table = table.drop(columns="_g").reset_index(drop=True)
+    return table.drop(columns="_g").reset_index(drop=True)
 
-    # Long per-task view (also carries the insufficient pairs).
-    in_block = set(tasks)
-    ts_rows = []
-    for u in units:
+
+def _task_scores(
+    scores: _Scores,
+    anchors: pd.DataFrame,
+    optimizers: list[str],
+    tasks: list[str],
+    ranked: list[str],
+    tests: _Tests,
+    costs: pd.DataFrame,
+    need: int,
+) -> pd.DataFrame:
+    """The long per-task view, one row per measured cell (insufficient ones included)."""
+    columns = ["task", "optimizer", "metric", "n_trials", "expected_best", "score", "cost", "ratio", "rank", "status"]
+    ratios = _stats.profile_ratios(costs) if not costs.empty else costs
+    rows = []
+    for u in scores.units:
         sign = float(anchors.at[u, "sign"])
         for o in optimizers:
-            n = int(counts.at[u, o])
+            n = int(scores.counts.at[u, o])
             if n == 0:
                 continue
-            ranked_cell = u in in_block and o in ranked
-            if ranked_cell:
-                status = OK
-            elif n < need:
-                status = INSUFFICIENT
-            elif u not in usable:
+            in_block = u in tasks and o in ranked
+            if in_block or n < need:
+                status = OK if in_block else INSUFFICIENT
+            elif u not in scores.usable:
                 status = "no spread"  # every run on the task scored the same: nothing to compare
             else:
                 status = INCOMPLETE if ranked else NO_COMPARISON
-            ts_rows.append(
+            rows.append(
                 {
                     "task": u,
                     "optimizer": o,
                     "metric": str(anchors.at[u, "metric"]),
                     "n_trials": n,
-                    "expected_best": sign * E.at[u, o],
-                    "score": norm.at[u, o],
+                    "expected_best": sign * scores.expected.at[u, o],
+                    "score": scores.anchored.at[u, o],
                     # a task no optimizer reached the target on has no row in costs
-                    "cost": costs.at[u, o] if ranked_cell and u in costs.index else np.nan,
-                    "ratio": ratios.at[u, o] if ranked_cell and u in ratios.index else np.nan,
-                    "rank": ranks.at[u, o] if ranked_cell else np.nan,
+                    "cost": costs.at[u, o] if in_block and u in costs.index else np.nan,
+                    "ratio": ratios.at[u, o] if in_block and u in ratios.index else np.nan,
+                    "rank": tests.ranks.at[u, o] if in_block else np.nan,
                     "status": status,
                 }
             )
-    task_scores = pd.DataFrame(
-        ts_rows,
-        columns=["task", "optimizer", "metric", "n_trials", "expected_best", "score", "cost", "ratio", "rank", "status"],
-    )
+    return pd.DataFrame(rows, columns=columns)
 
-    tied = [ranked[j] for j in np.argsort(-agg.to_numpy(), kind="stable") if cmp.tied[j]] if cmp is not None else []
-    best = ranked[cmp.best] if cmp is not None and cmp.best is not None and n_bootstrap else None
+
+def _decide(tests: _Tests, agg: pd.Series, ranked: list[str], tasks: list[str], n_bootstrap: int) -> tuple[str | None, list[str], dict[str, Any]]:
+    """``best`` (only when the top is told apart from every other one), ``tied`` (the
+    top group, top first; empty when best is set) and the decision object."""
+    cmp = tests.cmp
     decision: dict[str, Any] = {"alpha": _stats.ALPHA, "n_tasks": len(tasks), "tasks": tasks, "n_bootstrap": int(n_bootstrap)}
-    if cmp is not None:
-        ru = cmp.runner_up
-        decision.update(
-            top=ranked[cmp.top],
-            runner_up=ranked[ru] if ru is not None else None,
-            difference=float(cmp.diff[ru]) if ru is not None else None,
-            low=float(cmp.low[ru]) if ru is not None else None,
-            high=float(cmp.high[ru]) if ru is not None else None,
-            p_adj=float(cmp.p_adj[ru]) if ru is not None else None,
-        )
-    return _Analysis(
-        table=table,
-        task_scores=task_scores,
-        costs=costs,
-        boot=pd.DataFrame(boot, columns=ranked),
-        friedman=fried,
-        ranked=ranked,
-        tasks=tasks,
-        tied=[] if best is not None else tied,
-        best=best,
-        decision=decision,
+    if cmp is None:
+        return None, [], decision
+    tied = [ranked[j] for j in np.argsort(-agg.to_numpy(), kind="stable") if cmp.tied[j]]
+    best = ranked[cmp.best] if cmp.best is not None and n_bootstrap else None
+    ru = cmp.runner_up
+    decision.update(
+        top=ranked[cmp.top],
+        runner_up=ranked[ru] if ru is not None else None,
+        difference=float(cmp.diff[ru]) if ru is not None else None,
+        low=float(cmp.low[ru]) if ru is not None else None,
+        high=float(cmp.high[ru]) if ru is not None else None,
+        p_adj=float(cmp.p_adj[ru]) if ru is not None else None,
     )
+    return best, ([] if best is not None else tied), decision
 
 
 def _epochs_to_target(f: pd.DataFrame, anchors: pd.DataFrame, tasks: list[str], ranked: list[str], budget: int) -> pd.DataFrame:
@@ -614,7 +708,7 @@ def _defaults(f: pd.DataFrame, anchors: pd.DataFrame) -> pd.DataFrame:
                 "n_runs": len(g),
                 "mean": float(a["sign"]) * mean,
                 "sd": float(g["score"].std(ddof=1)) if len(g) > 1 else np.nan,
-                "score": (mean - a["floor"]) / (a["best"] - a["floor"]) if a["usable"] else np.nan,
+                "score": float(_stats.anchored(np.array([mean]), a["floor"], a["best"])[0]) if a["usable"] else np.nan,
             }
         )
     return pd.DataFrame(rows, columns=columns)
@@ -677,7 +771,7 @@ def _numbers(f: pd.DataFrame, optimizers: list[str], anchors: pd.DataFrame) -> d
     if f.empty:
         return out
     a = anchors.loc[f["unit"]]
-    f = f.assign(_norm=(f["score"].to_numpy() - a["floor"].to_numpy()) / (a["best"].to_numpy() - a["floor"].to_numpy()))
+    f = f.assign(_norm=_stats.anchored(f["score"].to_numpy(), a["floor"].to_numpy(), a["best"].to_numpy()))
     for opt, g in f.groupby("optimizer", sort=False):
         search = g[~g["at_defaults"]]
         g = search if len(search) else g
@@ -796,76 +890,150 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _summary(
-    main: _Analysis,
-    table: pd.DataFrame,
-    numbers: dict[str, dict[str, Any]],
-    budget: int,
-    contexts: list[tuple[str, str]],
-    by_key: str | None,
-    need: int,
-    reference: str | None,
-    n_bootstrap: int,
-) -> str:
-    insufficient = table.loc[table["status"] == INSUFFICIENT, "optimizer"].tolist()
+def _gap(d: dict[str, Any]) -> str | None:
+    """"0.12 [0.03, 0.20]": the decision's top − runner-up with its interval."""
+    if d.get("runner_up") is None or d.get("low") is None or not math.isfinite(d["low"]):
+        return None
+    return f"{d['difference']:.2f} [{d['low']:.2f}, {d['high']:.2f}]"
+
+
+def _no_ranking(table: pd.DataFrame, budget: int, need: int) -> str:
     if table.empty:
         return "No recommendation: the selection has no finished trials."
-    if not main.ranked:
-        text = (
-            f"No recommendation: insufficient data (no task has at least two optimizers with "
-            f">= {need} finished random-search trials"
-            + (f", the budget" if need == budget and budget > 1 else "")
-            + ")."
-        )
-        alone = table.loc[table["status"] == NO_COMPARISON, "optimizer"].tolist()
-        if alone:
-            text += f" Enough trials but nothing to compare with on the same task: {', '.join(alone)}."
-        return text
-    d = main.decision
-    rows = table.set_index("optimizer")
-    scale = (
-        f"relative to {reference}: 0 = {reference}, 1 = the best known result per task"
-        if reference
-        else "0 = the task's floor, 1 = the best known result"
+    text = (
+        f"No recommendation: insufficient data (no task has at least two optimizers with "
+        f">= {need} finished random-search trials" + (", the budget" if need == budget and budget > 1 else "") + ")."
     )
-    trials = _plural(budget, "trial")
-    tasks = _plural(len(main.tasks), "task")
-    top = d["top"]
+    alone = table.loc[table["status"] == NO_COMPARISON, "optimizer"].tolist()
+    if alone:
+        text += f" Enough trials but nothing to compare with on the same task: {', '.join(alone)}."
+    return text
+
+
+def _verdict(main: _Analysis, table: pd.DataFrame, numbers: dict[str, dict[str, Any]], budget: int, scale: str, n_bootstrap: int) -> str:
+    """The decision sentence: "Use X …" or "No detectable difference among …"."""
+    d, rows = main.decision, table.set_index("optimizer")
+    top, ru, gap = d["top"], d.get("runner_up"), _gap(main.decision)
     row = rows.loc[top]
-    ru = d.get("runner_up")
-    gap = f"{d['difference']:.2f} [{d['low']:.2f}, {d['high']:.2f}]" if ru is not None and d.get("low") is not None and math.isfinite(d["low"]) else None
+    trials, tasks = _plural(budget, "trial"), _plural(len(main.tasks), "task")
     if main.best is not None:
         ci = f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]" if math.isfinite(row["ci_low"]) else ""
-        text = (
+        return (
             f"Use {top} by default ({_fmt_numbers(numbers.get(top, {}))}): at a budget of {trials} its anchored "
             f"score is {row['score']:.2f}{ci} ({scale}) over {tasks}, ahead of the runner-up {ru} by {gap}, "
             f"P(best) = {row['p_best']:.2f}"
         )
-    else:
-        text = f"No detectable difference among {', '.join(main.tied)} at a budget of {trials} over {tasks}"
-        if n_bootstrap == 0:
-            text += " (n_bootstrap=0: no intervals, so no optimizer can be told apart)"
-        elif gap is not None:
-            text += f": the top, {top} ({row['score']:.2f}; {scale}), minus the runner-up, {ru}, is {gap}"
-        behind = [o for o in main.ranked if o not in main.tied]
-        if behind:
-            text += f"; detectably behind: {', '.join(o for o in table['optimizer'] if o in behind)}"
-        text += f"; {top}'s numbers: {_fmt_numbers(numbers.get(top, {}))}"
+    text = f"No detectable difference among {', '.join(main.tied)} at a budget of {trials} over {tasks}"
+    if n_bootstrap == 0:
+        text += " (n_bootstrap=0: no intervals, so no optimizer can be told apart)"
+    elif gap is not None:
+        text += f": the top, {top} ({row['score']:.2f}; {scale}), minus the runner-up, {ru}, is {gap}"
+    behind = [o for o in main.ranked if o not in main.tied]
+    if behind:
+        text += f"; detectably behind: {', '.join(o for o in table['optimizer'] if o in behind)}"
+    return text + f"; {top}'s numbers: {_fmt_numbers(numbers.get(top, {}))}"
+
+
+def _summary(
+    main: _Analysis,
+    table: pd.DataFrame,
+    numbers: dict[str, dict[str, Any]],
+    *,
+    budget: int,
+    need: int,
+    reference: str | None,
+    n_bootstrap: int,
+    contexts: list[tuple[str, str]],
+    by_key: str | None,
+    kinds: dict[str, dict[str, Any]],
+    kind: str | None,
+) -> str:
+    """The one-paragraph recommendation: the verdict, then what qualifies it."""
+    if kind is not None and kinds.get(kind, {}).get("status") == TOO_FEW_TASKS:
+        return kinds[kind]["summary"]
+    if not main.ranked:
+        return _no_ranking(table, budget, need)
+    scale = f"relative to {reference}: 0 = {reference}, 1 = the best known result per task" if reference else "0 = the task's floor, 1 = the best known result"
+    text = _verdict(main, table, numbers, budget, scale, n_bootstrap)
+    if kind is not None:
+        text = f"On {kind} tasks: {text[0].lower()}{text[1:]}"
     if main.friedman.get("p") is not None:
         text += f"; Friedman p = {main.friedman['p']:.3g}"
     text += "."
-    defaults = rows.loc[main.ranked, "default_score"].dropna()
+    defaults = table.set_index("optimizer").loc[main.ranked, "default_score"].dropna()
     if len(defaults):
         text += f" At one-shot defaults the top is {defaults.idxmax()} ({defaults.max():.2f})."
     if by_key and contexts:
         text += " " + "; ".join(f"{_context_label(by_key, v)}: {verdict}" for v, verdict in contexts) + "."
+    if kinds and kind is None:
+        text += " " + _kinds_sentence(main, kinds)
     incomplete = table.loc[table["status"] == INCOMPLETE]
     if len(incomplete):
         parts = [f"{r.optimizer} ({int(r.n_tasks)} of {len(main.tasks)})" for r in incomplete.itertuples()]
-        text += f" Not ranked, measured on only some of the {tasks}: {', '.join(parts)}."
+        text += f" Not ranked, measured on only some of the {_plural(len(main.tasks), 'task')}: {', '.join(parts)}."
+    insufficient = table.loc[table["status"] == INSUFFICIENT, "optimizer"].tolist()
     if insufficient:
         text += f" Insufficient data (< {need} trials on every task): {', '.join(insufficient)}."
     return text
+
+
+# -- 9) a decision per kind of model ------------------------------------------------------------
+
+
+def _select_kind(f: pd.DataFrame, kind: str | None) -> pd.DataFrame:
+    """The trials of tasks of ``kind`` (all of them when None)."""
+    if kind is None:
+        return f
+    kinds = sorted(f["kind"].dropna().astype(str).unique()) if "kind" in f.columns else []
+    if kind not in kinds:
+        raise invalid(
+            "kind", kind, kinds or "a kind the trials record (they record none)", source="recommend()",
+            hint="Kinds come from each task's model: mlp, linear (an MLP without hidden layers), cnn, resnet, transformer. CLI: --kind.",
+        )
+    return f[f["kind"].astype(str) == kind]
+
+
+def _kind_decision(kind: str, a: _Analysis, n_tasks: int, budget: int) -> dict[str, Any]:
+    """The decision object of one kind: as the overall one, plus its status, the
+    optimizers detectably behind the top with each gap, and a sentence."""
+    out: dict[str, Any] = {"kind": kind, "n_tasks": n_tasks, **a.decision, "best": a.best, "tied": list(a.tied)}
+    if n_tasks < MIN_KIND_TASKS:
+        out.update(
+            status=TOO_FEW_TASKS, best=None, tied=[], behind=[], gaps={},
+            summary=(
+                f"Too few {kind} tasks to decide: {_plural(n_tasks, 'task')} (a decision for a kind of model needs at "
+                f"least {MIN_KIND_TASKS}, so that it is about the kind, not one task); the per-task scores are in the table."
+            ),
+        )
+        return out
+    if not a.ranked:
+        out.update(status="insufficient data", behind=[], gaps={}, summary=f"On {kind} tasks: insufficient data.")
+        return out
+    rows = a.table.set_index("optimizer")
+    behind = [o for o in a.table["optimizer"] if o in a.ranked and o != a.best and o not in a.tied]
+    gaps = {o: {"difference": float(rows.at[o, "diff_to_top"]), "low": float(rows.at[o, "diff_low"]), "high": float(rows.at[o, "diff_high"])} for o in behind}
+    top = a.best or ", ".join(a.tied)
+    lead = f"{a.best} best" if a.best else f"no detectable difference among {top}"
+    worst = f"; {a.decision['top']} ahead of " + ", ".join(f"{o} by {g['difference']:.2f} [{g['low']:.2f}, {g['high']:.2f}]" for o, g in gaps.items()) if gaps else ""
+    out.update(status="decided", behind=behind, gaps=gaps, summary=f"on {kind} tasks ({n_tasks}, budget {budget}): {lead}{worst}")
+    return out
+
+
+def _kinds_sentence(main: _Analysis, kinds: dict[str, dict[str, Any]]) -> str:
+    """Whether the kinds of model disagree, and how. They disagree when an optimizer
+    detectably behind the top in one decision (overall or a kind's) is in the top group
+    of another kind's; a kind whose top group is merely larger (fewer tasks, less power)
+    does not disagree."""
+    top_of = {k: ({d["best"]} if d["best"] else set(d["tied"])) for k, d in kinds.items() if d["status"] == "decided"}
+    behind_of = {k: set(d["behind"]) for k, d in kinds.items() if d["status"] == "decided"}
+    behind_of["all"] = {o for o in main.ranked if o != main.best and o not in main.tied}
+    top_of["all"] = {main.best} if main.best else set(main.tied)
+    clashes = sorted({(a, b) for a in top_of for b in behind_of if a != b and top_of[a] & behind_of[b]})
+    parts = [kinds[k]["summary"] for k in sorted(kinds)]
+    if clashes:
+        how = "; ".join(f"{', '.join(sorted(top_of[a] & behind_of[b]))} is in the top group {'over all tasks' if a == 'all' else f'on {a} tasks'} but detectably behind {'over all tasks' if b == 'all' else f'on {b} tasks'}" for a, b in clashes)
+        return f"The kinds of model disagree ({how}): " + "; ".join(parts) + "."
+    return "By kind of model (no kind contradicts another or the overall decision): " + "; ".join(parts) + "."
 
 
 # -- public entry point ---------------------------------------------------------------------
@@ -876,6 +1044,7 @@ def recommend_from_frame(
     *,
     budget: int | None = None,
     by: str | None = None,
+    kind: str | None = None,
     reference: str | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -886,9 +1055,15 @@ def recommend_from_frame(
     ``df`` is what :func:`collect_trials` returns, or any frame with columns task,
     optimizer and either score (+ cost) or value (+ direction, metric). Optional columns:
     hyper-parameters (lr, momentum, …, schedule) for the recommended numbers,
-    norm/activation for ``by``, ``at_defaults`` (bool: a run of the optimizer's one-shot
+    norm/activation for ``by``, ``kind`` (the task's kind of model: mlp, linear, cnn,
+    resnet, transformer), ``at_defaults`` (bool: a run of the optimizer's one-shot
     defaults, e.g. one of several seeds), ``floor`` (the task's floor in metric units,
     e.g. chance accuracy) and ``curve`` (the metric per epoch, for profiles).
+
+    ``kind``: decide on that kind's tasks only (the same statistics on its complete
+    block); a kind with fewer than :data:`MIN_KIND_TASKS` tasks says so instead of
+    deciding. Without it, a frame with several kinds also gets a decision per kind
+    (``kinds``), and the summary says whether they disagree.
 
     A (task, optimizer) pair needs ``max(min_trials, budget)`` random-search trials; the
     default budget is half the fewest trials of a pair in the complete block, at most
@@ -903,73 +1078,37 @@ def recommend_from_frame(
     """
     check_args(budget=budget, by=by, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials)
     t0 = _now()
-    f = _prepare(df)
+    # 1) the trials, their anchors and the budget
+    f = _select_kind(_prepare(df), kind)
     optimizers = _optimizer_order(f["optimizer"].unique().tolist())
-    if reference is not None and reference not in optimizers:
-        raise invalid(
-            "reference",
-            reference,
-            optimizers or "an optimizer that has trials",
-            source="recommend()",
-            hint="The reference must be one of the optimizers in the selected trials.",
-        )
-    cells = _cells(f)
-    if budget is None:
-        budget = _default_budget(cells, min_trials)
-    budget = int(budget)
+    _check_reference(reference, optimizers)
+    search = _search_scores(f)
+    budget = int(budget if budget is not None else _default_budget(search, min_trials))
     need = max(int(min_trials), budget)
     rng = np.random.default_rng(seed)
-
-    anchors = _anchors(f, cells, reference=reference, budget=budget, need=need)
-    main = _analyse(f, optimizers=optimizers, anchors=anchors, budget=budget, need=need, n_bootstrap=n_bootstrap, rng=rng)
+    anchors = _anchors(f, search, reference=reference, budget=budget, need=need)
+    # 2–6) the analysis of the complete block; the default point and the numbers beside it
+    analyse = lambda sub: _analyse(sub, optimizers=optimizers, anchors=anchors, budget=budget, need=need, n_bootstrap=n_bootstrap, rng=rng)  # noqa: E731
+    main = analyse(f)
     defaults = _defaults(f, anchors)
-    table = main.table
-    if not defaults.empty and main.tasks:
-        d = defaults[defaults["task"].isin(main.tasks)].pivot(index="task", columns="optimizer", values="score")
-        complete = d.reindex(main.tasks).dropna(axis=1, how="any")
-        table["default_score"] = table["optimizer"].map(complete.mean(axis=0)).astype(float)
     numbers = _numbers(f, optimizers, anchors)
-    num_frame = pd.DataFrame(
-        [{c: numbers.get(o, {}).get(c, np.nan) for c in NUMBER_COLUMNS} for o in table["optimizer"]]
+    table = _with_defaults_and_numbers(main, defaults, numbers)
+    # 8) within each norm type / activation family; 9) per kind of model
+    by_table, contexts = _contexts(f, by, analyse)
+    kinds = _kinds(f, kind, main, analyse, budget)
+    deciding = kinds.get(kind or "", {}).get("status") != TOO_FEW_TASKS
+    best, tied = (main.best, main.tied) if deciding else (None, [])
+    summary = _summary(
+        main, table, numbers, budget=budget, need=need, reference=reference, n_bootstrap=n_bootstrap,
+        contexts=contexts, by_key=by, kinds=kinds, kind=kind,
     )
-    table = pd.concat([table, num_frame], axis=1)
-
-    # 8) context: the same analysis within each norm type / activation family, on the
-    # tasks' own anchors (a context does not move the floor or the best known result).
-    by_frames = []
-    contexts: list[tuple[str, str]] = []
-    if by is not None:
-        source = f[by] if by in f.columns else pd.Series(None, index=f.index, dtype=object)
-        key = source.map(ACTIVATION_FAMILIES) if by == "activation" else source
-        key = key.fillna("unknown").astype(str)
-        for value in sorted(key.unique()):
-            sub = _analyse(
-                f[key == value], optimizers=optimizers, anchors=anchors, budget=budget, need=need, n_bootstrap=n_bootstrap, rng=rng
-            )
-            t = sub.table
-            t = t[t["n_trials"] > 0]
-            t.insert(0, "context", value)
-            by_frames.append(t)
-            contexts.append((value, _context_verdict(sub.best, sub.tied)))
-    by_table = (
-        pd.concat(by_frames, ignore_index=True) if by_frames else pd.DataFrame(columns=["context", *TABLE_COLUMNS])
-    )
-
-    summary = _summary(main, table, numbers, budget, contexts, by, need, reference, n_bootstrap)
     settings = {
-        "budget": budget,
-        "by": by,
-        "reference": reference,
-        "n_bootstrap": int(n_bootstrap),
-        "seed": int(seed),
-        "min_trials": int(min_trials),
-        "r_max": _stats.R_MAX,
-        "alpha": _stats.ALPHA,
-        "target_fraction": TARGET_FRACTION,
+        "budget": budget, "by": by, "kind": kind, "reference": reference, "n_bootstrap": int(n_bootstrap), "seed": int(seed),
+        "min_trials": int(min_trials), "r_max": _stats.R_MAX, "alpha": _stats.ALPHA, "target_fraction": TARGET_FRACTION,
     }
     return Recommendation(
-        best=main.best,
-        config=_config(main.best, numbers),
+        best=best,
+        config=_config(best, numbers),
         numbers=numbers,
         budget=budget,
         table=table,
@@ -982,23 +1121,79 @@ def recommend_from_frame(
         by_key=by,
         summary=summary,
         settings=settings,
-        tied=main.tied,
-        decision=main.decision,
+        tied=tied,
+        decision={**main.decision, **({"status": kinds[kind]["status"]} if kind in kinds else {})},
         defaults=defaults,
         anchors=_anchors_public(anchors),
         studies=sorted(f["study"].astype(str).unique()) if "study" in f.columns else [],
         n_trials=int(len(f)),
+        kind=kind,
+        kinds=kinds,
         timings={"compute_s": _now() - t0},
     )
 
 
-def _default_budget(cells: dict[tuple[str, str], np.ndarray], min_trials: int) -> int:
+def _check_reference(reference: str | None, optimizers: list[str]) -> None:
+    if reference is not None and reference not in optimizers:
+        raise invalid(
+            "reference", reference, optimizers or "an optimizer that has trials", source="recommend()",
+            hint="The reference must be one of the optimizers in the selected trials.",
+        )
+
+
+def _with_defaults_and_numbers(main: _Analysis, defaults: pd.DataFrame, numbers: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The analysis table with the one-shot defaults' score (over the block's tasks, for
+    optimizers with default runs on all of them) and the recommended numbers."""
+    table = main.table.copy()
+    if not defaults.empty and main.tasks:
+        d = defaults[defaults["task"].isin(main.tasks)].pivot(index="task", columns="optimizer", values="score")
+        complete = d.reindex(main.tasks).dropna(axis=1, how="any")
+        table["default_score"] = table["optimizer"].map(complete.mean(axis=0)).astype(float)
+    num_frame = pd.DataFrame([{c: numbers.get(o, {}).get(c, np.nan) for c in NUMBER_COLUMNS} for o in table["optimizer"]])
+    return pd.concat([table, num_frame], axis=1)
+
+
+def _contexts(f: pd.DataFrame, by: str | None, analyse: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """8) The same analysis within each norm type / activation family, on the tasks' own
+    anchors (a context does not move the floor or the best known result)."""
+    frames, contexts = [], []
+    if by is not None:
+        source = f[by] if by in f.columns else pd.Series(None, index=f.index, dtype=object)
+        key = (source.map(ACTIVATION_FAMILIES) if by == "activation" else source).fillna("unknown").astype(str)
+        for value in sorted(key.unique()):
+            sub = analyse(f[key == value])
+            t = sub.table[sub.table["n_trials"] > 0]
+            t.insert(0, "context", value)
+            frames.append(t)
+            contexts.append((value, _context_verdict(sub.best, sub.tied)))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["context", *TABLE_COLUMNS])
+    return table, contexts
+
+
+def _kinds(f: pd.DataFrame, kind: str | None, main: _Analysis, analyse: Any, budget: int) -> dict[str, dict[str, Any]]:
+    """9) Per kind of model, its decision object: the selected kind's (from the main
+    analysis), or, with no kind selected and several in the frame, every kind's."""
+    if "kind" not in f.columns:
+        return {}
+    if kind is not None:
+        return {kind: _kind_decision(kind, main, int(f["unit"].nunique()), budget)}
+    kinds = sorted(f["kind"].dropna().astype(str).unique())
+    if len(kinds) < 2:
+        return {}
+    out = {}
+    for k in kinds:
+        sub = f[f["kind"].astype(str) == k]
+        out[k] = _kind_decision(k, analyse(sub), int(sub["unit"].nunique()), budget)
+    return out
+
+
+def _default_budget(search: dict[tuple[str, str], np.ndarray], min_trials: int) -> int:
     """Half the fewest search trials of a pair in the complete block at ``min_trials``
     (at least 1), capped at DEFAULT_BUDGET: no pair of the block is dropped, and every
     estimate averages over many subsets of its trials."""
-    if not cells:
+    if not search:
         return 1
-    counts = pd.Series({k: v.size for k, v in cells.items()})
+    counts = pd.Series({k: v.size for k, v in search.items()})
     counts.index = pd.MultiIndex.from_tuples(counts.index)
     sizes = counts.unstack()
     tasks, ranked = _stats.complete_matrix(sizes.fillna(0) >= min_trials)
