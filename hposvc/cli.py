@@ -677,6 +677,7 @@ def report(studies: tuple[str, ...], guide: bool, out_dir: str, run_first: bool,
 @click.option("--all", "use_all", is_flag=True, help="Use every study in the storage.")
 @click.option("--budget", type=click.IntRange(min=1), help="Tuning budget n (trials per optimizer) to recommend at.")
 @click.option("--by", type=click.Choice(["norm", "activation"]), help="Also rank within each norm type / activation family.")
+@click.option("--kind", help="Decide on this kind of model's tasks only (mlp, linear, cnn, resnet, transformer); with --shipped, the shipped survey's decision for it.")
 @click.option("--reference", help="Normalise scores relative to this optimizer instead of the worst one.")
 @click.option("--bootstrap", "n_bootstrap", default=1000, show_default=True, type=click.IntRange(min=10), help="Bootstrap resamples for the intervals.")
 @click.option("--history", is_flag=True, help="List the stored recommendations instead of computing one.")
@@ -685,7 +686,7 @@ def report(studies: tuple[str, ...], guide: bool, out_dir: str, run_first: bool,
 @storage_options
 @tracking_option
 @json_option
-def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: bool, budget: int | None, by: str | None, reference: str | None, n_bootstrap: int, history: bool, shipped: bool, no_store: bool, storage: str, data_dir: str | None, tracking_uri: str | None, as_json: bool) -> None:
+def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: bool, budget: int | None, by: str | None, kind: str | None, reference: str | None, n_bootstrap: int, history: bool, shipped: bool, no_store: bool, storage: str, data_dir: str | None, tracking_uri: str | None, as_json: bool) -> None:
     """Which optimizer to use by default, with which numbers, and how sure that is.
 
     \b
@@ -693,7 +694,9 @@ def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: boo
       hposvc recommend --all --budget 10
       hposvc recommend --study survey-digits --study survey-moons --by norm --json
       hposvc recommend --history
+      hposvc recommend --all --kind transformer
       hposvc recommend --shipped      # the survey result that ships with hposvc
+      hposvc recommend --shipped --kind transformer --json
     """
     from hposvc.recommendation import load_shipped_survey, recommend as compute, recommendation_history
     from hposvc.storage import resolve_tracking_uri
@@ -701,7 +704,16 @@ def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: boo
     if shipped:
         if study_names or tasks or use_all or history:
             raise InvalidInputError("the '--shipped' option conflicts with '--study', '--task', '--all' and '--history': it prints the shipped survey result.")
-        _emit_survey(load_shipped_survey(), as_json=as_json)
+        shipped_result = load_shipped_survey()
+        if kind is None:
+            _emit_survey(shipped_result, as_json=as_json)
+            return
+        of_kind = shipped_result.for_kind(kind)
+        if as_json:
+            emit(of_kind, as_json=True)
+            return
+        emit(of_kind["optimizers"], as_json=False, title=f"optimizers on {kind} tasks ({', '.join(of_kind['tasks'])}; shipped)")
+        click.echo(of_kind["summary"])
         return
     if history:
         emit(recommendation_history(storage), as_json=as_json, title="stored recommendations")
@@ -714,6 +726,7 @@ def recommend(study_names: tuple[str, ...], tasks: tuple[str, ...], use_all: boo
         tasks=list(tasks) or None,
         budget=budget,
         by=by,
+        kind=kind,
         reference=reference,
         n_bootstrap=n_bootstrap,
         store=not no_store,
@@ -736,7 +749,7 @@ def survey() -> None:
 
 
 @survey.command("run")
-@click.option("--scale", type=click.Choice(["ci", "full"]), default="full", show_default=True, help="ci: 3 small tasks, 4 optimizers, 4 lr points (minutes); full: every task and optimizer, 16 lr points.")
+@click.option("--scale", type=click.Choice(["ci", "full"]), default="full", show_default=True, help="ci: 4 small tasks, 4 optimizers, 4 lr points (minutes); full: every task and optimizer, 8 lr points.")
 @click.option("--population", default="auto", show_default=True, callback=lambda ctx, param, v: _population(v), help="Trials trained together as one vectorised population ('auto': a whole study at once).")
 @click.option("--workers", help="Worker processes: N, or 'auto' for one per device slot (default: this process).")
 @click.option("--device", default="auto", show_default=True, help="Device for in-process trials: auto, cpu, cuda:N.")

@@ -197,3 +197,67 @@ def test_friedman_and_holm_corrected_tests_against_the_top_are_reported() -> Non
     # 6 tasks, adam ahead on all: the exact two-sided signed-rank p is 2/64, Holm ×2.
     assert t.at["sgd", "p_wilcoxon_holm"] == pytest.approx(2 * 2 / 64)
     assert (t.loc[["sgd", "momentum"], "p_adj"] <= 0.05).all() and rec.best == "adam"
+
+
+# -- a decision per kind of model (issue 19) ---------------------------------------------------
+
+KIND_REPEATS = 10
+
+
+def _kinds_frame(means_by_kind: dict[str, dict[str, float]], *, n_tasks: int, n_trials: int = 8, seed: int = 0) -> pd.DataFrame:
+    """One _frame per kind, its tasks named after the kind, with a ``kind`` column."""
+    parts = []
+    for i, (kind, means) in enumerate(means_by_kind.items()):
+        f = _frame(means, n_tasks=n_tasks, n_trials=n_trials, seed=seed * 10 + i)
+        parts.append(f.assign(task=kind + "-" + f["task"], kind=kind))
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_per_kind_null_frames_name_no_best_and_a_real_gap_in_one_kind_is_found_there() -> None:
+    null = dict.fromkeys(OPTIMIZERS, 0.85)
+    gap = null | {"sgd": 0.70}  # attention-like: sgd far behind, the rest tied
+    for seed in range(KIND_REPEATS):
+        df = _kinds_frame({"mlp": null, "transformer": gap}, n_tasks=4, seed=seed)
+        mlp = recommend_from_frame(df, kind="mlp", n_bootstrap=N_BOOT, seed=seed)
+        assert mlp.best is None and mlp.kind == "mlp" and set(mlp.decision["tasks"]) == {f"mlp-task{t}" for t in range(4)}
+        assert "sgd" in mlp.tied or mlp.decision["top"] != "sgd"  # nothing detectably apart in the null kind
+        tr = recommend_from_frame(df, kind="transformer", n_bootstrap=N_BOOT, seed=seed)
+        rows = tr.table.set_index("optimizer")
+        assert not rows.at["sgd", "tied"] and rows.at["sgd", "diff_low"] > 0, f"seed {seed}: {tr.summary}"
+        assert tr.summary.startswith("On transformer tasks: no detectable difference among ")
+        assert tr.kinds["transformer"]["behind"] == ["sgd"] and tr.kinds["transformer"]["status"] == "decided"
+        # without a kind: the same decisions per kind, and the summary says how they differ
+        overall = recommend_from_frame(df, n_bootstrap=N_BOOT, seed=seed)
+        assert set(overall.kinds) == {"mlp", "transformer"}
+        assert overall.kinds["transformer"]["behind"] == ["sgd"]
+        assert "on transformer tasks (4, budget 4): no detectable difference among " in overall.summary
+        assert "ahead of sgd by " in overall.kinds["transformer"]["summary"]
+        if "sgd" in overall.kinds["mlp"]["tied"]:
+            assert "The kinds of model disagree (sgd is in the top group on mlp tasks but detectably behind" in overall.summary
+
+
+def test_a_kind_with_too_few_tasks_says_so_and_budgets_beyond_its_trials_are_refused() -> None:
+    df = _kinds_frame({"mlp": dict.fromkeys(OPTIMIZERS, 0.85), "linear": {"sgd": 0.5, "adam": 0.9}}, n_tasks=3)
+    df = df[(df["kind"] == "mlp") | (df["task"] == "linear-task0")]  # one linear task, adam far ahead on it
+    rec = recommend_from_frame(df, kind="linear", n_bootstrap=N_BOOT)
+    assert rec.best is None and rec.tied == [] and rec.config is None
+    assert rec.decision["status"] == "too few tasks"
+    assert rec.summary.startswith("Too few linear tasks to decide: 1 task (a decision for a kind of model needs at least 2")
+    assert rec.table.set_index("optimizer").at["adam", "score"] > rec.table.set_index("optimizer").at["sgd", "score"]  # still measured
+    overall = recommend_from_frame(df, n_bootstrap=N_BOOT)
+    assert overall.kinds["linear"]["status"] == "too few tasks" and "Too few linear tasks" in overall.summary
+    # k > N within a kind: said, not extrapolated
+    rec = recommend_from_frame(df, kind="mlp", budget=9, n_bootstrap=N_BOOT)
+    assert rec.best is None and rec.table["status"].eq("insufficient data").all()
+    assert rec.summary.startswith("No recommendation: insufficient data (no task has at least two optimizers with >= 9")
+
+
+def test_an_unknown_kind_names_the_kinds_the_trials_record() -> None:
+    from hposvc.errors import InvalidInputError
+
+    df = _kinds_frame({"mlp": {"sgd": 0.8, "adam": 0.9}, "cnn": {"sgd": 0.8, "adam": 0.9}}, n_tasks=2, n_trials=4)
+    with pytest.raises(InvalidInputError) as e:
+        recommend_from_frame(df, kind="transformer", n_bootstrap=0)
+    assert "'kind'" in str(e.value) and "'transformer'" in str(e.value) and "one of 'cnn', 'mlp'" in str(e.value)
+    with pytest.raises(InvalidInputError, match="they record none"):
+        recommend_from_frame(df.drop(columns="kind"), kind="mlp", n_bootstrap=0)

@@ -30,12 +30,13 @@ from hposvc.recommendation._core import (
     ACTIVATION_FAMILIES,
     BY_CHOICES,
     DEFAULT_BUDGET,
+    MIN_KIND_TASKS,
     Recommendation,
     check_args,
     recommend_from_frame,
     with_updates,
 )
-from hposvc.recommendation._data import collect_trials, open_storage
+from hposvc.recommendation._data import MODEL_KINDS, collect_trials, model_kind, open_storage
 from hposvc.recommendation._stats import (
     R_MAX,
     anchored,
@@ -74,6 +75,8 @@ __all__ = [
     "BY_CHOICES",
     "DEFAULT_BUDGET",
     "EXPERIMENT",
+    "MIN_KIND_TASKS",
+    "MODEL_KINDS",
     "R_MAX",
     "SCALES",
     "SCHEMA_VERSION",
@@ -93,6 +96,7 @@ __all__ = [
     "load_shipped_survey",
     "load_recommendation",
     "log_recommendation",
+    "model_kind",
     "noise_ranks",
     "normalise",
     "performance_profile",
@@ -120,6 +124,7 @@ def recommend(
     tasks: str | Sequence[str] | None = None,
     budget: int | None = None,
     by: str | None = None,
+    kind: str | None = None,
     reference: str | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -138,6 +143,12 @@ def recommend(
             pair with fewer search trials is not ranked. Default :data:`DEFAULT_BUDGET`,
             lowered to half the fewest trials of a pair in the complete block.
         by: "norm" or "activation": also rank within each norm type / activation family.
+        kind: decide on the tasks of this kind of model only ("mlp", "linear", "cnn",
+            "resnet", "transformer"; each trial's ``kind`` in :func:`collect_trials`): the
+            same statistics on that kind's complete block; a kind with fewer than
+            :data:`MIN_KIND_TASKS` tasks says so instead of deciding. Without it, a
+            selection of several kinds also gets a decision per kind (``rec.kinds``) and
+            the summary says whether they disagree.
         reference: the optimizer whose default runs (else its budget score) are each
             task's floor (0), instead of the frame's ``floor`` or the median trial.
         n_bootstrap: bootstrap resamples for the intervals, P(best) and the comparisons
@@ -160,7 +171,7 @@ def recommend(
     df = collect_trials(opened, studies=studies, tasks=tasks)
     load_s = time.perf_counter() - t0
     rec = recommend_from_frame(
-        df, budget=budget, by=by, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials
+        df, budget=budget, by=by, kind=kind, reference=reference, n_bootstrap=n_bootstrap, seed=seed, min_trials=min_trials
     )
     rec = with_updates(rec, studies=list(df.attrs.get("studies", rec.studies)), timings={"load_s": load_s, **rec.timings})
     if store:

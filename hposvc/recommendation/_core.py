@@ -966,7 +966,7 @@ def _summary(
     if by_key and contexts:
         text += " " + "; ".join(f"{_context_label(by_key, v)}: {verdict}" for v, verdict in contexts) + "."
     if kinds and kind is None:
-        text += " " + _kinds_sentence(main, kinds)
+        text += " " + kinds_sentence(main.best, main.tied, main.ranked, kinds)
     incomplete = table.loc[table["status"] == INCOMPLETE]
     if len(incomplete):
         parts = [f"{r.optimizer} ({int(r.n_tasks)} of {len(main.tasks)})" for r in incomplete.itertuples()]
@@ -1019,15 +1019,17 @@ def _kind_decision(kind: str, a: _Analysis, n_tasks: int, budget: int) -> dict[s
     return out
 
 
-def _kinds_sentence(main: _Analysis, kinds: dict[str, dict[str, Any]]) -> str:
+def kinds_sentence(best: str | None, tied: list[str], ranked: list[str], kinds: dict[str, dict[str, Any]]) -> str:
     """Whether the kinds of model disagree, and how. They disagree when an optimizer
     detectably behind the top in one decision (overall or a kind's) is in the top group
     of another kind's; a kind whose top group is merely larger (fewer tasks, less power)
     does not disagree."""
     top_of = {k: ({d["best"]} if d["best"] else set(d["tied"])) for k, d in kinds.items() if d["status"] == "decided"}
     behind_of = {k: set(d["behind"]) for k, d in kinds.items() if d["status"] == "decided"}
-    behind_of["all"] = {o for o in main.ranked if o != main.best and o not in main.tied}
-    top_of["all"] = {main.best} if main.best else set(main.tied)
+    if not kinds:
+        return ""
+    behind_of["all"] = {o for o in ranked if o != best and o not in tied}
+    top_of["all"] = {best} if best else set(tied)
     clashes = sorted({(a, b) for a in top_of for b in behind_of if a != b and top_of[a] & behind_of[b]})
     parts = [kinds[k]["summary"] for k in sorted(kinds)]
     if clashes:

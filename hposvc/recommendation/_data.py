@@ -52,6 +52,8 @@ SURVEY_KIND = "hposvc.survey.kind"  # the task's kind of model (MODEL_KINDS), wh
 # Kinds of model a decision can be made for, by built-in family (an MLP without hidden
 # layers is a linear model): see model_kind.
 MODEL_KINDS = ("mlp", "linear", "cnn", "resnet", "transformer")
+# The family a built-in task trains when its spec names none (hposvc.spec's TASK_FAMILY).
+_BUILTIN_FAMILY = {"digits": "mlp", "moons": "mlp", "spirals": "mlp", "tabular": "mlp", "mnist1d": "cnn1d", "images": "cnn2d"}
 _KIND_OF_FAMILY = {"mlp": "mlp", "cnn1d": "cnn", "cnn2d": "cnn", "resnet": "resnet", "transformer": "transformer"}
 
 
@@ -152,8 +154,10 @@ def collect_trials(
 
     Columns: study, task, number, state ("COMPLETE" | "PRUNED"), value, metric, direction,
     score (higher is better), cost (1 − accuracy, or the loss), reason, curve (the metric
-    per reported epoch, a list), and every TrialConfig field (optimizer, lr, …, norm,
-    activation, …; ``extra`` as JSON text).
+    per reported epoch, a list), every TrialConfig field (optimizer, lr, …, norm,
+    activation, …; ``extra`` as JSON text) and ``kind``: the kind of model (the survey's
+    study attr, else :func:`model_kind` of the trial's family and depth; None for a
+    model hposvc did not build).
 
     Studies of the survey's held-out tasks are left out unless ``held_out`` is True or
     they are named in ``studies``: they exist to test a recommendation, not to make one.
@@ -225,6 +229,7 @@ def _collect(
         direction = "maximize" if fs.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "minimize"
         task = str(fs.user_attrs.get(records.TASK, fs.study_name))
         metric = str(fs.user_attrs.get(records.METRIC, "value"))
+        study_kind = fs.user_attrs.get(SURVEY_KIND)
         try:
             study = optuna.load_study(study_name=fs.study_name, storage=store)
             trials = study.get_trials(deepcopy=False, states=states)
@@ -253,10 +258,11 @@ def _collect(
             }
             for name in CONFIG_FIELDS:
                 row[name] = config.get(name)
+            row["kind"] = study_kind or model_kind(config.get("family") or _BUILTIN_FAMILY.get(task.split("[", 1)[0]), config.get("depth"))
             if row["extra"] is not None:
                 row["extra"] = json.dumps(row["extra"], sort_keys=True, default=str)
             rows.append(row)
-    df = pd.DataFrame(rows, columns=[*BASE_COLUMNS, *CONFIG_FIELDS])
+    df = pd.DataFrame(rows, columns=[*BASE_COLUMNS, *CONFIG_FIELDS, "kind"])
     for col in ("value", "score", "cost", "lr", "momentum", "beta1", "beta2", "eps", "rho", "weight_decay", "warmup", "init_std"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["number"] = df["number"].astype(np.int64)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from hposvc.spec import StudySpec
 
-__all__ = ["SCALES", "Scale", "SurveyRun", "SurveyTask", "cells", "protocol", "run_survey", "survey_frame", "sweep"]
+__all__ = ["SCALES", "Scale", "SurveyRun", "SurveyStudy", "SurveyTask", "protocol", "run_survey", "survey_frame", "survey_studies", "sweep"]
 
 # Where the protocol's specs live among the built-in specs (studies/ is hposvc._studies).
 PROTOCOL_GROUP = "survey/protocol"
@@ -116,8 +116,8 @@ class SurveyTask:
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One (task, optimizer) of a survey run: its study spec and the trials it queues."""
+class SurveyStudy:
+    """One (task, optimizer) study of a survey run: its spec and the trials it queues."""
 
     task: SurveyTask
     optimizer: str
@@ -185,7 +185,7 @@ def _selected(tasks: list[SurveyTask], sc: Scale) -> list[SurveyTask]:
     ]
 
 
-def cells(scale: str | Scale = "full", *, population: int | str | None = None) -> list[Cell]:
+def survey_studies(scale: str | Scale = "full", *, population: int | str | None = None) -> list[SurveyStudy]:
     """The (task, optimizer) studies of a survey run, with the trials each queues."""
     from hposvc.spec import parse_spec
 
@@ -207,7 +207,7 @@ def cells(scale: str | Scale = "full", *, population: int | str | None = None) -
             if sc.max_epochs is not None:
                 space["epochs"] = min(int(space.get("epochs", TrialConfig.epochs)), sc.max_epochs)
             spec = parse_spec(data, source=f"{task.path} ({opt})")
-            out.append(Cell(task=task, optimizer=opt, spec=spec, configs=tuple(_configs(spec, opt, sc))))
+            out.append(SurveyStudy(task=task, optimizer=opt, spec=spec, configs=tuple(_configs(spec, opt, sc))))
     return out
 
 
@@ -262,7 +262,7 @@ def run_survey(
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
     slots = plan_slots("cpu" if device == "cpu" else "auto", workers=workers) if workers is not None else []
     t0 = time.perf_counter()
-    todo = cells(sc)
+    todo = survey_studies(sc)
     if population == "auto":
         # A study's trials share an optimizer and a shape: train each study as one population.
         population = max(len(c.configs) for c in todo)
@@ -270,17 +270,17 @@ def run_survey(
     # 1) every study and its queue, before any training (a bad spec fails here, not midway)
     kinds = {c.task.name: c.task.kind for c in todo}
     names, before = [], 0
-    for i, cell in enumerate(todo):
-        study = prepare_study(cell.spec, storage=url, enqueue=cell.configs)
-        attrs = {SURVEY_TASK: cell.task.name, SURVEY_HELD_OUT: cell.task.held_out, SURVEY_SCALE: sc.name, SURVEY_KIND: kinds[cell.task.name]}
+    for i, one in enumerate(todo):
+        study = prepare_study(one.spec, storage=url, enqueue=one.configs)
+        attrs = {SURVEY_TASK: one.task.name, SURVEY_HELD_OUT: one.task.held_out, SURVEY_SCALE: sc.name, SURVEY_KIND: kinds[one.task.name]}
         for key, value in attrs.items():
             if study.user_attrs.get(key) != value:
                 study.set_user_attr(key, value)
         if len(slots) > 1:
             # the MLflow experiment and parent run, once, before workers race to create them
-            open_tracker(study, spec=cell.spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
+            open_tracker(study, spec=one.spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
         before += records.counts(study).done
-        names.append(cell.spec.name)
+        names.append(one.spec.name)
         if progress:
             _say(f"survey {sc.name}: prepared {i + 1}/{len(todo)} studies", end="\r")
     if progress:
@@ -405,7 +405,7 @@ def survey_frame(
 
     sc = _scale(scale)
     store = open_storage(storage, data_dir=data_dir)
-    wanted = {c.spec.name: c for c in cells(sc)}
+    wanted = {c.spec.name: c for c in survey_studies(sc)}
     present = [s.study_name for s in store.get_all_studies() if s.study_name in wanted]
     if not present:
         raise InvalidInputError(
@@ -413,9 +413,9 @@ def survey_frame(
             f"(API: run_survey(scale={sc.name!r}))."
         )
     df = collect_trials(store, studies=present, held_out=True)
-    cell_of = df["study"].map(wanted)
-    df["task"] = cell_of.map(lambda c: c.task.name)
-    df["held_out"] = cell_of.map(lambda c: c.task.held_out).astype(bool)
+    study_of = df["study"].map(wanted)
+    df["task"] = study_of.map(lambda c: c.task.name)
+    df["held_out"] = study_of.map(lambda c: c.task.held_out).astype(bool)
     kinds = {name: c.task.kind for name, c in wanted.items() if name in set(present)}
     df["kind"] = df["study"].map(kinds)
     df["at_defaults"] = [int(seed) in sc.default_seeds for seed in df["seed"]]
