@@ -472,3 +472,33 @@ def test_warm_start_hedges_over_optimizers_and_contexts() -> None:
     # Too few trials for any context: the old per-optimizer pick, still in the space.
     assert ranked_contexts(df, spec, min_trials=10_000) == []
     assert all(config_in_space(c, spec) for c in warm_start_configs_from_frame(df.head(60), spec, min_trials=3))
+
+
+def test_warm_start_methods_are_measured_on_held_out_tasks_from_protocol_tasks_only() -> None:
+    """A constructed survey: on 'transformer' tasks only adam at lr 3e-3 is good, on 'mlp'
+    tasks only sgd at 0.1. The held-out transformer task is found at once by the same-kind
+    shortlist and box, while the list over every task (mostly mlp) ranks sgd first."""
+    from hposvc.recommendation._warm_eval import METHODS, evaluate_warm_starts, expected_first_hit
+
+    lrs = {"sgd": [0.001, 0.01, 0.1], "adam": [3e-4, 1e-3, 3e-3]}
+    good = {"transformer": ("adam", 3e-3), "mlp": ("sgd", 0.1)}
+
+    def task(name: str, kind: str, held_out: bool) -> list[dict]:
+        rows = []
+        for opt, grid in lrs.items():
+            for lr in grid:
+                hit = (opt, lr) == good[kind]
+                rows.append({"task": name, "kind": kind, "held_out": held_out, "optimizer": opt, "lr": lr, "at_defaults": False,
+                             "value": 0.9 if hit else 0.5, "score": 0.9 if hit else 0.5, "direction": "maximize", "floor": 0.1})
+        return rows
+
+    proto = pd.DataFrame([r for i in range(3) for r in task(f"m{i}", "mlp", False)] + [r for i in range(2) for r in task(f"t{i}", "transformer", False)])
+    held = pd.DataFrame(task("t-held", "transformer", True))
+    ev = evaluate_warm_starts(proto, held, cma_seeds=2)
+    row = ev["tasks"][0]
+    assert ev["methods"] == list(METHODS) and row["pool"] == 6 and row["reaching"] == 1
+    assert row["trials"]["random"] == expected_first_hit(6, 1) == 3.5
+    assert row["trials"]["shortlist (same kind)"] == 1.0 and row["trials"]["narrowed space (same kind)"] == 1.0
+    assert row["trials"]["shortlist"] > 1.0  # sgd at 0.1 first: wrong for attention
+    assert row["same_kind_tasks"] == ["t0", "t1"]  # the held-out task never informs itself
+    assert ev["best"] in ("shortlist (same kind)", "narrowed space (same kind)") and ev["geometric_mean"]["random"] == 1.0

@@ -32,25 +32,29 @@ def _cli(*args: str, code: int = 0) -> Result:
 
 
 def test_full_protocol_is_balanced_and_in_each_spec_space() -> None:
-    from hposvc.recommendation._survey import cells
+    from hposvc.recommendation._survey import survey_studies
     from hposvc.space import config_in_space
 
-    todo = cells("full")
+    todo = survey_studies("full")
     tasks = {c.task.name for c in todo if not c.task.held_out}
     held = {c.task.name for c in todo if c.task.held_out}
     assert len(tasks) >= 8 and len(held) >= 2 and not tasks & held
     assert {"digits", "digits-cnn2d", "mnist1d-cnn", "mnist1d-mlp", "breast-cancer", "diabetes", "moons", "spirals"} <= tasks
+    # every kind of model has protocol tasks and a held-out one (issue 19): >= 2 attention tasks
+    kinds = {c.task.name: c.task.kind for c in todo}
+    assert {kinds[t] for t in held} == {"mlp", "transformer", "linear"}
+    assert sum(kinds[t] == "transformer" for t in tasks) >= 2 and {"linear", "resnet", "cnn"} <= {kinds[t] for t in tasks}
     optimizers = {c.optimizer for c in todo}
     assert optimizers == set(ONE_SHOT_DEFAULTS)
-    # every optimizer on every task, the same 16 + 3 trials, each a config of its study's space
+    # every optimizer on every task, the same 8 + 3 trials, each a config of its study's space
     assert len(todo) == len(tasks | held) * len(optimizers)
     for c in todo:
-        assert len(c.configs) == 19 and c.spec.n_trials == 19
+        assert len(c.configs) == 11 and c.spec.n_trials == 11
         assert all(config_in_space(x, c.spec) for x in c.configs)
-        sweep, defaults = c.configs[:16], c.configs[16:]
+        sweep, defaults = c.configs[:8], c.configs[8:]
         default_lr = ONE_SHOT_DEFAULTS[c.optimizer]["lr"]
         lrs = [x.lr for x in sweep]
-        assert lrs == sorted(lrs) and 2.7 < math.log10(lrs[-1] / lrs[0]) < 3.0  # ~3 decades
+        assert lrs == sorted(lrs) and 2.5 < math.log10(lrs[-1] / lrs[0]) < 3.0  # ~3 decades (centres of 8 bins)
         assert math.isclose(math.log10(lrs[0] * lrs[-1]) / 2, math.log10(default_lr), abs_tol=0.02)  # centred on the default
         assert default_lr not in lrs and {x.seed for x in sweep} == {0}
         assert [(x.lr, x.seed) for x in defaults] == [(default_lr, s) for s in (1, 2, 3)]
@@ -95,12 +99,19 @@ def test_shipped_result_is_the_full_survey_and_results_md_is_generated_from_it()
     from hposvc.recommendation import load_shipped_survey
 
     shipped = load_shipped_survey()
-    assert shipped.source == "shipped" and shipped.scale == "full" and shipped.budgets == [1, 4, 16]
+    assert shipped.source == "shipped" and shipped.scale == "full" and shipped.budgets == [1, 4, 8]
     assert (SURVEY / "RESULTS.md").read_text(encoding="utf-8") == shipped.markdown()
     assert shipped.summary.startswith(("No detectable difference among", "Use "))
     assert len(shipped.protocol["tasks"]) >= 8 and len(shipped.protocol["held_out"]) >= 2
     assert {o["optimizer"] for o in shipped.optimizers} == set(ONE_SHOT_DEFAULTS)
-    assert shipped.run["n_trials"] == 19 * 9 * (len(shipped.protocol["tasks"]) + len(shipped.protocol["held_out"]))
+    assert shipped.run["n_trials"] == 11 * 9 * (len(shipped.protocol["tasks"]) + len(shipped.protocol["held_out"]))
+    # a kind per task, decisions per kind, the known answers and the warm-start table (issue 19)
+    assert {t["kind"] for t in shipped.tasks} == {"mlp", "linear", "cnn", "resnet", "transformer"}
+    assert set(shipped.kinds) == {"mlp", "linear", "cnn", "resnet", "transformer"}
+    assert shipped.kinds["resnet"]["status"] == "too few tasks" and shipped.kinds["transformer"]["status"] == "decided"
+    assert [a["outcome"] in ("reproduced", "not reproduced") for a in shipped.known_answers] == [True] * 3
+    ev = shipped.warm_start_eval
+    assert {t["task"] for t in ev["tasks"]} == set(shipped.protocol["held_out"]) and ev["best"] in ev["methods"]
     for o in shipped.optimizers:
         for k in shipped.budgets:
             low, high = o[f"ci@{k}"]
@@ -115,13 +126,13 @@ def test_shipped_result_prints_without_storage_and_warm_starts_a_fresh_install(t
     r = _cli("survey", "report", "--shipped")
     assert load_shipped_survey().summary in r.stdout.replace("\n", " ") or load_shipped_survey().summary[:60] in r.stdout
     data = json.loads(_cli("survey", "report", "--shipped", "--json").stdout)
-    assert data["summary"] == load_shipped_survey().summary and data["schema"] == 1
+    assert data["summary"] == load_shipped_survey().summary and data["schema"] == 2
 
     # An empty storage (a fresh install): --warm-start comes from the shipped survey.
     spec = load_spec(SURVEY / "held-out" / "wine.toml")
     configs = warm_start_configs(spec, storage=f"sqlite:///{tmp_path / 'fresh.db'}")
     assert 1 <= len(configs) <= 3 and all(config_in_space(c, spec) for c in configs)
-    assert configs[0].optimizer == load_shipped_survey().warm_start[0]["optimizer"]
+    assert configs[0].optimizer == load_shipped_survey().warm_start_by_kind["mlp"][0]["optimizer"]  # wine trains an MLP
 
 
 # -- the CI scale, end to end -----------------------------------------------------------------
@@ -137,8 +148,8 @@ def test_ci_survey_runs_reports_stores_and_resumes(tmp_path: Path) -> None:
     t0 = time.perf_counter()
     run = json.loads(_cli("survey", "run", "--scale", "ci", "--data-dir", str(data), "--quiet", "--json").stdout)
     elapsed = time.perf_counter() - t0
-    assert run["n_trials"] == run["n_done"] == run["ran"] == 4 * 4 * 7  # 4 tasks x 4 optimizers x (4 + 3)
-    assert run["studies"] == 16 and run["population"] == 7
+    assert run["n_trials"] == run["n_done"] == run["ran"] == 5 * 4 * 7  # 5 tasks x 4 optimizers x (4 + 3)
+    assert run["studies"] == 20 and run["population"] == 7
     assert elapsed < CI_LIMIT_S, f"the CI scale took {elapsed:.0f} s"
 
     # Held-out studies stay out of plain recommendations.
@@ -150,7 +161,9 @@ def test_ci_survey_runs_reports_stores_and_resumes(tmp_path: Path) -> None:
     report = json.loads(_cli("survey", "report", "--scale", "ci", "--data-dir", str(data), "--out", str(out), "--bootstrap", "200", "--json").stdout)
     result = SurveyResult.from_dict(report, source="test")
     assert result.budgets == [1, 4] and result.headline_budget == 1
-    assert result.protocol["tasks"] == ["breast-cancer", "clf-small", "moons"] and result.protocol["held_out"] == ["wine"]
+    assert result.protocol["tasks"] == ["breast-cancer", "clf-small", "imbalance", "moons"] and result.protocol["held_out"] == ["wine"]
+    assert {t["name"]: t["kind"] for t in result.tasks}["imbalance"] == "linear"
+    assert result.kinds["linear"]["status"] == "too few tasks" and result.kinds["mlp"]["tasks"] == ["breast-cancer", "clf-small", "moons"]
     assert [d["budget"] for d in result.decisions] == [1, 4]
     for d in result.decisions:
         assert (d["best"] is None) == bool(d["tied"])
@@ -161,8 +174,8 @@ def test_ci_survey_runs_reports_stores_and_resumes(tmp_path: Path) -> None:
     for o in rows.values():
         assert o["status"] == "ok" and o["ci@4"][0] <= o["score@4"] <= o["ci@4"][1] + 1e-9
         assert 0 <= o["held_out@1"] <= 1 and o["default_score"] is not None
-    assert {t["name"] for t in result.tasks} == {"breast-cancer", "clf-small", "moons", "wine"}
-    assert [c["default_runs"] for c in result.cells] == [3] * 12  # 3 tasks x 4 optimizers, 3 seeds each
+    assert {t["name"] for t in result.tasks} == {"breast-cancer", "clf-small", "imbalance", "moons", "wine"}
+    assert [c["default_runs"] for c in result.per_task] == [3] * 16  # 4 tasks x 4 optimizers, 3 seeds each
     dvt = result.defaults_vs_tuned
     assert dvt["trials"] == 4 and 0 <= dvt["best_default_of_all"] <= 1 and set(dvt["tuned"]) == set(rows)
 
@@ -192,3 +205,19 @@ def test_recommend_reads_the_shipped_survey_with_no_studies(tmp_path: Path) -> N
     assert not (tmp_path / "empty").exists()  # nothing written
     r = _cli("recommend", "--shipped", "--all", code=2)
     assert "'--shipped' option conflicts with '--study', '--task', '--all'" in r.stderr
+
+
+def test_recommend_shipped_kind_prints_that_kinds_decisions() -> None:
+    from hposvc.recommendation import load_shipped_survey
+
+    shipped = load_shipped_survey()
+    data = json.loads(_cli("recommend", "--shipped", "--kind", "transformer", "--json").stdout)
+    assert data == json.loads(json.dumps(shipped.to_dict()["kinds"]["transformer"] | {"kind": "transformer"}))
+    assert data["tasks"] == ["char-lm", "recall"] and [d["budget"] for d in data["decisions"]] == shipped.budgets
+    for d in data["decisions"]:  # the same decision objects as the overall ones, on this kind only
+        assert {"best", "tied", "top", "runner_up", "difference", "low", "high", "friedman_p", "n_tasks", "status"} <= set(d)
+        assert d["n_tasks"] == 2 and d["summary"].startswith(("On transformer tasks: ", "Too few"))
+    text = _cli("recommend", "--shipped", "--kind", "transformer").stdout
+    assert "optimizers on transformer tasks (char-lm, recall; shipped)" in text and data["summary"][:50] in text.replace("\n", " ")
+    r = _cli("recommend", "--shipped", "--kind", "rnn", code=2)
+    assert "the 'kind' parameter must be one of 'cnn', 'linear', 'mlp', 'resnet', 'transformer'. Got 'rnn' instead." in r.stderr

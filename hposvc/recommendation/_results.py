@@ -45,7 +45,6 @@ SHIPPED = ("survey", RESULTS_JSON)  # inside hposvc._studies
 SCHEMA = 2  # of results.json (2: a kind per task, decisions per kind, known answers, warm-start evaluation)
 # The default-runs arm of the Schmidt et al. comparison and the tuned arm spend the same
 # number of trials: one per optimizer.
-WARM_TOP = 3  # configurations in the shipped warm-start list (the CLI's --warm-start takes 3)
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class SurveyResult:
     per_task: list[dict[str, Any]]  # per protocol task and optimizer: defaults' mean ± sd, expected best at each budget
     tasks: list[dict[str, Any]]  # name, kind, held_out, metric, floor, floor_source, best, noise, n_trials
     defaults_vs_tuned: dict[str, Any]
-    warm_start: list[dict[str, Any]]  # optimizer + numbers, best first: what --warm-start queues
+    warm_start: list[dict[str, Any]]  # optimizer + numbers, best first, over every protocol task
     protocol: dict[str, Any]  # sweep points, default seeds, optimizers, tasks, held-out tasks
     run: dict[str, Any]  # n_trials, wall time, first/last trial, workers
     versions: dict[str, str]
@@ -84,6 +83,7 @@ class SurveyResult:
     kinds_summary: str = ""  # whether the kinds disagree, and how (the headline budget)
     known_answers: list[dict[str, Any]] = field(default_factory=list)  # the literature's claims, reproduced or not
     warm_start_eval: dict[str, Any] = field(default_factory=dict)  # warm-start methods on the held-out tasks
+    warm_start_by_kind: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # the same per kind: what --warm-start queues
     source: str = "storage"  # "storage" or "shipped"
     recommendation_id: int | None = None
     mlflow_run_id: str | None = None
@@ -201,6 +201,7 @@ def survey_report(
         kinds_summary=_kinds_summary(main),
         known_answers=known_answers(proto, headline, n_bootstrap=n_bootstrap, seed=seed),
         warm_start_eval=warm_start_evaluation(proto, held) if len(held) else {},
+        warm_start_by_kind={str(k): survey_warm_list(g) for k, g in proto.groupby("kind")},
     )
     if store:
         # As recommend(): SQL first (the record of truth), then the MLflow run that shows it.
@@ -747,6 +748,8 @@ def _warm_eval_markdown(ev: dict[str, Any]) -> list[str]:
         "task's best configuration; CMA-ES is Optuna's `CmaEsSampler(source_trials=...)`).",
         "",
         *_table(["held-out task", "kind", "pool reaching", *methods], rows),
+        "",
+        "CMA-ES searched: " + "; ".join(f"{t['task']}: {t.get('notes', {}).get('CMA-ES (same kind)', '–')}" for t in ev["tasks"]) + ".",
         "",
         f"Best on the held-out tasks: **{ev['best']}** ({ev['geometric_mean'][ev['best']]:.2f}× fewer trials than random search, geometric mean).",
         "",

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from hposvc.spec import StudySpec
 
-__all__ = ["SCALES", "Scale", "SurveyRun", "SurveyStudy", "SurveyTask", "protocol", "run_survey", "survey_frame", "survey_studies", "sweep"]
+__all__ = ["SCALES", "Scale", "SurveyRun", "SurveyStudy", "SurveyTask", "protocol", "run_survey", "spec_kind", "survey_frame", "survey_studies", "sweep"]
 
 # Where the protocol's specs live among the built-in specs (studies/ is hposvc._studies).
 PROTOCOL_GROUP = "survey/protocol"
@@ -104,15 +104,31 @@ class SurveyTask:
 
     @property
     def kind(self) -> str:
-        """The kind of model the task trains (:data:`~hposvc.recommendation._data.MODEL_KINDS`):
-        from the spec's [model] family and depth, else the task's own family."""
-        family = self.spec.dims["family"].value if "family" in self.spec.dims else None
-        depth = self.spec.dims["depth"].value if "depth" in self.spec.dims else None
-        if family is None:
-            from hposvc.tasks import load_task
+        """The kind of model the task trains (:func:`spec_kind`)."""
+        return spec_kind(self.spec) or "other"
 
-            family = load_task(self.spec.task, seed=self.spec.seed, options=dict(self.spec.task_options)).family
-        return model_kind(family, depth) or "other"
+
+def spec_kind(spec: "StudySpec") -> str | None:
+    """The kind of model a spec trains (:data:`~hposvc.recommendation._data.MODEL_KINDS`):
+    from its fixed [model] family and depth, else the task's own family (the task is
+    loaded for that); None when the family or depth is searched, or the model is the
+    user's own.
+
+    >>> from hposvc.spec import parse_spec
+    >>> spec_kind(parse_spec({"study": {"name": "s", "task": "digits", "metric": "val_accuracy"}, "model": {"family": "mlp", "depth": 0}}))
+    'linear'
+    """
+    if spec.model is not None or spec.trainer is not None or spec.command is not None:
+        return None
+    family, depth = (spec.dims[n] if n in spec.dims else None for n in ("family", "depth"))
+    if (family is not None and family.kind != "fixed") or (depth is not None and depth.kind != "fixed"):
+        return None
+    name = family.value if family is not None else None
+    if name is None:
+        from hposvc.tasks import load_task
+
+        name = load_task(spec.task, seed=spec.seed, options=dict(spec.task_options)).family
+    return model_kind(name, depth.value if depth is not None else None)
 
 
 @dataclass(frozen=True)

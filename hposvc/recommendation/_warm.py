@@ -32,7 +32,10 @@ from hposvc.recommendation._data import SURVEY_HELD_OUT, SURVEY_SCALE, collect_t
 if TYPE_CHECKING:
     from hposvc.spec import Dim, StudySpec
 
+WARM_TOP = 3  # configurations --warm-start queues first (one per optimizer: they hedge)
+
 __all__ = [
+    "WARM_TOP",
     "ranked_contexts",
     "shipped_warm_start_configs",
     "survey_warm_start_configs",
@@ -46,7 +49,7 @@ def warm_start_configs(
     *,
     storage: "str | optuna.storages.BaseStorage | optuna.Study | None" = None,
     data_dir: "str | os.PathLike[str] | None" = None,
-    top: int = 3,
+    top: int = WARM_TOP,
     min_trials: int = 3,
 ) -> list[TrialConfig]:
     """Recommended configurations to run first in a new study of ``spec``, best first.
@@ -82,39 +85,47 @@ def warm_start_configs(
 
 
 def survey_warm_start_configs(
-    spec: "StudySpec", *, storage: "str | optuna.storages.BaseStorage | None" = None, scale: str = "full", top: int = 3
+    spec: "StudySpec", *, storage: "str | optuna.storages.BaseStorage | None" = None, scale: str = "full", top: int = WARM_TOP
 ) -> list[TrialConfig]:
     """Warm-start configurations from a survey run in ``storage``: each optimizer's best
-    configuration across the protocol tasks (never the held-out ones), best first by its
-    mean anchored score over them, filtered to the spec's optimizers and fitted into its space."""
+    configuration across the protocol tasks of the spec's kind of model (all protocol
+    tasks when the survey has none of that kind; never the held-out ones), best first by
+    its mean anchored score over them, filtered to the spec's optimizers and fitted into
+    its space. Why by kind: on the survey's held-out tasks the same-kind list reached
+    the target in fewer trials than the list over every task (RESULTS.md, "Warm start")."""
     from hposvc.recommendation._results import survey_warm_list
-    from hposvc.recommendation._survey import survey_frame
+    from hposvc.recommendation._survey import spec_kind, survey_frame
 
     df = survey_frame(storage, scale=scale)
-    ranked = [(w["optimizer"], {k: v for k, v in w.items() if k not in ("optimizer", "score")}) for w in survey_warm_list(df[~df["held_out"]])]
+    proto = df[~df["held_out"]]
+    same = proto[proto["kind"] == spec_kind(spec)]
+    ranked = [(w["optimizer"], {k: v for k, v in w.items() if k not in ("optimizer", "score")}) for w in survey_warm_list(same if len(same) else proto)]
     return _build(spec, [(o, n) for o, n in ranked if o in set(spec.optimizers)], contexts=[], best_rows=None, top=top)
 
 
-def shipped_warm_start_configs(spec: "StudySpec", *, top: int = 3) -> list[TrialConfig]:
+def shipped_warm_start_configs(spec: "StudySpec", *, top: int = WARM_TOP) -> list[TrialConfig]:
     """Warm-start configurations from the survey result that ships with hposvc (what a
     fresh install, whose storage has no other study, warm-starts from); [] when none ships.
 
-    The shipped list is each optimizer's best configuration across the survey's tasks,
-    in the survey's order; here it is filtered to the spec's optimizers and fitted into
-    its space like :func:`warm_start_configs_from_frame` does.
+    The shipped lists are each optimizer's best configuration across the survey's tasks
+    of one kind of model (``warm_start_by_kind``; the spec's kind is used, else the list
+    over every task), in the survey's order; here the list is filtered to the spec's
+    optimizers and fitted into its space like :func:`warm_start_configs_from_frame` does.
     """
     from hposvc.recommendation._results import load_shipped_survey
+    from hposvc.recommendation._survey import spec_kind
 
     try:
         shipped = load_shipped_survey()
     except HposvcError:
         return []
-    ranked = [(w["optimizer"], {k: v for k, v in w.items() if k not in ("optimizer", "score")}) for w in shipped.warm_start]
+    chosen = shipped.warm_start_by_kind.get(spec_kind(spec) or "", shipped.warm_start)
+    ranked = [(w["optimizer"], {k: v for k, v in w.items() if k not in ("optimizer", "score")}) for w in chosen]
     return _build(spec, [(o, n) for o, n in ranked if o in set(spec.optimizers)], contexts=[], best_rows=None, top=top)
 
 
 def warm_start_configs_from_frame(
-    df: pd.DataFrame, spec: "StudySpec", *, top: int = 3, min_trials: int = 3
+    df: pd.DataFrame, spec: "StudySpec", *, top: int = WARM_TOP, min_trials: int = 3
 ) -> list[TrialConfig]:
     """Warm-start configurations for ``spec`` from a frame of finished trials.
 

@@ -20,9 +20,12 @@ Methods (the protocol tasks are the only source; a held-out task never informs i
   (per optimizer that was best somewhere: the range of its best lrs); random search
   inside it, then outside when nothing inside reaches the target.
 - ``CMA-ES (same kind)``: Optuna's ``CmaEsSampler(source_trials=...)`` warm-started with
-  the same-kind protocol trials, on the space (optimizer, lr relative to the optimizer's
-  one-shot default, in decades), each proposal scored by the nearest sweep point;
-  averaged over seeds and capped at :data:`CMA_MAX_TRIALS` trials.
+  the same-kind protocol trials. Optuna warm-starts CMA-ES only from source trials whose
+  every parameter is continuous (a categorical one makes them "incompatible"), so the
+  optimizer is fixed to the same-kind shortlist's first and CMA-ES searches its lr (in
+  decades from the one-shot default), warm-started from that optimizer's source trials;
+  each proposal is scored by the nearest sweep point. Averaged over seeds; a run that
+  never reaches the target counts :data:`CMA_MAX_TRIALS` trials.
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ import numpy as np
 import pandas as pd
 
 from hposvc.config import ONE_SHOT_DEFAULTS
+from hposvc.recommendation._warm import WARM_TOP
 
 __all__ = ["FRACTION", "METHODS", "WARM_TOP", "evaluate_warm_starts", "expected_first_hit"]
 
 FRACTION = 0.95  # "good enough": 95 % of the best value in the pool
-WARM_TOP = 3  # configurations a shortlist queues first (what --warm-start queues)
 CMA_SEEDS = 20  # independent CMA-ES runs per held-out task
 CMA_MAX_TRIALS = 150  # a run that has not reached the target by then counts this many
+CMA_MIN_SOURCE = 10  # warm starting fits the best 10 % of the source trials (cmaes' gamma = 0.1)
 METHODS = ("random", "shortlist", "shortlist (same kind)", "narrowed space", "narrowed space (same kind)", "CMA-ES (same kind)")
 
 
@@ -55,7 +59,7 @@ def expected_first_hit(n_pool: int, n_hits: int) -> float:
     return (n_pool + 1) / (n_hits + 1)
 
 
-def evaluate_warm_starts(proto: pd.DataFrame, held: pd.DataFrame) -> dict[str, Any]:
+def evaluate_warm_starts(proto: pd.DataFrame, held: pd.DataFrame, *, cma_seeds: int = CMA_SEEDS) -> dict[str, Any]:
     """Per held-out task and method, the expected trials to the target and the ratio
     random / method; per method the geometric mean of the ratios; and the best method.
 
@@ -74,7 +78,7 @@ def evaluate_warm_starts(proto: pd.DataFrame, held: pd.DataFrame) -> dict[str, A
             "shortlist (same kind)": pool.after_first(_shortlist(same)),
             "narrowed space": pool.inside(_box(proto)),
             "narrowed space (same kind)": pool.inside(_box(same)),
-            "CMA-ES (same kind)": pool.cma(same),
+            "CMA-ES (same kind)": pool.cma(same, cma_seeds),
         }
         rows.append(
             {
@@ -86,6 +90,7 @@ def evaluate_warm_starts(proto: pd.DataFrame, held: pd.DataFrame) -> dict[str, A
                 "target": pool.target,
                 "trials": costs,
                 "ratio": {m: costs["random"] / c for m, c in costs.items()},
+                "notes": dict(pool.notes),
             }
         )
     geo = {m: float(np.exp(np.mean([math.log(r["ratio"][m]) for r in rows]))) for m in METHODS} if rows else {}
@@ -120,6 +125,8 @@ class _Pool:
         self.target = float(FRACTION * best if self.maximize else best / FRACTION)
         self.reached = (values >= self.target) if self.maximize else (values <= self.target)
         self.n, self.hits = len(self.search), int(self.reached.sum())
+        self.optimizers = [o for o in ONE_SHOT_DEFAULTS if o in set(self.search["optimizer"])]
+        self.notes: dict[str, str] = {}  # method -> what it did on this task
 
     def random(self) -> float:
         return expected_first_hit(self.n, self.hits)
@@ -153,57 +160,58 @@ class _Pool:
             return expected_first_hit(n_in, hits_in)
         return n_in + expected_first_hit(self.n - n_in, self.hits)
 
-    def cma(self, source: pd.DataFrame) -> float:
-        """Mean over CMA_SEEDS runs of Optuna's warm-started CMA-ES (capped)."""
-        trials = _source_trials(source)
-        return float(np.mean([_cma_run(trials, self, seed) for seed in range(CMA_SEEDS)]))
+    def cma(self, source: pd.DataFrame, seeds: int) -> float:
+        """Mean over ``seeds`` runs of Optuna's warm-started CMA-ES on the lr of the
+        same-kind shortlist's first optimizer (capped)."""
+        optimizer = _shortlist(source)[0][0]
+        trials = _source_trials(source[source["optimizer"] == optimizer], optimizer)
+        # Warm starting fits the best 10 % of the source trials: with fewer than 10 there
+        # is nothing to fit, and CMA-ES starts cold (the table says so).
+        self.notes["CMA-ES (same kind)"] = f"{optimizer}'s lr" + ("" if len(trials) >= CMA_MIN_SOURCE else f"; cold: {len(trials)} source trials < {CMA_MIN_SOURCE}")
+        warm = trials if len(trials) >= CMA_MIN_SOURCE else None
+        return float(np.mean([_cma_run(warm, self, optimizer, seed) for seed in range(seeds)]))
 
     def value_at(self, optimizer: str, decades: float) -> tuple[float, bool]:
         j = self._index(optimizer, ONE_SHOT_DEFAULTS[optimizer]["lr"] * 10.0**decades)
         return float(self.search.at[j, "score"]), bool(self.reached.iloc[j])
 
 
-def _space() -> dict[str, Any]:
-    import optuna
-
-    return {
-        "optimizer": optuna.distributions.CategoricalDistribution(list(ONE_SHOT_DEFAULTS)),
-        "decades": optuna.distributions.FloatDistribution(-1.5, 1.5),  # lr / one-shot default, log10
-    }
+_DECADES = (-1.5, 1.5)  # lr / one-shot default, log10: the sweep's three decades
 
 
-def _source_trials(source: pd.DataFrame) -> list[Any]:
-    """The source tasks' sweep trials as finished Optuna trials on the shared space, each
-    valued by its anchored score on its own task."""
+def _source_trials(source: pd.DataFrame, optimizer: str) -> list[Any]:
+    """``optimizer``'s sweep trials on the source tasks as finished Optuna trials on the
+    space {decades}, each valued by its anchored score on its own task."""
     import optuna
 
     from hposvc.recommendation import _stats
 
-    space, out = _space(), []
+    space = {"decades": optuna.distributions.FloatDistribution(*_DECADES)}
+    out = []
     search = source[~source["at_defaults"]]
-    for task, g in search.groupby("task"):
-        sign = 1.0 if g["direction"].iloc[0] == "maximize" else -1.0
-        floor, best = sign * float(g["floor"].iloc[0]), float(g["score"].max())
-        if not math.isfinite(floor):
-            floor = float(g["score"].median())
-        value = _stats.anchored(g["score"].to_numpy(dtype=float), np.full(len(g), floor), np.full(len(g), best))
-        for (opt, lr), v in zip(g[["optimizer", "lr"]].itertuples(index=False), value):
-            decades = math.log10(float(lr) / ONE_SHOT_DEFAULTS[opt]["lr"])
-            out.append(optuna.trial.create_trial(params={"optimizer": opt, "decades": decades}, distributions=space, value=float(v)))
+    for _, g in search.groupby("task"):
+        floor = float(g["floor"].iloc[0]) * (1.0 if g["direction"].iloc[0] == "maximize" else -1.0)
+        best = float(g["score"].max())
+        if not math.isfinite(floor) or floor >= best:
+            floor = float(g["score"].min())
+        values = _stats.anchored(g["score"].to_numpy(dtype=float), np.full(len(g), floor), np.full(len(g), best))
+        for lr, v in zip(g["lr"].astype(float), values):
+            decades = min(max(math.log10(lr / ONE_SHOT_DEFAULTS[optimizer]["lr"]), _DECADES[0]), _DECADES[1])
+            out.append(optuna.trial.create_trial(params={"decades": decades}, distributions=space, value=float(v)))
     return out
 
 
-def _cma_run(source_trials: list[Any], pool: _Pool, seed: int) -> int:
+def _cma_run(source_trials: list[Any] | None, pool: _Pool, optimizer: str, seed: int) -> int:
     """Trials one warm-started CMA-ES run needs to reach the pool's target (capped)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     sampler = optuna.samplers.CmaEsSampler(source_trials=source_trials, seed=seed, warn_independent_sampling=False)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    space = _space()
+    space = {"decades": optuna.distributions.FloatDistribution(*_DECADES)}
     for i in range(1, CMA_MAX_TRIALS + 1):
         trial = study.ask(space)
-        score, hit = pool.value_at(trial.params["optimizer"], trial.params["decades"])
+        score, hit = pool.value_at(optimizer, trial.params["decades"])
         study.tell(trial, score)
         if hit:
             return i
