@@ -774,62 +774,78 @@ def _numbers(f: pd.DataFrame, optimizers: list[str], anchors: pd.DataFrame) -> d
     f = f.assign(_norm=_stats.anchored(f["score"].to_numpy(), a["floor"].to_numpy(), a["best"].to_numpy()))
     for opt, g in f.groupby("optimizer", sort=False):
         search = g[~g["at_defaults"]]
-        g = search if len(search) else g
-        params = [p for p in ONE_SHOT_DEFAULTS.get(str(opt), dict.fromkeys(OPTIMIZER_PARAMS)) if p in g.columns]
-        searched = [p for p in GRID_PARAMS if p in params and pd.to_numeric(g[p], errors="coerce").nunique() > 1]
-        keys = {p: _grid_key(g, p) for p in searched}
-        chosen, M, cell = [], None, None
-        for dims in (searched, searched[:1]):
-            if not dims:
-                break
-            K = pd.DataFrame({p: keys[p][0] for p in dims}, index=g.index)
-            cell = pd.Series(["|".join(map(repr, row)) for row in K.to_numpy(dtype=float).tolist()], index=g.index)
-            M = g.assign(_cell=cell).pivot_table(index="unit", columns="_cell", values="_norm", aggfunc="mean")
-            chosen = dims
-            if M.notna().all(axis=0).any():
-                break
-        numbers: dict[str, Any] = {}
-        if M is not None and chosen:
-            coverage = M.notna().sum(axis=0)
-            cols = coverage.index[coverage == coverage.max()]
-            cell_means = M[cols].mean(axis=0)
-            win = cell_means.idxmax()
-            grid_score = float(cell_means.max())
-            runs = g[(cell == win).to_numpy()]
-            for p in chosen:
-                numbers[p] = _grid_value(p, float(keys[p][0].loc[runs.index[0]]), keys[p][1], pd.to_numeric(runs[p], errors="coerce"))
-            regrets = []
-            if len(M) > 1 and coverage.max() == len(M):
-                for w in M.index:
-                    pick = M.drop(index=w)[cols].mean(axis=0).idxmax()
-                    regrets.append(float(M.loc[w, cols].max() - M.at[w, pick]))
-            grid = "; ".join(keys[p][1] for p in chosen)
-            grid_tasks = int(coverage.max())
-        else:
-            runs = g
-            grid, grid_tasks, regrets = "nothing searched", int(g["unit"].nunique()), []
-            grid_score = float(g.groupby("unit")["_norm"].mean().mean())
-        for p in params:
-            if p in numbers:
-                continue
-            vals = pd.to_numeric(runs[p], errors="coerce").dropna().to_numpy(dtype=float)
-            if vals.size == 0:
-                continue
-            med = float(np.exp(np.median(np.log(vals)))) if p in LOG_PARAMS and (vals > 0).all() else float(np.median(vals))
-            numbers[p] = _round(p, med)
-        if "schedule" in runs.columns and runs["schedule"].notna().any():
-            counts = runs["schedule"].dropna().value_counts()
-            schedule = str(sorted(counts[counts == counts.max()].index)[0])
-            numbers["schedule"] = schedule
-            if schedule == "warmup_cosine" and "warmup" in runs.columns:
-                w = pd.to_numeric(runs.loc[runs["schedule"] == schedule, "warmup"], errors="coerce").dropna()
-                if len(w):
-                    numbers["warmup"] = _round("warmup", float(np.median(w)))
-        numbers["grid"] = grid
-        numbers["grid_tasks"] = grid_tasks
-        numbers["grid_score"] = grid_score  # the chosen cell's mean anchored score over the tasks
-        numbers["loto_regret"] = float(np.mean(regrets)) if regrets else math.nan
-        out[str(opt)] = numbers
+        out[str(opt)] = _numbers_of(str(opt), search if len(search) else g)
+    return out
+
+
+def _numbers_of(opt: str, g: pd.DataFrame) -> dict[str, Any]:
+    """One optimizer's numbers from its runs ``g`` (each with its anchored ``_norm``)."""
+    params = [p for p in ONE_SHOT_DEFAULTS.get(opt, dict.fromkeys(OPTIMIZER_PARAMS)) if p in g.columns]
+    searched = [p for p in GRID_PARAMS if p in params and pd.to_numeric(g[p], errors="coerce").nunique() > 1]
+    keys = {p: _grid_key(g, p) for p in searched}
+    chosen, M, cell = [], None, None
+    for dims in (searched, searched[:1]):
+        if not dims:
+            break
+        K = pd.DataFrame({p: keys[p][0] for p in dims}, index=g.index)
+        cell = pd.Series(["|".join(map(repr, row)) for row in K.to_numpy(dtype=float).tolist()], index=g.index)
+        M = g.assign(_cell=cell).pivot_table(index="unit", columns="_cell", values="_norm", aggfunc="mean")
+        chosen = dims
+        if M.notna().all(axis=0).any():
+            break
+    numbers: dict[str, Any] = {}
+    if M is not None and chosen:
+        coverage = M.notna().sum(axis=0)
+        cols = coverage.index[coverage == coverage.max()]
+        cell_means = M[cols].mean(axis=0)
+        win = cell_means.idxmax()
+        runs = g[(cell == win).to_numpy()]
+        for p in chosen:
+            numbers[p] = _grid_value(p, float(keys[p][0].loc[runs.index[0]]), keys[p][1], pd.to_numeric(runs[p], errors="coerce"))
+        meta = {
+            "grid": "; ".join(keys[p][1] for p in chosen),
+            "grid_tasks": int(coverage.max()),
+            "grid_score": float(cell_means.max()),  # the chosen cell's mean anchored score over the tasks
+            "loto_regret": _loto_regret(M, cols) if coverage.max() == len(M) else math.nan,
+        }
+    else:
+        runs = g
+        meta = {"grid": "nothing searched", "grid_tasks": int(g["unit"].nunique()), "grid_score": float(g.groupby("unit")["_norm"].mean().mean()), "loto_regret": math.nan}
+    numbers.update(_other_numbers(runs, params, numbers))
+    return {**numbers, **meta}
+
+
+def _loto_regret(M: pd.DataFrame, cols: pd.Index) -> float:
+    """Mean over tasks of what choosing the cell from the other tasks loses on this one."""
+    if len(M) < 2:
+        return math.nan
+    regrets = []
+    for w in M.index:
+        pick = M.drop(index=w)[cols].mean(axis=0).idxmax()
+        regrets.append(float(M.loc[w, cols].max() - M.at[w, pick]))
+    return float(np.mean(regrets))
+
+
+def _other_numbers(runs: pd.DataFrame, params: list[str], chosen: dict[str, Any]) -> dict[str, Any]:
+    """Numbers off the grid: the winning cell's median (geometric for log-scale ones), and
+    its most common schedule (with the median warm-up)."""
+    out: dict[str, Any] = {}
+    for p in params:
+        if p in chosen:
+            continue
+        vals = pd.to_numeric(runs[p], errors="coerce").dropna().to_numpy(dtype=float)
+        if vals.size == 0:
+            continue
+        med = float(np.exp(np.median(np.log(vals)))) if p in LOG_PARAMS and (vals > 0).all() else float(np.median(vals))
+        out[p] = _round(p, med)
+    if "schedule" in runs.columns and runs["schedule"].notna().any():
+        counts = runs["schedule"].dropna().value_counts()
+        schedule = str(sorted(counts[counts == counts.max()].index)[0])
+        out["schedule"] = schedule
+        if schedule == "warmup_cosine" and "warmup" in runs.columns:
+            w = pd.to_numeric(runs.loc[runs["schedule"] == schedule, "warmup"], errors="coerce").dropna()
+            if len(w):
+                out["warmup"] = _round("warmup", float(np.median(w)))
     return out
 
 
