@@ -1016,6 +1016,7 @@ def _kind_decision(kind: str, a: _Analysis, n_tasks: int, budget: int) -> dict[s
     if n_tasks < MIN_KIND_TASKS:
         out.update(
             status=TOO_FEW_TASKS, best=None, tied=[], behind=[], gaps={},
+            phrase=f"on {kind} tasks ({n_tasks}): too few to decide",
             summary=(
                 f"Too few {kind} tasks to decide: {_plural(n_tasks, 'task')} (a decision for a kind of model needs at "
                 f"least {MIN_KIND_TASKS}, so that it is about the kind, not one task); the per-task scores are in the table."
@@ -1023,7 +1024,7 @@ def _kind_decision(kind: str, a: _Analysis, n_tasks: int, budget: int) -> dict[s
         )
         return out
     if not a.ranked:
-        out.update(status="insufficient data", behind=[], gaps={}, summary=f"On {kind} tasks: insufficient data.")
+        out.update(status="insufficient data", behind=[], gaps={}, phrase=f"on {kind} tasks: insufficient data", summary=f"On {kind} tasks: insufficient data.")
         return out
     rows = a.table.set_index("optimizer")
     behind = [o for o in a.table["optimizer"] if o in a.ranked and o != a.best and o not in a.tied]
@@ -1031,7 +1032,8 @@ def _kind_decision(kind: str, a: _Analysis, n_tasks: int, budget: int) -> dict[s
     top = a.best or ", ".join(a.tied)
     lead = f"{a.best} best" if a.best else f"no detectable difference among {top}"
     worst = f"; {a.decision['top']} ahead of " + ", ".join(f"{o} by {g['difference']:.2f} [{g['low']:.2f}, {g['high']:.2f}]" for o, g in gaps.items()) if gaps else ""
-    out.update(status="decided", behind=behind, gaps=gaps, summary=f"on {kind} tasks ({n_tasks}, budget {budget}): {lead}{worst}")
+    phrase = f"on {kind} tasks ({n_tasks}, budget {budget}): {lead}{worst}"
+    out.update(status="decided", behind=behind, gaps=gaps, phrase=phrase, summary=phrase[0].upper() + phrase[1:] + ".")
     return out
 
 
@@ -1047,7 +1049,7 @@ def kinds_sentence(best: str | None, tied: list[str], ranked: list[str], kinds: 
     behind_of["all"] = {o for o in ranked if o != best and o not in tied}
     top_of["all"] = {best} if best else set(tied)
     clashes = sorted({(a, b) for a in top_of for b in behind_of if a != b and top_of[a] & behind_of[b]})
-    parts = [kinds[k]["summary"] for k in sorted(kinds)]
+    parts = [kinds[k]["phrase"] for k in sorted(kinds)]
     if clashes:
         how = "; ".join(f"{', '.join(sorted(top_of[a] & behind_of[b]))} is in the top group {'over all tasks' if a == 'all' else f'on {a} tasks'} but detectably behind {'over all tasks' if b == 'all' else f'on {b} tasks'}" for a, b in clashes)
         return f"The kinds of model disagree ({how}): " + "; ".join(parts) + "."

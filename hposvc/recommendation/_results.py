@@ -175,7 +175,7 @@ def survey_report(
     recs = {k: recommend_from_frame(proto, budget=k, n_bootstrap=n_bootstrap, seed=seed) for k in budgets}
     held_recs = {k: recommend_from_frame(held, budget=k, n_bootstrap=0, seed=seed) for k in budgets} if len(held) else {}
     main = recs[headline]
-    kinds = _kinds(proto, budgets, n_bootstrap=n_bootstrap, seed=seed)
+    kinds = _kinds(proto, budgets, headline, n_bootstrap=n_bootstrap, seed=seed)
 
     result = SurveyResult(
         summary=main.summary,
@@ -288,13 +288,14 @@ def _decision(k: int, rec: Recommendation) -> dict[str, Any]:
     }
 
 
-def _kinds(proto: pd.DataFrame, budgets: list[int], *, n_bootstrap: int, seed: int) -> dict[str, dict[str, Any]]:
+def _kinds(proto: pd.DataFrame, budgets: list[int], headline: int, *, n_bootstrap: int, seed: int) -> dict[str, dict[str, Any]]:
     """Per kind of model: its protocol tasks, and the recommendation on them alone at
-    every budget (the same decision objects as the overall ones, with the kind's status)."""
+    every budget (the same decision objects as the overall ones, with the kind's status);
+    the summary is the headline budget's."""
     out: dict[str, dict[str, Any]] = {}
     for kind in sorted(proto["kind"].dropna().unique()):
         recs = {k: recommend_from_frame(proto, budget=k, kind=kind, n_bootstrap=n_bootstrap, seed=seed) for k in budgets}
-        last = recs[max(budgets)]
+        last = recs[headline]
         decisions = []
         for k, rec in recs.items():
             extra = {key: rec.kinds[kind].get(key) for key in ("status", "behind", "gaps")}
@@ -409,7 +410,9 @@ def _tasks(main: Recommendation, df: pd.DataFrame, held_rec: Recommendation | No
 def _defaults_vs_tuned(proto: pd.DataFrame, main: Recommendation) -> dict[str, Any]:
     """Schmidt et al.'s comparison at equal cost, B = the number of optimizers:
     "try every optimizer once at its defaults, keep the best" against "tune one optimizer
-    with B random lr-sweep trials" (its expected best of B, k <= N), both anchored."""
+    with B random lr-sweep trials" (its expected best of B, k <= N), both anchored. With
+    fewer sweep points N than optimizers the tuned arm gets N trials (``tuned_trials``),
+    which favours the defaults arm."""
     anchors = main.anchors.set_index("task")
     tasks = [t for t in main.decision.get("tasks", []) if t in anchors.index]
     optimizers = sorted(proto["optimizer"].unique())
@@ -428,8 +431,9 @@ def _defaults_vs_tuned(proto: pd.DataFrame, main: Recommendation) -> dict[str, A
     curves = main.budget_curves
     n_max = int(curves.groupby(["task", "optimizer"])["n"].max().min()) if not curves.empty else 0
     tuned: dict[str, float] = {}
-    if b <= n_max:
-        at_b = curves[(curves["n"] == b) & curves["task"].isin(tasks)]
+    k = min(b, n_max)  # never beyond the sweep: with fewer sweep points than optimizers the tuned arm gets fewer trials
+    if k >= 1:
+        at_b = curves[(curves["n"] == k) & curves["task"].isin(tasks)]
         for o, g in at_b.groupby("optimizer"):
             vals = [float(_stats.anchored(np.array([r.expected_best]), anchors.at[r.task, "floor"], anchors.at[r.task, "best"])[0]) for r in g.itertuples()]
             if len(vals) == len(tasks):
@@ -437,11 +441,12 @@ def _defaults_vs_tuned(proto: pd.DataFrame, main: Recommendation) -> dict[str, A
     best_tuned = max(tuned, key=tuned.get) if tuned else None
     return {
         "trials": b,
+        "tuned_trials": k,
         "n_tasks": len(tasks),
         "best_default_of_all": float(np.mean(per_task_defaults)) if len(per_task_defaults) == len(tasks) and tasks else None,
         "tuned": dict(sorted(tuned.items(), key=lambda kv: -kv[1])),
         "best_tuned": best_tuned,
-        "note": None if b <= n_max else f"the tuned arm needs {b} sweep trials per task and optimizer; the sweep has {n_max}",
+        "note": None if k >= 1 else "no sweep trials",
     }
 
 
@@ -632,12 +637,16 @@ def _markdown(r: SurveyResult) -> str:
     if dvt.get("note"):
         lines.append(f"Not computed: {dvt['note']}.")
     else:
+        k = dvt.get("tuned_trials", dvt["trials"])
+        arms = f"Both arms spend {k} trials per task" if k == dvt["trials"] else (
+            f"The defaults arm spends {dvt['trials']} trials per task and the tuned arm {k} (the whole sweep; this favours the defaults arm)"
+        )
         lines += [
-            f"Both arms spend {dvt['trials']} trials per task (anchored, mean over {dvt['n_tasks']} protocol tasks): trying every optimizer "
+            f"{arms} (anchored, mean over {dvt['n_tasks']} protocol tasks): trying every optimizer "
             f"once at its defaults and keeping the best scores **{_f(dvt['best_default_of_all'])}**; tuning one optimizer's lr with "
-            f"{dvt['trials']} sweep trials scores:",
+            f"{k} sweep trials scores:",
             "",
-            *_table(["optimizer tuned", f"expected best of {dvt['trials']}", "vs best default of all"], [
+            *_table(["optimizer tuned", f"expected best of {k}", "vs best default of all"], [
                 [o, _f(v), _f(v - dvt["best_default_of_all"]) if dvt["best_default_of_all"] is not None else "–"] for o, v in dvt["tuned"].items()
             ]),
         ]
