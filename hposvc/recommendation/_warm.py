@@ -91,14 +91,14 @@ def survey_warm_start_configs(
     configuration across the protocol tasks of the spec's kind of model (all protocol
     tasks when the survey has none of that kind; never the held-out ones), best first by
     its mean anchored score over them, filtered to the spec's optimizers and fitted into
-    its space. Why by kind: on the survey's held-out tasks the same-kind list reached
-    the target in fewer trials than the list over every task (RESULTS.md, "Warm start")."""
+    its space. By kind only while the shipped survey measured the same-kind list ahead of
+    the list over every task on its held-out tasks (RESULTS.md, "Warm start")."""
     from hposvc.recommendation._results import survey_warm_list
     from hposvc.recommendation._survey import spec_kind, survey_frame
 
     df = survey_frame(storage, scale=scale)
     proto = df[~df["held_out"]]
-    same = proto[proto["kind"] == spec_kind(spec)]
+    same = proto[proto["kind"] == spec_kind(spec)] if _by_kind() else proto.iloc[:0]
     ranked = [(w["optimizer"], {k: v for k, v in w.items() if k not in ("optimizer", "score")}) for w in survey_warm_list(same if len(same) else proto)]
     return _build(spec, [(o, n) for o, n in ranked if o in set(spec.optimizers)], contexts=[], best_rows=None, top=top)
 
@@ -107,10 +107,11 @@ def shipped_warm_start_configs(spec: "StudySpec", *, top: int = WARM_TOP) -> lis
     """Warm-start configurations from the survey result that ships with hposvc (what a
     fresh install, whose storage has no other study, warm-starts from); [] when none ships.
 
-    The shipped lists are each optimizer's best configuration across the survey's tasks
-    of one kind of model (``warm_start_by_kind``; the spec's kind is used, else the list
-    over every task), in the survey's order; here the list is filtered to the spec's
-    optimizers and fitted into its space like :func:`warm_start_configs_from_frame` does.
+    The shipped lists are each optimizer's best configuration across the survey's tasks,
+    over every task (``warm_start``) and per kind of model (``warm_start_by_kind``; the
+    spec's kind is used when the survey measured that ahead, see :func:`_by_kind`), in the
+    survey's order; here the list is filtered to the spec's optimizers and fitted into its
+    space like :func:`warm_start_configs_from_frame` does.
     """
     from hposvc.recommendation._results import load_shipped_survey
     from hposvc.recommendation._survey import spec_kind
@@ -119,9 +120,22 @@ def shipped_warm_start_configs(spec: "StudySpec", *, top: int = WARM_TOP) -> lis
         shipped = load_shipped_survey()
     except HposvcError:
         return []
-    chosen = shipped.warm_start_by_kind.get(spec_kind(spec) or "", shipped.warm_start)
+    chosen = shipped.warm_start_by_kind.get(spec_kind(spec) or "", shipped.warm_start) if _by_kind() else shipped.warm_start
     ranked = [(w["optimizer"], {k: v for k, v in w.items() if k not in ("optimizer", "score")}) for w in chosen]
     return _build(spec, [(o, n) for o, n in ranked if o in set(spec.optimizers)], contexts=[], best_rows=None, top=top)
+
+
+def _by_kind() -> bool:
+    """Whether warm starts use the list of the new study's kind of model: when the shipped
+    survey measured the same-kind list ahead of the list over every task on its held-out
+    tasks (RESULTS.md, "Warm start"); else the list over every task."""
+    from hposvc.recommendation._results import load_shipped_survey
+
+    try:
+        geo = load_shipped_survey().warm_start_eval.get("geometric_mean", {})
+    except HposvcError:
+        return False
+    return geo.get("shortlist (same kind)", 0.0) > geo.get("shortlist", 0.0)
 
 
 def warm_start_configs_from_frame(
