@@ -1037,23 +1037,30 @@ def _kind_decision(kind: str, a: _Analysis, n_tasks: int, budget: int) -> dict[s
     return out
 
 
+def _they(names: set[str]) -> str:
+    return ", ".join(sorted(names)) + (" leads" if len(names) == 1 else " lead")
+
+
 def kinds_sentence(best: str | None, tied: list[str], ranked: list[str], kinds: dict[str, dict[str, Any]]) -> str:
-    """Whether the kinds of model disagree, and how. They disagree when an optimizer
-    detectably behind the top in one decision (overall or a kind's) is in the top group
-    of another kind's; a kind whose top group is merely larger (fewer tasks, less power)
-    does not disagree."""
-    top_of = {k: ({d["best"]} if d["best"] else set(d["tied"])) for k, d in kinds.items() if d["status"] == "decided"}
-    behind_of = {k: set(d["behind"]) for k, d in kinds.items() if d["status"] == "decided"}
+    """Whether the kinds of model disagree, and how. Two decisions (the overall one or a
+    kind's) disagree when each puts in its top group an optimizer the other finds
+    detectably behind its own top group: a reversal. A kind whose top group is merely
+    larger (fewer tasks, less power to tell optimizers apart) does not disagree."""
     if not kinds:
         return ""
-    behind_of["all"] = {o for o in ranked if o != best and o not in tied}
-    top_of["all"] = {best} if best else set(tied)
-    clashes = sorted({(a, b) for a in top_of for b in behind_of if a != b and top_of[a] & behind_of[b]})
-    parts = [kinds[k]["phrase"] for k in sorted(kinds)]
+    decided = {k: d for k, d in kinds.items() if d["status"] == "decided"}
+    top_of = {k: ({d["best"]} if d["best"] else set(d["tied"])) for k, d in decided.items()}
+    behind_of = {k: set(d["behind"]) for k, d in decided.items()}
+    top_of["all"], behind_of["all"] = ({best} if best else set(tied)), {o for o in ranked if o != best and o not in tied}
+    where = lambda k: "over all tasks" if k == "all" else f"on {k} tasks"  # noqa: E731
+    clashes = [
+        f"{_they(top_of[a] & behind_of[b])} {where(a)} but detectably behind {where(b)}, where {_they(top_of[b] & behind_of[a])}"
+        for a in sorted(top_of) for b in sorted(top_of) if a < b and top_of[a] & behind_of[b] and top_of[b] & behind_of[a]
+    ]
+    parts = "; ".join(kinds[k]["phrase"] for k in sorted(kinds))
     if clashes:
-        how = "; ".join(f"{', '.join(sorted(top_of[a] & behind_of[b]))} is in the top group {'over all tasks' if a == 'all' else f'on {a} tasks'} but detectably behind {'over all tasks' if b == 'all' else f'on {b} tasks'}" for a, b in clashes)
-        return f"The kinds of model disagree ({how}): " + "; ".join(parts) + "."
-    return "By kind of model (no kind contradicts another or the overall decision): " + "; ".join(parts) + "."
+        return f"The kinds of model disagree ({'; '.join(clashes)}): {parts}."
+    return f"The kinds of model do not contradict each other or the overall decision (they differ only in what their tasks can tell apart): {parts}."
 
 
 # -- public entry point ---------------------------------------------------------------------
