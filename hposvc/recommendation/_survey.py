@@ -85,7 +85,6 @@ SCALES: dict[str, Scale] = {
         max_epochs=5,
         prefix="survey-ci",
     ),
-    # Full: every task and optimizer, 16 lr points each (budgets up to 16, k <= N).
     # Full: every task and optimizer, 8 lr points each (budgets up to 8, k <= N). Sized to
     # finish within an hour on 2 busy CPU cores with one worker (16 points, as in the first
     # survey, fit only before the transformer tasks were added).
