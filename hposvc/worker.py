@@ -35,6 +35,9 @@ __all__ = ["Progress", "load_spec_of", "population_size", "run_worker"]
 
 # How often an idle worker looks for re-queued trials while others still run (seconds).
 POLL_SECONDS = 1.0
+# How long a worker stopping on a signal or an error waits for MLflow to hold what it
+# wrote (seconds); what is not there by then is sent by the tracking process anyway.
+STOP_WAIT_SECONDS = 5.0
 # Population size "auto" on the CPU: enough members to amortise per-step Python work on a
 # small machine without making one epoch of the population very long.
 CPU_AUTO_POPULATION = 8
@@ -190,11 +193,17 @@ def population_size(value: int | str | None, *, device: str = "auto", task: "Tas
 
 @contextmanager
 def _draining(tracker: Tracker, writes: "queue.WriteBehind") -> Iterator[None]:
-    """However the loop ends, queued storage writes are sent before we return (tracking
-    records are in the outbox already; the tracking process sends them)."""
+    """However the loop ends, queued storage writes are sent before we return. Tracking
+    records are in the outbox already and the tracking process sends them; a worker that
+    stops on a signal or an error gives it :data:`STOP_WAIT_SECONDS` to, so the runs of
+    interrupted trials show FAILED at once."""
     try:
         yield
-    finally:
+    except BaseException:
+        writes.close()
+        tracker.wait(timeout=STOP_WAIT_SECONDS)
+        raise
+    else:
         writes.close()
 
 

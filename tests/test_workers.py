@@ -226,7 +226,11 @@ def test_sigterm_stops_cleanly_and_rerun_completes(tmp_path: Path) -> None:
     assert not [t for t in trials if t.state.name == "RUNNING"]
     interrupted = [t for t in trials if t.state.name == "FAIL"]
     assert interrupted and all(t.user_attrs["hposvc.reason"].startswith("interrupted") for t in interrupted)
+    # the interrupted trials' ends are in the outbox; `hposvc sync` waits until MLflow has them
+    sync = subprocess.run(_cli("sync", "--data-dir", str(data)), env=_env(), capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0, sync.stderr
     runs = _trial_runs(f"sqlite:///{data / 'mlflow.db'}")
+    assert {int(r.data.tags["hposvc.trial_number"]) for r in runs} == {t.number for t in trials if t.state.name != "WAITING"}
     assert all(r.info.status != "RUNNING" for r in runs)
 
     rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
