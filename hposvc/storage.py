@@ -101,7 +101,7 @@ class Outage:
     through ``grpc://`` keep retrying: past it they raise :class:`StorageUnavailableError`
     and the worker stops (exit code 75). :class:`hposvc.queue.StaleWatch` reads
     :attr:`ended_at`: a heartbeat that could not land while the storage was away does not
-    make a live trial stale.
+    make a live trial stale. One per process, as a worker has one study storage.
     """
 
     def __init__(self) -> None:
