@@ -26,7 +26,6 @@ script runs, and it must not pull in torch, Optuna or MLflow.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from hposvc.config import CONDITIONAL, ONE_SHOT_DEFAULTS, OPTIMIZER_PARAMS, TrialConfig
+from hposvc.config import FIELDS as CONFIG_FIELDS
 from hposvc.errors import TrainingError, TrialTimedOut, invalid
 
 __all__ = [
@@ -66,9 +66,9 @@ LINE_PREFIX = "hposvc: "  # what marks a stdout line as a metric report
 # file, short enough that a pruned trial frees its device quickly.
 DEFAULT_GRACE = 10.0
 STDERR_TAIL = 20  # lines of stderr a failed trial's reason carries
-# The fields a command may name. ``extra`` is a mapping with no one-argument spelling;
-# scripts read it from HPOSVC_CONFIG.
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig) if f.name != "extra")
+# The fields a command may name: every TrialConfig field with one value (``extra`` is a
+# mapping scripts read from HPOSVC_CONFIG; ``params`` are named one by one, {dropout}).
+FIELDS: tuple[str, ...] = tuple(CONFIG_FIELDS)
 _EXAMPLE = LINE_PREFIX + '{"epoch": 3, "val_accuracy": 0.91, "val_loss": 0.3}'
 # {{ and }} are literal braces; {name} a placeholder; any other brace is a mistake.
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")

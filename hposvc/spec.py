@@ -73,7 +73,6 @@ Optimizer numbers the spec does not mention (see :data:`DEFAULT_RANGES`):
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json
