@@ -882,7 +882,7 @@ class _TaskTable(_Reader):
             hint = "Any other name needs your own [study] trainer or command, which reports it."
             if not isinstance(metric, str) or metric not in METRICS:
                 close = _close(metric, METRICS)
-                raise self.error("study.metric", metric, METRICS, f"Did you mean {close!r}?" if close else hint)
+                raise self.error("study.metric", metric, METRICS, (f"Did you mean {close!r}? " if close else "") + hint)
         if metric == "val_accuracy" and regression:
             raise self.error(
                 "study.metric", metric, ("val_loss",), "[task] kind = 'regression' has no accuracy; use val_loss."

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 import hposvc
 from hposvc.cli import main
-from hposvc.errors import SpecError
+from hposvc.errors import InvalidInputError, SpecError
 from hposvc.spec import parse_spec
 from hposvc.tracking import experiment_name
 
@@ -72,6 +72,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def train(ctx):
+    assert ctx.task is None, "the trainer's spec names no task"
     with open(os.path.join(HERE, "received", f"{ctx.trial_number}.json"), "w") as f:
         json.dump(ctx.params, f)
     loss = ctx.params["dropout"] + ctx.params["n_layer"]
@@ -107,7 +108,10 @@ def _write(tmp_path: Path, name: str, runner: str) -> Path:
     (tmp_path / f"code_{name}.py").write_text(CODE)
     (tmp_path / "received").mkdir(exist_ok=True)
     spec = tmp_path / f"{name}.toml"
-    spec.write_text(HEAD.format(name=name, runner=runner.replace("mycode:", f"code_{name}:")) + PARAMS)
+    text = HEAD.format(name=name, runner=runner.replace("mycode:", f"code_{name}:")) + PARAMS
+    if "trainer" in runner:  # it loads nothing: no task (ctx.task is None)
+        text = text.replace('task = "moons"\n', "").replace("[task]\nn_samples = 100\n", "")
+    spec.write_text(text)
     return spec
 
 
@@ -205,3 +209,35 @@ def test_ints_stay_ints_and_the_spec_round_trips() -> None:
     assert sorted(spec.search_space()) == ["a", "b", "c", "d"]
     assert parse_spec(spec.to_dict()) == spec and "params" in spec.to_dict()["space"]
     assert parse_spec({"study": {"name": "s", "task": "moons"}}).spec_hash != spec.spec_hash
+
+
+TASK_FACTORY = '''
+from hposvc.tasks import load_task
+
+
+def noisy_moons(seed, *, noise, n_samples=60):
+    return load_task("moons", seed=seed, options={"noise": noise, "n_samples": n_samples})
+
+
+def net(task, config, *, width_factor):
+    from torch import nn
+    return nn.Sequential(nn.Linear(2, 4 * width_factor), nn.ReLU(), nn.Linear(4 * width_factor, 2))
+'''
+
+
+def test_a_task_factory_gets_the_dimensions_it_names_per_trial(tmp_path: Path) -> None:
+    from hposvc.plugins import check_spec_code, load_spec_task, trial_task
+
+    (tmp_path / "taskmod.py").write_text(TASK_FACTORY)
+    data = {"study": {"name": "t", "task": "taskmod:noisy_moons", "model": "taskmod:net", "code_dir": str(tmp_path)},
+            "space": {"params": {"noise": [0.05, 0.3], "width_factor": 2}}}
+    spec = parse_spec(data)
+    check_spec_code(spec)  # noise reaches the task factory, width_factor the model factory
+    first = load_spec_task(spec)  # each dimension's first value
+    assert first is trial_task(spec, first, {"noise": 0.05, "width_factor": 2})  # the same data: no reload
+    other = trial_task(spec, first, {"noise": 0.3, "width_factor": 2})
+    assert other is not first and not (other.x_train == first.x_train).all()
+    data["space"]["params"]["depth_factor"] = 1
+    with pytest.raises(InvalidInputError) as e:
+        check_spec_code(parse_spec(data, source="t.toml"))
+    assert "'space.params.depth_factor'" in str(e.value) and "taskmod:net nor the task factory taskmod:noisy_moons" in str(e.value)

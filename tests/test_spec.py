@@ -405,3 +405,41 @@ def test_a_detected_regression_has_no_accuracy_either(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError) as info:
         check_runnable(spec)
     assert "'study.metric'" in str(info.value) and "regression" in str(info.value), str(info.value)
+
+
+# -- any metric for your own code, and [metrics] patterns ------------------------------------
+
+CMD = {"name": "s", "command": ["python", "train.py"]}
+
+
+@pytest.mark.parametrize(
+    ("study", "metrics", "key", "says"),
+    [
+        ({**CMD, "metric": "score"}, {}, "study.direction", "does not say whether lower or higher is better"),
+        ({"name": "s", "task": "digits", "metric": "valid_loss"}, {}, "study.metric", "needs your own [study] trainer or command"),
+        ({**CMD, "metric": "val_loss", "direction": "maximize"}, {}, "study.direction", "better when it is lower"),
+        ({**CMD, "metric": "valid loss"}, {}, "study.metric", "a metric name of letters"),
+        ({**CMD, "metric": "valid_loss"}, {"valid_loss": "valid loss ("}, "metrics.valid_loss", "re says: missing )"),
+        ({**CMD, "metric": "valid_loss"}, {"valid_loss": r"valid loss \S+"}, "metrics.valid_loss", "It has 0"),
+        ({**CMD, "metric": "valid_loss"}, {"valid_loss": r"(valid|val) loss (\S+)"}, "metrics.valid_loss", "It has 2; write (?:...)"),
+        ({**CMD, "metric": "valid_loss"}, {"valid_loss": 3}, "metrics.valid_loss", "a regular expression (a string)"),
+        ({"name": "s", "trainer": "m:f", "metric": "valid_loss"}, {"valid_loss": r"loss (\S+)"}, "metrics", "absent without a [study] command"),
+        ({"name": "s", "metric": "val_loss"}, {}, "study.task", "name and task"),
+    ],
+)
+def test_metric_direction_and_patterns_are_checked(study: dict, metrics: dict, key: str, says: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({"study": study, "metrics": metrics}, source="m.toml")
+    message = str(info.value)
+    assert message.startswith(f"m.toml: the '{key}' parameter"), message
+    assert says in message, message
+
+
+def test_a_command_study_reads_any_metric_and_round_trips() -> None:
+    spec = parse_spec({"study": {**CMD, "metric": "bleu_score"}, "metrics": {"bleu_score": r"BLEU = ([0-9.]+)", "epoch": r"epoch (\d+)"}})
+    assert (spec.task, spec.metric, spec.direction) == (None, "bleu_score", "maximize")
+    assert parse_spec(spec.to_dict()) == spec and spec.to_dict()["study"]["direction"] == "maximize"
+    explicit = parse_spec({"study": {**CMD, "metric": "score", "direction": "minimize"}})
+    assert explicit.direction == "minimize" and explicit.task_key.startswith("own-data")
+    # the built-in metrics keep their stored form (and their specs' hashes)
+    assert "direction" not in parse_spec({"study": {"name": "s", "task": "digits"}}).to_dict()["study"]
