@@ -355,8 +355,9 @@ def study_show(name: str, storage: str, data_dir: str | None, as_json: bool) -> 
 
     df = trials(name, storage=storage)
     from hposvc.config import TrialConfig
+    from hposvc.results import TRIAL_COLUMNS
 
-    own = [c for c in df.columns[list(df.columns).index("checkpoint_every") + 1 :] if c not in TrialConfig.__dataclass_fields__]
+    own = [c for c in df.columns if c not in TRIAL_COLUMNS and c not in TrialConfig.__dataclass_fields__]  # [space.params]
     cols = ["number", "state", "value", "optimizer", "lr", "init", "norm", "activation", "batch_size", *own, "duration_s", "reason"]
     emit(df if as_json else df[cols], as_json=as_json, columns=cols, title=f"study {name}")
 
