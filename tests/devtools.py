@@ -13,9 +13,10 @@ NUL-separated JSON), so no WebDriver, websocket library or open port is needed.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
-import subprocess
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,14 @@ from typing import Any
 
 class BrowserError(RuntimeError):
     pass
+
+
+def _above_4(fd: int) -> int:
+    """``fd`` moved to a number above 4 (so moving the pipe to 3 and 4 in the child never
+    overwrites its other end), closed on exec."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
 
 
 class Browser:
@@ -35,28 +44,34 @@ class Browser:
     """
 
     def __init__(self, binary: str, flags: tuple[str, ...], profile: Path, *, size: tuple[int, int]) -> None:
-        to_chrome_r, self._w = os.pipe()
-        self._r, from_chrome_w = os.pipe()
-
-        def fds() -> None:  # in the child: the protocol's fds 3 (commands in) and 4 (replies out)
-            os.dup2(to_chrome_r, 3)
-            os.dup2(from_chrome_w, 4)
-
+        to_chrome_r, self._w = map(_above_4, os.pipe())
+        self._r, from_chrome_w = map(_above_4, os.pipe())
+        args = [binary, *flags, f"--user-data-dir={profile}", "--remote-debugging-pipe", f"--window-size={size[0]},{size[1]}", "about:blank"]
         self.log = Path(f"{profile}.log")  # Chromium's own chatter (dbus, GPU); read on failure
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [binary, *flags, f"--user-data-dir={profile}", "--remote-debugging-pipe", f"--window-size={size[0]},{size[1]}", "about:blank"],
-                preexec_fn=fds, pass_fds=(3, 4), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        log = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # posix_spawn puts the protocol's pipe at the child's fds 3 (commands in) and 4
+        # (replies out); a Popen preexec_fn could do it too, but is unsafe with threads.
+        self.pid = os.posix_spawn(binary, args, os.environ, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, log, 1),
+            (os.POSIX_SPAWN_DUP2, log, 2),
+            (os.POSIX_SPAWN_DUP2, to_chrome_r, 3),
+            (os.POSIX_SPAWN_DUP2, from_chrome_w, 4),
+        ])  # fmt: skip
+        os.close(log)
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._buffer = b""
         self._next_id = 0
         self.size = size
-        target = self._call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self._session = self._call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        self.call("Page.enable")
-        self.call("Emulation.setDeviceMetricsOverride", {"width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": False})
+        try:
+            target = self._call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self._session = self._call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            self.call("Page.enable")
+            self.call("Emulation.setDeviceMetricsOverride", {"width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": False})
+        except BaseException:
+            self.close()  # no Chromium left behind
+            raise
 
     def __enter__(self) -> "Browser":
         return self
@@ -69,11 +84,13 @@ class Browser:
             self._call("Browser.close", timeout=10)
         except (BrowserError, OSError):
             pass
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        deadline = time.monotonic() + 20
+        while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                break
+            time.sleep(0.1)
         for fd in (self._w, self._r):
             try:
                 os.close(fd)
