@@ -621,6 +621,10 @@ def _where_to_look(study_name: str, *, data_dir: str | None, tracking_uri: str) 
         except Exception:  # noqa: BLE001 (the server went away: the hint is not worth failing for)
             return tracking_uri
     where = f" --data-dir {shlex.quote(data_dir)}" if data_dir else ""
+    from hposvc.storage import resolve_tracking_uri
+
+    if tracking_uri != resolve_tracking_uri(None, data_dir=data_dir):  # a store of its own: name it
+        where += f" --tracking-uri {shlex.quote(tracking_uri)}"
     return f"hposvc ui {shlex.quote(study_name)}{where}"
 
 

@@ -155,6 +155,15 @@ def test_ui_refuses_a_study_without_an_experiment(dash: DashRun) -> None:
     assert "got 'no-such-study'" in result.stderr
 
 
+def test_study_run_names_a_tracking_store_of_its_own_in_the_ui_command(tmp_path: Path) -> None:
+    from hposvc.cli import _where_to_look
+
+    default = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert _where_to_look("s", data_dir=str(tmp_path), tracking_uri=default) == f"hposvc ui s --data-dir {tmp_path}"
+    other = f"sqlite:///{tmp_path / 'elsewhere' / 'm.db'}"
+    assert _where_to_look("s", data_dir=str(tmp_path), tracking_uri=other) == f"hposvc ui s --data-dir {tmp_path} --tracking-uri {other}"
+
+
 def test_runs_url_opens_model_training_sorted_best_first() -> None:
     url = dashboard.runs_url("http://h:5000/", "7", maximize=True)
     assert url == "http://h:5000/#/experiments/7/runs?workflowType=machine_learning&orderByKey=metrics.%60value%60&orderByAsc=false"
