@@ -425,3 +425,42 @@ def test_a_placeholder_some_trial_leaves_unset_is_refused(arg: str, train: dict,
         check_spec_code(_command_spec(["-c", "pass", arg], train=train, space=space))
     assert str(e.value).startswith("s.toml: the 'command[3]' parameter"), str(e.value)
     assert says in str(e.value), str(e.value)
+
+
+# -- [metrics] patterns on unmodified output --------------------------------------------------
+
+WAITS = """
+import os, sys, time
+for epoch in (1, 2):
+    print(f"\\x1b[1mepoch {epoch}\\x1b[0m | val_loss: {-7.5e-05 * epoch:.1e}")  # no flush: PYTHONUNBUFFERED does it
+    sys.stderr.write(f"\\r{epoch}/2 [====] loss=+1.2e-05\\r")
+    deadline = time.time() + 20
+    while not os.path.exists(f"go-{epoch}") and time.time() < deadline:
+        time.sleep(0.02)  # the report must reach hposvc while the script still runs
+    if not os.path.exists(f"go-{epoch}"):
+        sys.exit(f"epoch {epoch} was not seen while the script ran")
+"""
+
+
+def test_each_match_is_a_report_while_the_script_runs(tmp_path: Path) -> None:
+    (tmp_path / "fit.py").write_text(WAITS)
+    seen: list[tuple[int, dict]] = []
+    values: list[tuple[int, dict]] = []
+
+    def on_metrics(epoch: int, metrics: dict) -> bool:
+        seen.append((epoch, metrics))
+        (tmp_path / f"go-{epoch}").touch()
+        return False
+
+    patterns = {"val_loss": r"val_loss:\s*([-+0-9.eE]+)", "loss": r"(?<!val_)loss=([-+0-9.eE]+)", "epoch": r"^epoch (\d+)"}
+    result = run([sys.executable, "fit.py"], cwd=tmp_path, env={**ENV, "PYTHONUNBUFFERED": "1"}, on_metrics=on_metrics,
+                 log_dir=tmp_path / "log", metric="val_loss", patterns=patterns, on_values=lambda s, v: values.append((s, v)))
+    assert result.status == "completed"
+    assert seen == [(1, {"val_loss": -7.5e-05}), (2, {"val_loss": -1.5e-04})]  # colours gone, signs and exponents read
+    assert values == [(1, {"loss": 1.2e-05}), (2, {"loss": 1.2e-05})]  # the \r-drawn bar, at the epoch under way
+
+
+def test_a_pattern_that_captures_no_number_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ScriptFailed, match=r"captured 'abc', which is not a number, in the line 'loss abc'"):
+        run(["sh", "-c", "echo loss abc"], cwd=tmp_path, env=ENV, on_metrics=lambda e, m: False, log_dir=tmp_path / "log",
+            metric="loss", patterns={"loss": r"loss (\w+)"})
