@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from hposvc import interrupts, queue, records
 from hposvc.config import check_population
-from hposvc.errors import InvalidInputError
+from hposvc.errors import InvalidInputError, TrainingError
 from hposvc.records import StudyRun
 from hposvc.storage import load_study, resolve_data_dir, resolve_storage_url, resolve_tracking_uri
 from hposvc.tracking import Tracker, open_tracker
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Progress", "load_spec_of", "population_size", "run_worker"]
 
+# A worker stops (error) after this many failed trials in a row, or n_trials if more: a
+# cause that fails every trial would otherwise run trials forever.
+MIN_FAILURES_TO_STOP = 3
 # How often an idle worker looks for re-queued trials while others still run (seconds).
 POLL_SECONDS = 1.0
 # How long a worker stopping on a signal or an error waits for MLflow to hold what it
@@ -118,6 +121,7 @@ def run_worker(
 
     started = time.monotonic()
     ran = 0
+    failed_in_a_row = 0
     watch = queue.StaleWatch()
     writes = queue.WriteBehind()
     env = TrialEnv(
@@ -154,12 +158,14 @@ def run_worker(
                     break
                 time.sleep(POLL_SECONDS)
                 continue
-            if len(claimed) == 1:
-                run_trial(env, claimed[0])
-            else:
-                run_population(env, claimed)
+            states = [run_trial(env, claimed[0])] if len(claimed) == 1 else run_population(env, claimed)
             ran += len(claimed)
             bar.update()
+            # Failed trials are not retried, so a cause that fails every trial (a pattern
+            # that never matches, a limit too short) would ask for trials forever.
+            failed_in_a_row = failed_in_a_row + len(states) if all(s == "FAIL" for s in states) else 0
+            if failed_in_a_row >= max(n_trials, MIN_FAILURES_TO_STOP):
+                raise TrainingError(_failing_study(study, claimed[-1], failed_in_a_row))
     # MLflow holds this worker's trials when it returns (bounded: tracking.WAIT_SECONDS, cut
     # short when MLflow is unreachable); the study's summary and plots follow a moment later.
     sent_upto = tracker.journal.size
@@ -168,6 +174,14 @@ def run_worker(
         tracker.finish_study(url, plan=plan)
     tracker.wait(upto=sent_upto)
     return StudyRun.of(study, storage=url, tracking_uri=uri, n_trials=n_trials, ran=ran)
+
+
+def _failing_study(study: "optuna.Study", last: "optuna.Trial", n: int) -> str:
+    reason = queue.storage_of(study).get_trial(queue.trial_id(last)).user_attrs.get(records.REASON, "?")
+    return (
+        f"study {study.study_name!r}: the last {n} trials this worker ran all failed, so it stopped; the last one's reason: "
+        f"{reason} Fix the cause and run the study again: it goes on where it stopped."
+    )
 
 
 def population_size(value: int | str | None, *, device: str = "auto", task: "Task | None" = None) -> int:

@@ -150,3 +150,15 @@ def test_hposvc_s_own_loop_stops_at_the_next_batch_past_the_limit() -> None:
         train_trial(ctx)
     # checked after every batch, and stopped at the first one past the limit
     assert len(batches) > 10 and batches[-2] <= deadline < batches[-1] < deadline + 0.5
+
+
+def test_a_worker_whose_trials_all_fail_stops_and_says_why(tmp_path: Path) -> None:
+    spec = tmp_path / "broken.toml"
+    spec.write_text('[study]\nname = "broken"\ncommand = ["sh", "-c", "echo no such file >&2; exit 3"]\nmetric = "val_loss"\nn_trials = 2\n')
+    data = tmp_path / "data"
+    result = CliRunner().invoke(main, ["study", "run", str(spec), "--data-dir", str(data), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "the last 3 trials this worker ran all failed" in result.output and "exited with code 3" in result.output
+    assert "no such file" in result.output and "run the study again" in result.output
+    trials = optuna.load_study(study_name="broken", storage=f"sqlite:///{data / 'hposvc.db'}").trials
+    assert sum(t.state.name == "FAIL" for t in trials) == 3  # each failed once, none retried
