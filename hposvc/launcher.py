@@ -51,6 +51,8 @@ __all__ = ["Plan", "plan_run", "run_parallel", "run_planned", "run_slots", "work
 
 # How often the coordinator refreshes the progress bar from the database (seconds).
 REFRESH_SECONDS = 1.0
+# How often it looks whether its workers have exited (seconds).
+EXIT_POLL_SECONDS = 0.02
 # After forwarding a stop signal, how long workers get before they are killed (seconds).
 STOP_GRACE_SECONDS = 60.0
 # Whether slots may be forked from this process: set by the CLI in a fresh process. A
@@ -269,9 +271,12 @@ def run_slots(
             procs.append(subprocess.Popen(cmd, env={**os.environ, **slot_env(slot)}, start_new_session=True, stdout=subprocess.DEVNULL))
         with Progress(study, n_trials, enabled=progress) as bar:
             deadline = None
+            refreshed = time.monotonic()
             while any(p.poll() is None for p in procs):
-                time.sleep(REFRESH_SECONDS)
-                bar.update()
+                time.sleep(EXIT_POLL_SECONDS)  # notice the last worker's exit at once
+                if time.monotonic() - refreshed >= REFRESH_SECONDS:
+                    refreshed = time.monotonic()
+                    bar.update()
                 if stop_signal and deadline is None and not drain:
                     deadline = time.monotonic() + STOP_GRACE_SECONDS  # draining waits for the trials
                 if deadline is not None and time.monotonic() > deadline:
