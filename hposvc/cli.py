@@ -819,5 +819,28 @@ def _emit_survey(result: Any, *, as_json: bool) -> None:
         click.echo("wrote " + ", ".join(result.files), err=True)
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The ``hposvc`` command: :func:`main`, then a quick exit.
+
+    Tearing the interpreter down once torch is loaded takes about a second (finalising
+    its modules and objects), and nothing of hposvc's happens in it: the exit handlers
+    (journals closed and synced, logs flushed) run here, then the process ends.
+    """
+    import atexit
+
+    try:
+        main.main(args=argv, prog_name="hposvc")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    atexit._run_exitfuncs()  # noqa: SLF001 (what the interpreter would run at exit)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry()

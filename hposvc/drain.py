@@ -492,6 +492,10 @@ def serve(folder: outbox.OutboxFolder, *, idle: float = IDLE_SECONDS) -> int:
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
     drain = Drain(folder)
+    try:
+        drain.client.search_experiments(max_results=1)  # open (an embedded store: create) the store before records come
+    except Exception as e:  # noqa: BLE001 (the first pass retries and reports)
+        log.info("MLflow at %s not ready yet: %s", folder.uri, _short(e))
     last_work = time.monotonic()
     pause = RETRY_SECONDS[0]
     while not stop:

@@ -33,12 +33,12 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from hposvc import records
+from hposvc import outbox, records
 from hposvc.errors import HposvcError, Interrupted, InvalidInputError
 from hposvc.records import StudyRun
-from hposvc.storage import resolve_storage_url, resolve_tracking_uri
+from hposvc.storage import resolve_data_dir, resolve_storage_url, resolve_tracking_uri
 from hposvc.study import WarmStart, prepare_study
-from hposvc.tracking import close_journals, open_tracker
+from hposvc.tracking import close_journals, ensure_tracking_process, open_tracker
 from hposvc.worker import Progress
 
 if TYPE_CHECKING:
@@ -173,20 +173,25 @@ def run_planned(
 
     ``on_plan`` is told the plan before anything trains (the CLI prints its line).
     """
+    from hposvc.plugins import check_runnable
     from hposvc.worker import run_worker
 
     url = resolve_storage_url(storage, data_dir=data_dir)
     uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
+    # 1) bad input fails before anything is written
+    check_runnable(spec)
     options = {"workers": workers, "device": device, "devices": devices, "trials_per_device": trials_per_device, "fork": can_fork(url)}
-    if drain and not plan_run(spec, n_left=spec.n_trials, **options).slots:  # before anything is written
+    if drain and not plan_run(spec, n_left=spec.n_trials, **options).slots:
         raise InvalidInputError("the '--drain' option needs worker processes, and this machine's plan runs one. Add --workers N.")
-    study = prepare_study(spec, storage=url, warm_start=warm_start)
+    # 2) the tracking process: it imports MLflow and opens (or creates) its store on the
+    #    core this process leaves free while it prepares the study
+    ensure_tracking_process(outbox.folder_for(resolve_data_dir(data_dir), uri))
+    # 3) the study, the plan, and the trials
+    study = prepare_study(spec, storage=url, warm_start=warm_start, checked=True)
     n_trials = records.study_info(study).n_trials or spec.n_trials
     plan = plan_run(spec, n_left=max(0, n_trials - records.counts(study).done), **options)
     if on_plan is not None:
         on_plan(plan)
-    # Start the tracking process now: it opens the experiment and parent run while the
-    # trials start.
     tracker = open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
     if not plan.slots:
         return run_worker(study, spec=spec, storage=url, tracking_uri=uri, data_dir=data_dir, device=plan.device,

@@ -43,6 +43,7 @@ def prepare_study(
     storage: str,
     warm_start: WarmStart | None = None,
     enqueue: "Sequence[TrialConfig]" = (),
+    checked: bool = False,
 ) -> "optuna.Study":
     """Create the study or load it for resuming, and top its trial queue up.
 
@@ -50,6 +51,8 @@ def prepare_study(
     (inside the spec's space). ``enqueue`` puts known configurations first in the queue
     (each must lie in the spec's space; one already in the study is not queued twice);
     both count toward ``n_trials``.
+
+    ``checked``: the caller has run :func:`hposvc.plugins.check_runnable` on ``spec``.
 
     A study of the same name made from a different spec is refused (its spec hash is stored
     on the study), since mixing trials of two searches would make its results meaningless.
@@ -59,7 +62,8 @@ def prepare_study(
     from hposvc.plugins import check_runnable
     from hposvc.space import build_pruner, build_sampler, params_for_config
 
-    check_runnable(spec)  # grid size, the user's code: before anything is written
+    if not checked:  # (the caller ran it already)
+        check_runnable(spec)  # grid size, the user's code: before anything is written
     rdb = open_storage(storage)
     study = with_retries(
         lambda: optuna.create_study(

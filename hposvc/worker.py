@@ -36,8 +36,9 @@ __all__ = ["Progress", "load_spec_of", "population_size", "run_worker"]
 # A worker stops (error) after this many failed trials in a row, or n_trials if more: a
 # cause that fails every trial would otherwise run trials forever.
 MIN_FAILURES_TO_STOP = 3
-# How often an idle worker looks for re-queued trials while others still run (seconds).
-POLL_SECONDS = 1.0
+# How often an idle worker looks for re-queued trials while others still run (seconds):
+# also how late it notices that the study's last trial, run by another worker, ended.
+POLL_SECONDS = 0.2
 # How long a worker stopping on a signal or an error waits for MLflow to hold what it
 # wrote (seconds); what is not there by then is sent by the tracking process anyway.
 STOP_WAIT_SECONDS = 5.0
