@@ -289,7 +289,20 @@ def open_storage(url: str) -> "optuna.storages.BaseStorage":
             con.execute("PRAGMA journal_mode=WAL")
 
     def create() -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+        from sqlalchemy.exc import DBAPIError
+
+        # Two processes opening a new database at once (a study run and a worker, or a
+        # poller) both create Optuna's tables and stamp its schema version; the slower one
+        # meets "table ... already exists" or a duplicate alembic_version row mid-way. Its
+        # next attempt finds the tables and creates only what is left.
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url))
+            except DBAPIError as e:
+                if not any(s in str(e) for s in ("already exists", "alembic_version")) or attempt == 4:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     try:
         storage = with_retries(create, what=f"opening the study storage {redact(url)}")

@@ -51,3 +51,26 @@ def test_bad_storage_url_is_bad_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="SQLAlchemy URL"):
         resolve_storage_url("foo://nowhere")
     assert resolve_storage_url(data_dir=tmp_path) == f"sqlite:///{tmp_path.absolute() / 'hposvc.db'}"
+
+
+_OPEN_AND_CREATE = (
+    "import sys, optuna; from hposvc.storage import open_storage; "
+    "optuna.create_study(storage=open_storage(sys.argv[1]), study_name=sys.argv[2])"
+)
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
+    # A study run, its workers and a poller may all open a database that does not exist
+    # yet; the slower creators of Optuna's tables must not fail (a race a test once lost).
+    import subprocess
+    import sys
+
+    for round_ in range(4):
+        url = f"sqlite:///{tmp_path / f'new{round_}.db'}"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _OPEN_AND_CREATE, url, f"s{i}"], stderr=subprocess.PIPE, text=True)
+            for i in range(3)
+        ]
+        errors = [err for p in procs if (err := p.communicate(timeout=120)[1]) and p.returncode]
+        assert not errors, errors[0][-800:]
+        assert sorted(s.study_name for s in optuna.get_all_study_summaries(url)) == ["s0", "s1", "s2"]
