@@ -49,13 +49,15 @@ def _json(*args: str) -> object:
 
 
 def _clone(src: Path, dst: Path) -> Path:
-    """Copy a data dir; the study database through SQLite's backup API (it is in WAL mode
-    and this process still holds connections to it, so a file copy could be torn)."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("hposvc.db*"))
-    with sqlite3.connect(src / "hposvc.db") as a, sqlite3.connect(dst / "hposvc.db") as b:
-        a.backup(b)
-    a.close()
-    b.close()
+    """Copy a data dir; both SQLite databases through SQLite's backup API (this process
+    still holds connections to the study database, and a tracking process may still have
+    the MLflow store open, so a file copy could be torn or meet a vanishing journal)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("hposvc.db*", "mlflow.db*"))
+    for name in ("hposvc.db", "mlflow.db"):
+        with sqlite3.connect(src / name) as a, sqlite3.connect(dst / name) as b:
+            a.backup(b)
+        a.close()
+        b.close()
     return dst
 
 
@@ -66,6 +68,7 @@ def survey_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for task, n in BUDGETS.items():
         out = _json("study", "run", str(SURVEY / f"{task}.toml"), "--n-trials", str(n), "--data-dir", str(data), "--quiet")
         assert out["study_name"] == f"survey-{task}" and out["n_done"] == n
+    _cli("sync", "--data-dir", str(data))  # the studies' summaries are in MLflow before any copy
     return data
 
 

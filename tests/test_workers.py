@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -71,6 +73,14 @@ def _cli(*args: str) -> list[str]:
 
 
 def _states(storage: str, name: str = "workers") -> list[optuna.trial.FrozenTrial]:
+    # Opening an SQLite storage creates Optuna's tables when they are missing, so a poll
+    # that starts before `study run` has created them would race it: read only once the
+    # study is there (a read-only look; _wait_for retries until then).
+    if storage.startswith("sqlite:///"):
+        path = storage.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            if not db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone():
+                raise LookupError(f"study {name!r} not created yet")
     return optuna.load_study(study_name=name, storage=storage).trials
 
 
