@@ -82,12 +82,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+# pytest-xdist (`-n 2 --dist loadgroup`, set in pyproject.toml) runs a module's tests on one
+# worker, so module- and session-scoped fixtures are built once. Modules that share one
+# fixture run in one group, and the longest groups start first so no worker is left with a
+# long tail. Seconds on a quiet 2-core machine, roughly; only the order depends on them.
+XDIST_GROUPS = {"test_report_browser": "test_guide"}  # the browser test reads the guide's run
+LONG_MODULES = (
+    "test_guide", "test_survey", "test_proxy_faults", "test_workers", "test_study", "test_own_model",
+    "test_tracking", "test_recommend_e2e", "test_proxy", "test_own_training", "test_population_study",
+)
+
+
+def _xdist_group(item: pytest.Item) -> str:
+    module = getattr(getattr(item, "module", None), "__name__", None) or item.nodeid.split("::")[0]
+    return XDIST_GROUPS.get(module, module)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker, and before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test that uses PostgreSQL (directly or through another fixture) ``postgres``."""
+    """Mark every test that uses PostgreSQL (directly or through another fixture) ``postgres``;
+    give each test its module's xdist group."""
     for item in items:
         if POSTGRES_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.postgres)
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike (xdist compares)
+        rank = {name: i for i, name in enumerate(LONG_MODULES)}
+        items.sort(key=lambda item: rank.get(_xdist_group(item), len(rank)))  # stable within a module
 
 
 # --- isolation and local storage -------------------------------------------------------------
