@@ -42,7 +42,7 @@ def test_full_protocol_is_balanced_and_in_each_spec_space() -> None:
     assert {"digits", "digits-cnn2d", "mnist1d-cnn", "mnist1d-mlp", "breast-cancer", "diabetes", "moons", "spirals"} <= tasks
     # every kind of model has protocol tasks and a held-out one (issue 19): >= 2 attention tasks
     kinds = {c.task.name: c.task.kind for c in todo}
-    assert {kinds[t] for t in held} == {"mlp", "transformer", "linear"}
+    assert {kinds[t] for t in held} == {kinds[t] for t in tasks} == {"mlp", "linear", "cnn", "resnet", "transformer"}
     assert sum(kinds[t] == "transformer" for t in tasks) >= 2 and {"linear", "resnet", "cnn"} <= {kinds[t] for t in tasks}
     optimizers = {c.optimizer for c in todo}
     assert optimizers == set(ONE_SHOT_DEFAULTS)
@@ -75,6 +75,19 @@ def test_survey_task_factories_build_offline_tasks() -> None:
     assert c.n_outputs == 4 and len(c.x_train) == 180
     m = _tasks.mnist1d_flat(seed=0, num_samples=400)
     assert m.family == "mlp" and m.input_shape == (40,)
+    # the held-out cnn and resnet tasks: other draws of mnist1d and of moved, noisy digits
+    import torch
+
+    from hposvc.tasks import load_task
+
+    s = _tasks.mnist1d_signals(seed=0, num_samples=400, data_seed=7)
+    assert s.family == "cnn1d" and s.input_shape == (1, 40) and len(s.x_train) == 240
+    assert not torch.equal(s.x_test, load_task("mnist1d", options={"num_samples": 400}).x_test)
+    j = _tasks.digits_jittered(seed=0, shift=1, noise=0.0, data_seed=3)
+    assert j.family == "cnn2d" and j.input_shape == (1, 8, 8) and j.n_outputs == 10
+    digits = load_task("digits").x_train  # unmoved and noiseless: the built-in digits task, split alike
+    assert torch.equal(_tasks.digits_jittered(seed=0, shift=0, noise=0.0).x_train.flatten(1), digits)
+    assert not torch.equal(j.x_train.flatten(1), digits)
 
 
 def test_survey_cli_rejects_bad_input() -> None:

@@ -42,6 +42,7 @@ __all__ = ["SurveyResult", "load_shipped_survey", "survey_report"]
 RESULTS_MD = "RESULTS.md"
 RESULTS_JSON = "results.json"
 SHIPPED = ("survey", RESULTS_JSON)  # inside hposvc._studies
+SESSION_GAP_MINUTES = 10  # trials further apart than this belong to two sessions of a resumed run
 SCHEMA = 2  # of results.json (2: a kind per task, decisions per kind, known answers, warm-start evaluation)
 # The default-runs arm of the Schmidt et al. comparison and the tuned arm spend the same
 # number of trials: one per optimizer.
@@ -480,28 +481,44 @@ def _protocol(sc: Scale) -> dict[str, Any]:
 
 
 def _run_info(store: "optuna.storages.BaseStorage", df: pd.DataFrame) -> dict[str, Any]:
-    """Trial counts and the run's wall time (first trial start to last trial end)."""
+    """Trial counts and the run's wall time: first trial start to last trial end, and the
+    sessions within it (a resumed survey: stretches of trials apart by more than
+    :data:`SESSION_GAP_MINUTES`), so a run resumed later does not read as one long run."""
     import optuna
 
-    starts, ends, busy = [], [], 0.0
+    spans, busy = [], 0.0
     for name in df.attrs.get("studies", []):
         for t in optuna.load_study(study_name=name, storage=store).get_trials(deepcopy=False):
-            if t.datetime_start is not None:
-                starts.append(t.datetime_start)
-            if t.datetime_complete is not None:
-                ends.append(t.datetime_complete)
-                if t.datetime_start is not None:
-                    busy += (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_start is not None and t.datetime_complete is not None:
+                spans.append((t.datetime_start, t.datetime_complete))
+                busy += (t.datetime_complete - t.datetime_start).total_seconds()
+    sessions: list[list[Any]] = []
+    for start, end in sorted(spans):
+        if sessions and (start - sessions[-1][1]).total_seconds() <= SESSION_GAP_MINUTES * 60:
+            sessions[-1][1] = max(sessions[-1][1], end)
+        else:
+            sessions.append([start, end])
     return {
         "n_trials": int(len(df)),
         "n_protocol_trials": int((~df["held_out"]).sum()),
         "n_held_out_trials": int(df["held_out"].sum()),
         "n_studies": len(df.attrs.get("studies", [])),
-        "first_trial_start": min(starts).isoformat() if starts else None,
-        "last_trial_end": max(ends).isoformat() if ends else None,
-        "wall_minutes": (max(ends) - min(starts)).total_seconds() / 60 if starts and ends else None,
+        "first_trial_start": sessions[0][0].isoformat() if sessions else None,
+        "last_trial_end": sessions[-1][1].isoformat() if sessions else None,
+        "wall_minutes": (sessions[-1][1] - sessions[0][0]).total_seconds() / 60 if sessions else None,
+        "session_minutes": [(end - start).total_seconds() / 60 for start, end in sessions],
         "trial_minutes": busy / 60,  # summed over trials (a population's members each count its whole time)
     }
+
+
+def _wall_time(run: dict[str, Any]) -> str:
+    """The run's wall time in words, with its sessions when it was resumed."""
+    span = f"first trial start {run.get('first_trial_start')} to last trial end {run.get('last_trial_end')}"
+    sessions = run.get("session_minutes") or []
+    if len(sessions) <= 1:
+        return f"wall time {_f(run.get('wall_minutes'), 1)} min ({span})"
+    parts = ", ".join(f"{_f(m, 1)}" for m in sessions)
+    return f"wall time {_f(sum(sessions), 1)} min in {len(sessions)} sessions of {parts} min ({span}, a resumed run)"
 
 
 def _hardware() -> str:
@@ -579,8 +596,7 @@ def _markdown(r: SurveyResult) -> str:
         f"- Versions: {', '.join(f'{k} {v}' for k, v in r.versions.items())}",
         f"- Hardware: {r.hardware}",
         f"- Run: {run.get('n_trials')} trials in {run.get('n_studies')} studies ({run.get('n_protocol_trials')} on protocol tasks, "
-        f"{run.get('n_held_out_trials')} on held-out ones); wall time {_f(run.get('wall_minutes'), 1)} min "
-        f"(first trial start {run.get('first_trial_start')} to last trial end {run.get('last_trial_end')}).",
+        f"{run.get('n_held_out_trials')} on held-out ones); {_wall_time(run)}.",
         "- Protocol: one spec per task in `studies/survey/protocol/` and `studies/survey/held-out/`, expanded into a study per "
         f"task and optimizer. Per task, each of the {len(p['optimizers'])} optimizers ({', '.join(p['optimizers'])}) gets "
         f"{p['trials_per_study']} trials: an lr sweep of {p['sweep_points']} points spread evenly in log space over three decades "

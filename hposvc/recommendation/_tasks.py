@@ -3,7 +3,8 @@
 A survey spec names them as ``task = "hposvc.recommendation._tasks:NAME"`` (the
 ``module:function`` form any user factory takes), with ``[task]`` options passed as
 keywords. Everything is offline: scikit-learn's bundled data sets (breast_cancer,
-diabetes, wine), its generators (make_classification) and mnist1d, generated locally.
+diabetes, wine, digits moved and blurred by noise), its generators (make_classification)
+and mnist1d, generated locally.
 Splits and scaling are hposvc's own (:func:`hposvc.tasks.load_task` of a tabular file
 does the same), so a survey task differs from a user's only in where the data comes from.
 
@@ -18,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from hposvc.tasks import Task, _make, _split, _standardise, load_task
+from hposvc.tasks import Task, _make, _split, _standardise, load_digits_arrays, load_task, train_test_split
 
-__all__ = ["breast_cancer", "classification", "diabetes", "heavy_tailed", "mnist1d_flat", "wine"]
+__all__ = ["breast_cancer", "classification", "diabetes", "digits_jittered", "heavy_tailed", "mnist1d_flat", "mnist1d_signals", "wine"]
 
 # Network size a spec gets when its [model] table says nothing (the same as tabular files).
 _DEFAULTS_OF = "tabular"
@@ -136,3 +137,44 @@ def heavy_tailed(
     parts = _split(x, y.astype(np.int64), seed, stratify=True)
     parts[:3] = _standardise(*parts[:3])
     return _make(_module_name("heavy_tailed"), "multiclass", "mlp", len(counts), parts, defaults_of=_DEFAULTS_OF)
+
+
+def mnist1d_signals(*, seed: int = 0, num_samples: int = 5000, data_seed: int = 42) -> Task:
+    """mnist1d's 40-sample signals for the 1-D CNN, drawn with ``data_seed`` as the
+    generator's seed (the built-in ``mnist1d`` task is mnist1d's own seed, 42): the same
+    ten templates, other draws of their padding, shift, scale, shear and noise. Split as
+    the built-in task: mnist1d's own test part, validation carved out of its training part
+    by ``seed`` (20 % of the whole)."""
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = int(num_samples), int(data_seed)
+    # make_dataset seeds Python's and NumPy's global RNGs; give callers theirs back.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    x_train, x_val, y_train, y_val = train_test_split(data["x"], data["y"], test_size=0.25, seed=seed, stratify=data["y"])
+    signals = [a[:, None, :] for a in (x_train, x_val, data["x_test"])]  # (N, 1 channel, 40)
+    labels = [np.asarray(a).astype(np.int64) for a in (y_train, y_val, data["y_test"])]
+    return _make(_module_name("mnist1d_signals"), "multiclass", "cnn1d", 10, [*signals, *labels], defaults_of="mnist1d")
+
+
+def digits_jittered(*, seed: int = 0, shift: int = 1, noise: float = 0.1, data_seed: int = 0) -> Task:
+    """scikit-learn's bundled 8x8 digits as 1x8x8 images (pixels 0..1), each moved by a
+    random offset of up to ``shift`` pixels along each axis (the uncovered border is 0)
+    and given Gaussian pixel noise of std ``noise``, both drawn with ``data_seed``. Split
+    60/20/20 stratified by ``seed``, as the built-in ``digits`` task."""
+    x, y = load_digits_arrays()
+    shift = int(shift)
+    rng = np.random.default_rng(int(data_seed))
+    images = np.pad(x.reshape(-1, 8, 8) / 16.0, ((0, 0), (shift, shift), (shift, shift)))
+    dy, dx = rng.integers(-shift, shift + 1, size=(2, len(images)))
+    moved = np.stack([img[shift + i : shift + i + 8, shift + j : shift + j + 8] for img, i, j in zip(images, dy, dx)])
+    moved = moved + float(noise) * rng.standard_normal(moved.shape)
+    parts = _split(moved[:, None], y.astype(np.int64), seed, stratify=True)
+    return _make(_module_name("digits_jittered"), "multiclass", "cnn2d", 10, parts, defaults_of="digits")
