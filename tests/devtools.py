@@ -158,6 +158,17 @@ class Browser:
     def screenshot(self, path: Path, *, height: int | None = None) -> Path:
         """A PNG of the page's top ``height`` pixels (the window's height by default)."""
         clip = {"x": 0, "y": 0, "width": self.size[0], "height": height or self.size[1], "scale": 1}
-        data = self.call("Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": height is not None})["data"]
+        params = {"format": "png", "clip": clip, "captureBeyondViewport": height is not None}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                data = self.call("Page.captureScreenshot", params)["data"]
+                break
+            except BrowserError as e:
+                # Right after Page.navigate the tab may be between documents (a busy machine
+                # shows it): Chromium answers "Not attached to an active page" until it commits.
+                if "Not attached" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
         path.write_bytes(base64.b64decode(data))
         return path

@@ -217,7 +217,9 @@ def test_postgres_restart_during_study(tmp_path: Path, postgres_url: str, pg_ser
     assert proc.returncode == 0, _read(tmp_path, "run")
     trials = _states(postgres_url)
     assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == 6
-    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    # A queued trial may stay WAITING (the short queue tops up ahead; a claim past n_trials
+    # goes back), but none is left RUNNING.
+    assert not [t for t in trials if t.state.name == "RUNNING"]
 
 
 def test_sigterm_stops_cleanly_and_rerun_completes(tmp_path: Path) -> None:
