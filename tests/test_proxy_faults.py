@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from click.testing import CliRunner
 
+from bench.soak import SPEC  # the soak's command study, at this test's size
 from hposvc.cli import main
 from hposvc.storage import open_storage
 from tests.conftest import PgServer, Proxy
@@ -42,19 +43,6 @@ sleep {pause}
 echo 'hposvc: {{"epoch": 1, "val_loss": 0.5}}'
 sleep {pause}
 echo 'hposvc: {{"epoch": 2, "val_loss": 0.25}}'
-"""
-SPEC = """\
-[study]
-name = "{name}"
-task = "moons"
-command = ["./trial.sh"]
-metric = "val_loss"
-n_trials = {n}
-sampler = "random"
-pruner = "none"
-
-[space]
-optimizer = "adam"
 """
 
 
