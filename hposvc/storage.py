@@ -248,6 +248,9 @@ def is_connection_error(e: BaseException) -> bool:
     )
 
 
+# The execution option that marks a connection as reading only (see _begin_immediate).
+READ_ONLY = "hposvc_read_only"
+
 # Storages this process opened: a forked child (a worker slot) forgets them and opens its
 # own, leaving the parent's pooled connections to the parent.
 _OPENED: list[Any] = []
@@ -338,8 +341,11 @@ def load_study(name: str, *, storage: str | None = None, sampler: Any = None, pr
 def _begin_immediate(conn) -> None:  # noqa: ANN001 (SQLAlchemy connection)
     # SQLite ignores SELECT ... FOR UPDATE, and Python's sqlite3 only begins a transaction at
     # the first write: two workers could both read a trial as WAITING and both claim it.
-    # BEGIN IMMEDIATE takes the write lock at the start, so claims are serialised.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # BEGIN IMMEDIATE takes the write lock at the start, so claims are serialised. hposvc's
+    # own one-statement reads (READ_ONLY) take no lock: in WAL mode they read a snapshot
+    # beside the writer.
+    if not conn.get_execution_options().get(READ_ONLY):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def redact(url: str) -> str:

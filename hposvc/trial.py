@@ -12,7 +12,6 @@ model (:func:`hposvc.population.train_population`) where they share a structure.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import socket
@@ -32,6 +31,7 @@ from hposvc.storage import OUTAGE, with_retries
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import FrozenTrial
 
     from hposvc.spec import StudySpec
     from hposvc.tasks import Task
@@ -99,8 +99,11 @@ class TrialJob:
         queue.seed_sampler(self.study.sampler, queue.trial_seed(self.spec.seed, trial.number))
         config = suggest_config(trial, self.spec, task_defaults=defaults)
         task = self.task = plugins.trial_task(self.spec, task, config.params)  # a task factory may take a searched dimension
-        trial_id = queue.trial_id(trial)
         self.run = self.tracker.start_trial(trial.number, config, tags={"hposvc.device": str(dev), "hposvc.worker": self.worker_id})
+        frozen = queue.frozen_copy(trial)  # (before the attribute writes below update the trial from a thread)
+        if self.snapshot is not None:
+            self.snapshot.refresh()  # (before those writes too: the write thread would hold the GIL)
+            self.frozen = frozen
         attrs = {
             records.CONFIG: config.to_dict(),
             records.DEVICE: str(dev),
@@ -109,10 +112,6 @@ class TrialJob:
         }
         for key, value in attrs.items():
             self.writes.submit(lambda key=key, value=value: trial.set_user_attr(key, value), what="storing trial attributes")
-        frozen = trial.storage.get_trial(trial_id)
-        if self.snapshot is not None:
-            self.snapshot.refresh()
-            self.frozen = copy.deepcopy(frozen)
         # A retry shares the folder of the trial it retries, so it finds that one's checkpoint.
         first = frozen.system_attrs.get("failed_trial", trial.number)
         self.ctx = TrialContext(
@@ -194,7 +193,10 @@ class TrialJob:
         self.writes.flush()  # the intermediate values and attributes land before the result
         if outcome.completed:
             state, reason = "COMPLETE", None
-            with_retries(lambda: self.study.tell(self.trial, outcome.final[self.spec.metric], skip_if_finished=True), what="storing the trial's result")
+            value = outcome.final[self.spec.metric]
+            with_retries(lambda: self.study.tell(self.trial, value, skip_if_finished=True), what="storing the trial's result")
+            if self.snapshot is not None:
+                self.snapshot.add(self.frozen, value)
         else:
             state = "PRUNED"
             reason = outcome.reason or f"pruned by {type(self.study.pruner).__name__}"
@@ -283,10 +285,22 @@ class CompletedTrials:
         return type(pruner) in (optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner, optuna.pruners.NopPruner)
 
     def refresh(self) -> None:
+        """Read the completed trials again, unless the light read of the study's states
+        shows that none completed since the last read (other than this worker's own,
+        :meth:`add`): a worker alone on a study then reads only states between trials."""
         import optuna
 
-        self._trials = with_retries(lambda: self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), what="reading completed trials")
+        complete = {tid for tid, _, state in queue.trial_states(self.study) if state == "COMPLETE"}
+        if complete != {queue.trial_id(t) for t in self._trials}:
+            self._trials = with_retries(lambda: self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), what="reading completed trials")
         self._read_at = time.monotonic()
+
+    def add(self, trial: "FrozenTrial", value: float) -> None:
+        """This worker's trial, just told COMPLETE with ``value``, as the storage now holds it."""
+        import optuna
+
+        trial.state, trial.value = optuna.trial.TrialState.COMPLETE, value
+        self._trials = [*self._trials, trial]
 
     def get_trials(self, deepcopy: bool = False, states: Any = None) -> list:
         if time.monotonic() - self._read_at > SNAPSHOT_SECONDS and not OUTAGE.active:

@@ -72,6 +72,28 @@ def test_adapter_agrees_with_the_public_api(storage_url: str) -> None:
     backend = queue.backend_of(storage)
     if not storage_url.startswith("grpc://"):
         assert isinstance(backend, optuna.storages.RDBStorage)
+    # the light read of Optuna's trials table says what get_trials says, for every state
+    assert queue.frozen_copy(trial) == storage.get_trial(queue.trial_id(trial))
+    study.tell(trial, 1.0)
+    failed = queue.claim(study)
+    queue.tell_fail(study, failed, "on purpose")
+    queue.top_up(study, 4)
+    queue.claim(study)
+    public = [(queue.trial_id(t), t.number, t.state.name) for t in study.get_trials()]
+    assert {s for *_, s in public} == {"COMPLETE", "FAIL", "RUNNING", "WAITING"}
+    assert queue.trial_states(study) == public
+
+
+def test_a_trial_another_process_queued_can_be_claimed_and_sampled(sqlite_url: str) -> None:
+    # Another process's storage object (its own trial cache) queues; this one claims. The
+    # claim reads states only, yet Optuna's cache must know a trial before it is sampled.
+    study = optuna.create_study(study_name="other", storage=open_storage(sqlite_url), sampler=optuna.samplers.RandomSampler(seed=0))
+    other = optuna.load_study(study_name="other", storage=optuna.storages.RDBStorage(sqlite_url))
+    queue.top_up(other, 3)
+    assert queue._unknown_to_cache(queue.storage_of(study), queue.trial_id(other.trials[0]))  # noqa: SLF001
+    trial = queue.claim(study, 3)
+    assert trial.suggest_float("lr", 1e-3, 1e-1, log=True) == study.trials[0].params["lr"]
+    assert not queue._unknown_to_cache(queue.storage_of(study), queue.trial_id(trial))  # noqa: SLF001
 
 
 def test_stale_trials_are_failed_once_and_retried_with_their_parameters(storage_url: str) -> None:
