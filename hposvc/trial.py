@@ -174,22 +174,20 @@ class TrialJob:
         model = self.ctx.model if self.ctx.model is not None else self.ctx.build_model()
         x = task.x_val[:PROBE_SAMPLES].to(self.device)
         self.init_std = [records.finite_or_none(v) for v in activation_std_per_layer(model, x)]
+        # stored now, while the trial trains, rather than with the result
+        self.writes.submit(lambda: self.trial.set_user_attr(records.ACTIVATION_STD, self.init_std), what="storing probes")
 
     def finish(self, outcome: "Outcome") -> str:
         """Tell Optuna and MLflow how training ended: COMPLETE, or PRUNED with the reason."""
         import optuna
 
-        probes: dict[str, Any] = {}
-        if self.init_std is not None:
-            # Probes the guide's claims are judged on: activation std per layer at init,
-            # and whether training broke the symmetry between hidden units.
-            probes[records.ACTIVATION_STD] = self.init_std
+        # Probes the guide's claims are judged on: activation std per layer at init (stored
+        # by probe_init), and whether training broke the symmetry between hidden units.
         if outcome.model is not None:
             from hposvc.probes import unit_symmetry
 
-            probes[records.UNIT_SYMMETRY] = records.finite_or_none(unit_symmetry(outcome.model))
-        for key, value in probes.items():
-            self.writes.submit(lambda key=key, value=value: self.trial.set_user_attr(key, value), what="storing probes")
+            symmetry = records.finite_or_none(unit_symmetry(outcome.model))
+            self.writes.submit(lambda: self.trial.set_user_attr(records.UNIT_SYMMETRY, symmetry), what="storing probes")
         self.writes.flush()  # the intermediate values and attributes land before the result
         if outcome.completed:
             state, reason = "COMPLETE", None
