@@ -21,7 +21,9 @@ median pruner, an MLP 64-128-128-10, batch 64. Per repeat, interleaved, best of
 
 For the hposvc runs it reads the trials' start and end times from the study database:
 launch → first trial starts, last trial ends → exit, and the process − the sum of its
-trials; and checks that MLflow holds every trial run, ended, when the process exits.
+trials; and checks that MLflow holds every trial run, ended, when the process exits. After
+each hposvc run, outside the timing, it waits until the tracking process has made the
+study's summary and plots (``_settle.py``), so that work does not slow the next run.
 
     python bench/bench_process.py [--repeats 3] [--trials 24]
 """
@@ -36,6 +38,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from _settle import stop_tracking, wait_for_tracking
 
 SPEC = """\
 [study]
@@ -143,16 +147,6 @@ def _mlflow_ended_trial_runs(data: Path, name: str) -> int:
         ).fetchone()[0]
 
 
-def _stop_tracking_processes(root: Path) -> None:
-    import signal
-
-    for pid_file in root.rglob("outbox/tracking-*/tracking.pid"):
-        try:
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        except (ValueError, OSError):
-            pass
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -183,6 +177,7 @@ def main() -> None:
                     spec = root / f"{name}.toml"
                     spec.write_text(SPEC.format(name=name, trials=args.trials))
                     wall, launch, err = _timed([*hposvc, "study", "run", str(spec), "--data-dir", str(data), "--quiet", *extra], env)
+                    wait_for_tracking(root)  # the study's summary and plots, before the next timed run
                     exited = launch + wall
                     if kind == "again":
                         plan = next((line for line in err.splitlines() if line.startswith("plan:")), "")
@@ -196,7 +191,7 @@ def main() -> None:
                 wall, _, _ = _timed([sys.executable, str(root / "plain.py"), str(plain_dir), str(args.trials)], env1)
                 best["script"] = min(best.get("script", wall), wall)
         finally:
-            _stop_tracking_processes(root)
+            stop_tracking(root)
     f = best["floor"]
     d = best["floor+dynamo"] - f
     print(textwrap.dedent(f"""\

@@ -56,8 +56,15 @@ as torch threads: no faster than 1 thread for these models when the machine is i
 the CPU, and 5-20x slower when anything else runs. About 1 % of trials were claimed by
 both workers (SQLite claim race; see the "dup" column).
 
+``--existing`` runs each study in a data dir an earlier, untimed study made (its MLflow
+store exists and its tracking process runs), as every study after a user's first does;
+without it each run starts from a fresh data dir (the store is created, ~1.3 CPU s, and
+MLflow imported, ~1 CPU s, in the tracking process while the run starts). After each run,
+outside the timing, the bench waits until the tracking processes have made the study's
+summary and plots (``_settle.py``), which would otherwise slow the next run.
+
     python bench/bench_workers.py [--specs digits,moons] [--trials 48] [--repeats 2]
-        [--workers 1,2] [--investigate | --one-core] [--wait-idle S] [--keep DIR] [--timeout 900]
+        [--workers 1,2] [--investigate | --one-core] [--existing] [--wait-idle S] [--keep DIR] [--timeout 900]
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from _settle import stop_tracking, wait_for_tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 SURVEY = ROOT / "studies" / "survey"
@@ -140,8 +149,9 @@ def read_trials(db_path: str | os.PathLike[str], study_name: str | None = None) 
     return [TrialRow(n, state, _parse_time(s), _parse_time(c), attrs.get(tid, {})) for tid, n, state, s, c in rows]
 
 
-def duplicate_runs(mlflow_db: str | os.PathLike[str]) -> int | None:
-    """Trial numbers with more than one MLflow trial run: trials that two workers both ran.
+def duplicate_runs(mlflow_db: str | os.PathLike[str], study_name: str | None = None) -> int | None:
+    """Trial numbers with more than one MLflow trial run: trials that two workers both ran
+    (of study ``study_name``'s experiment, or of every run in the store).
 
     None when the store is missing or has no runs table (e.g. tracking was offline).
     """
@@ -151,8 +161,10 @@ def duplicate_runs(mlflow_db: str | os.PathLike[str]) -> int | None:
     try:
         rows = con.execute(
             "SELECT t.value, COUNT(*) FROM tags t JOIN tags r ON r.run_uuid = t.run_uuid "
-            "WHERE t.key = 'hposvc.trial_number' AND r.key = 'hposvc.role' AND r.value = 'trial' "
-            "GROUP BY t.value HAVING COUNT(*) > 1"
+            "JOIN runs u ON u.run_uuid = t.run_uuid JOIN experiments e ON e.experiment_id = u.experiment_id "
+            "WHERE t.key = 'hposvc.trial_number' AND r.key = 'hposvc.role' AND r.value = 'trial' AND (? IS NULL OR e.name = ?) "
+            "GROUP BY t.value HAVING COUNT(*) > 1",
+            (study_name, f"hposvc/{study_name}"),
         ).fetchall()
     except sqlite3.OperationalError:
         return None
@@ -260,17 +272,21 @@ def run_cli(
     prefix: list[str] | None = None,
     env: dict | None = None,
     timeout: float = 900.0,
+    study_name: str | None = None,
 ) -> RunStats:
     """Run ``hposvc study run SPEC --workers N`` in a subprocess and measure it.
 
-    ``prefix`` goes before the command (e.g. ``taskset -c 0``), ``extra`` after it.
+    ``prefix`` goes before the command (e.g. ``taskset -c 0``), ``extra`` after it. With
+    ``study_name`` the study runs under that name in ``data_dir`` as it is (an existing data
+    dir); without, ``data_dir`` is made afresh.
     """
-    if data_dir.exists():
+    if data_dir.exists() and study_name is None:
         shutil.rmtree(data_dir)
     cmd = [
         *(prefix or []),
         sys.executable, "-m", "hposvc.cli", "study", "run", str(spec),
         "--workers", str(workers), "--data-dir", str(data_dir), "--n-trials", str(n_trials), "--quiet",
+        *(["--name", study_name] if study_name else []),
         *(extra or []),
     ]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
@@ -288,7 +304,7 @@ def run_cli(
     others = max(0.0, (_machine_busy() - busy0 - cpu) / wall)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    s = summarise(read_trials(data_dir / "hposvc.db"), started=started, ended=ended)
+    s = summarise(read_trials(data_dir / "hposvc.db", study_name), started=started, ended=ended)
     return RunStats(
         label=label or f"{workers} slot{'s' if workers > 1 else ''}",
         spec=spec.stem,
@@ -299,7 +315,7 @@ def run_cli(
         load_after=os.getloadavg()[0],
         others_cores=others,
         n_trials=n_trials,
-        dup_runs=duplicate_runs(data_dir / "mlflow.db"),
+        dup_runs=duplicate_runs(data_dir / "mlflow.db", study_name),
         **s,
     )
 
@@ -522,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each run wait up to S seconds for other processes to use < 0.3 cores")
     parser.add_argument("--keep", help="keep the data directories under this folder (default: a temp dir, removed)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take")
+    parser.add_argument("--existing", action="store_true",
+                        help="run each study in a data dir that an earlier (untimed) study made, under a new name: the MLflow "
+                             "store exists and its tracking process runs, as for every study after a user's first")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # Optuna's "experimental" notices from the probes' imports
 
@@ -551,8 +570,16 @@ def main(argv: list[str] | None = None) -> int:
                     for label, w, kw in configs:
                         if args.wait_idle > 0:
                             wait_until_idle(args.wait_idle)
-                        data_dir = root / f"{spec.stem}-{label.replace(' ', '').replace(',', '-')}-{rep}"
-                        r = run_cli(spec, w, n_trials=args.trials, data_dir=data_dir, label=label, timeout=args.timeout, **kw)
+                        slug = label.replace(" ", "").replace(",", "-")
+                        if args.existing:
+                            data_dir, name = root / f"{spec.stem}-{slug}", f"{spec.stem}-{rep}"
+                            if rep == 0:  # the untimed first study that makes the data dir
+                                run_cli(spec, w, n_trials=2, data_dir=data_dir, timeout=args.timeout, study_name="first", **kw)
+                                wait_for_tracking(root)
+                        else:
+                            data_dir, name = root / f"{spec.stem}-{slug}-{rep}", None
+                        r = run_cli(spec, w, n_trials=args.trials, data_dir=data_dir, label=label, timeout=args.timeout, study_name=name, **kw)
+                        wait_for_tracking(root)  # its summary and plots, before the next timed run
                         results.setdefault((spec.stem, label), []).append(r)
                         print(fmt(r), flush=True)
                         if r.n_done != r.n_trials or r.dup_runs:
@@ -568,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.investigate or args.components_only:
             components(root)
     finally:
+        stop_tracking(root)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     return 0

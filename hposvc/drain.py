@@ -152,6 +152,7 @@ class Drain:
         self._waiting_done: dict[str, tuple[float, dict[str, Any]]] = {}  # study key -> (since, record)
         self._open_runs: dict[str, str] = {}  # run key -> study key, runs started and not ended
         self._ended: set[str] = set()  # runs ended in this pass: forgotten with the cursors past their end
+        self._artifact_uris: dict[str, str] = {}  # run id -> artifact URI, of the open runs this process created
         self._finished: dict[str, list[int]] = {}  # study key -> trials closed COMPLETE/PRUNED this pass
         self._optuna: dict[str, Any] = {}  # study key -> its Optuna study, read for best values and summaries
 
@@ -303,6 +304,7 @@ class Drain:
                 self.state.save(self.folder.state_file)  # written ahead: see just above
                 run = self.client.create_run(exp_id, start_time=r.start or r.end, tags={**tags, "mlflow.parentRunId": parent}, run_name=f"trial-{r.trial}")
                 run_id = run.info.run_id
+                self._artifact_uris[run_id] = run.info.artifact_uri
                 tags = {}  # sent with the run
             self.state.runs[r.key] = run_id
             if r.key in self.state.creating:
@@ -314,7 +316,7 @@ class Drain:
                 self.client.log_batch(run_id, metrics=metrics[:MAX_METRICS], params=params[:MAX_PARAMS], tags=tag_list[:MAX_TAGS])
                 metrics, params, tag_list = metrics[MAX_METRICS:], params[MAX_PARAMS:], tag_list[MAX_TAGS:]
             if r.texts:
-                _log_texts(self.client, run_id, r.texts)
+                _log_texts(self.client, run_id, r.texts, artifact_uri=self._artifact_uris.get(run_id), tracking_uri=self.uri)
             if r.status is not None:
                 self.client.set_terminated(run_id, r.status, end_time=r.end)
         except Exception as e:  # noqa: BLE001
@@ -327,6 +329,7 @@ class Drain:
             self._open_runs[r.key] = study_key
         else:
             self._open_runs.pop(r.key, None)
+            self._artifact_uris.pop(run_id, None)
             self._ended.add(r.key)
             if r.status in ("FINISHED", "KILLED"):  # COMPLETE or PRUNED
                 self._finished.setdefault(study_key, []).append(r.trial)
@@ -570,14 +573,20 @@ def _mlflow_env(uri: str) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
-def _log_texts(client: "MlflowClient", run_id: str, texts: dict[str, str]) -> None:
-    """All of a run's text artifacts in one upload."""
+def _log_texts(client: "MlflowClient", run_id: str, texts: dict[str, str], *, artifact_uri: str | None = None, tracking_uri: str | None = None) -> None:
+    """All of a run's text artifacts in one upload; to ``artifact_uri`` when the run's
+    creation told it (the client would read the run again to learn it)."""
     with tempfile.TemporaryDirectory(prefix="hposvc-artifacts-") as tmp:
         for path, text in texts.items():
             target = Path(tmp) / path
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
-        client.log_artifacts(run_id, tmp)
+        if artifact_uri is None or artifact_uri.startswith("dbfs:"):
+            client.log_artifacts(run_id, tmp)
+        else:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            get_artifact_repository(artifact_uri, tracking_uri=tracking_uri).log_artifacts(tmp)
 
 
 def _load_study(name: str, storage: str) -> "optuna.Study":

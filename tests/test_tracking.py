@@ -93,6 +93,7 @@ def assert_mlflow_holds_study(uri: str, storage: str, name: str = "tracked") -> 
         else:
             assert steps == sorted(t.intermediate_values), f"trial {t.number}: steps {steps}"
         assert run.data.params["optimizer"] == t.params["optimizer"]
+        assert "config.json" in [a.path for a in client.list_artifacts(run.info.run_id)]  # through the server's artifact proxy
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`hposvc.role` = 'study'")
     assert len(parents) == 1
     return runs
