@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from _settle import stop_tracking, wait_for_tracking  # noqa: E402
 from hposvc.config import TrialConfig  # noqa: E402
 from hposvc.spec import parse_spec  # noqa: E402
 from hposvc.tasks import load_task  # noqa: E402
@@ -162,6 +163,7 @@ def main() -> None:
             MlflowClient(f"sqlite:///{folder / f'c{r}' / 'plain-mlflow.db'}").search_experiments()
             a, per_epoch = run_bare(cfgs, task)
             b, b_trials, rows = run_hposvc(cfgs, folder / f"b{r}", args.pruner)
+            wait_for_tracking(folder)  # the study's summary and plots, before (c) and the next repeat's (a)
             c = run_plain(cfgs, task, folder / f"c{r}")
             # Per-trial overhead against the bare loop for the epochs each trial actually ran
             # (the median pruner stops some early).
@@ -169,6 +171,7 @@ def main() -> None:
             overhead_ms = (sum(d for *_, d in rows) - trained) / len(rows) * 1000
             pruned = sum(epochs < args.epochs for _, _, epochs, _ in rows)
             runs.append((a, b, b_trials, c, overhead_ms, pruned))
+        stop_tracking(folder)
     a = min(r[0] for r in runs)
     b = min(r[1] for r in runs)
     c = min(r[3] for r in runs)

@@ -21,8 +21,9 @@ queued (``hposvc.queued``) that is RUNNING without any heartbeat counts as stale
 claim whose reply was lost to a broken connection would otherwise stay RUNNING forever.
 
 Everything here goes through Optuna's public storage API, except the few reads Optuna has
-no public accessor for, kept in the adapter at the bottom of this module (and pinned by
-``tests/test_queue.py``, which fails when Optuna changes them).
+no public accessor for (and one it has only at a cost: trial states alone, read per claim),
+kept in the adapter at the bottom of this module (and pinned by ``tests/test_queue.py``,
+which fails when Optuna changes them).
 """
 
 from __future__ import annotations
@@ -374,9 +375,11 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
 
 # -- the adapter: the only reads of Optuna's private names in hposvc ------------------
 # Optuna has no public accessor for a study's storage and id, a trial's storage id, the
-# random streams of its samplers, or the RDBStorage inside its trial cache. tests/test_queue.py
-# checks each against what the public API says, so an Optuna upgrade that moves them fails
-# there, not in a worker.
+# random streams of its samplers, the RDBStorage inside its trial cache, which trials that
+# cache knows, or the frozen trial an optuna.Trial holds; and no read of trial states alone
+# (trial_states reads three columns of its `trials` table). tests/test_queue.py checks each
+# against what the public API says, so an Optuna upgrade that moves them fails there, not
+# in a worker.
 
 
 def _storage(study: "optuna.Study") -> "optuna.storages.BaseStorage":

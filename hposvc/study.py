@@ -103,8 +103,15 @@ def prepare_study(
         study.set_user_attr(records.N_TRIALS, spec.n_trials)
     if warm_start is not None:
         _enqueue_warm_start(study, spec, warm_start, storage=storage)
+    # Known configurations, each once: a study with trials already (a resume) has Optuna skip
+    # those it holds; a new one needs no look at its trials (one read per enqueue, growing).
+    fresh, seen = not study.get_trials(deepcopy=False), []
     for config in enqueue:
-        study.enqueue_trial(params_for_config(config, spec), skip_if_exists=True)
+        params = params_for_config(config, spec)
+        if fresh and params in seen:
+            continue
+        seen.append(params)
+        study.enqueue_trial(params, skip_if_exists=not fresh)
     queue.top_up(study, spec.n_trials)
     return study
 

@@ -368,3 +368,23 @@ def test_a_study_records_the_versions_that_made_it(tmp_path: Path) -> None:
     assert stored["hposvc"] == version("hposvc") and stored["torch"] == version("torch")
     assert set(stored) == {"hposvc", "torch", "optuna", "mlflow", "python"}
     assert hposvc.studies(storage=f"sqlite:///{tmp_path / 'hposvc.db'}")["hposvc_version"].tolist() == [version("hposvc")]
+
+
+def test_enqueued_configs_are_queued_once_and_not_again_on_resume(tmp_path: Path) -> None:
+    from hposvc.config import TrialConfig
+    from hposvc.spec import parse_spec
+    from hposvc.study import prepare_study
+
+    spec = parse_spec({"study": {"name": "enq", "task": "moons", "n_trials": 6, "sampler": "random"},
+                       "space": {"optimizer": ["adam", "sgd"], "lr": {"low": 1e-3, "high": 1e-1, "log": True}}})
+    configs = [TrialConfig(optimizer=o, lr=1e-2, width=32) for o in ("adam", "sgd", "adam")]
+    storage = f"sqlite:///{tmp_path / 'enq.db'}"
+
+    def fixed() -> list[dict]:
+        study = optuna.load_study(study_name="enq", storage=storage)
+        return [t.system_attrs["fixed_params"] for t in study.trials if "fixed_params" in t.system_attrs]
+
+    prepare_study(spec, storage=storage, enqueue=configs)
+    assert [p["optimizer"] for p in fixed()] == ["adam", "sgd"]  # the repeated config once
+    prepare_study(spec, storage=storage, enqueue=[*configs, TrialConfig(optimizer="sgd", lr=3e-2, width=32)])
+    assert [(p["optimizer"], p["lr"]) for p in fixed()] == [("adam", 1e-2), ("sgd", 1e-2), ("sgd", 3e-2)]  # a resume adds only the new one
