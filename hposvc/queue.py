@@ -274,7 +274,8 @@ def heartbeat(trials: "Sequence[optuna.Trial]") -> Iterator[None]:
     """Record the trials' heartbeats from a thread while they train.
 
     Ask/tell has no heartbeat of its own (only ``Study.optimize`` starts one), so hposvc
-    beats for every trial it claimed, sequential or population.
+    beats for every trial it claimed (:func:`claim` records the first beat), sequential or
+    population.
     """
     beats = [(t.storage, _trial_id(t)) for t in trials]
     stop = threading.Event()
@@ -292,8 +293,7 @@ def heartbeat(trials: "Sequence[optuna.Trial]") -> Iterator[None]:
                 except Exception as e:  # noqa: BLE001 (a missed beat is retried next interval)
                     log.warning("heartbeat for trial %s failed: %s", trial_id, e)
 
-    for storage, trial_id in beats:
-        with_retries(lambda: _beat(storage, trial_id), what="recording a heartbeat")
+    # (each trial's first beat was recorded when it was claimed: queue.claim)
     thread = threading.Thread(target=beat, name="hposvc-heartbeat", daemon=True)
     thread.start()
     try:
