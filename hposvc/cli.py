@@ -306,7 +306,7 @@ def study_create(spec: str, n_trials: int | None, name: str | None, storage: str
 
     Example: hposvc study create studies/survey/digits.toml --storage postgresql+psycopg://db/hposvc
     """
-    from hposvc.records import counts
+    from hposvc.queue import counts
     from hposvc.storage import resolve_tracking_uri
     from hposvc.study import prepare_study
     from hposvc.tracking import open_tracker

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from hposvc import records
+from hposvc import queue, records
 
 if TYPE_CHECKING:
     import optuna
@@ -207,7 +207,7 @@ def summarise_study(
     spec = dict(spec if spec is not None else info.spec or {})
     best = records.best_trial(study)
     now = _now_ms()
-    by_state = records.counts(study).by_state
+    by_state = queue.counts(study).by_state
     metrics = [Metric(f"n_{state.lower()}", float(n), now, 0) for state, n in sorted(by_state.items())]
     client.log_batch(parent_run_id, metrics=metrics)
     _fill_history(client, parent_run_id, study)

@@ -33,7 +33,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from hposvc import outbox, records
+from hposvc import outbox, queue, records
 from hposvc.errors import HposvcError, Interrupted, InvalidInputError
 from hposvc.records import StudyRun
 from hposvc.storage import resolve_data_dir, resolve_storage_url, resolve_tracking_uri
@@ -189,7 +189,7 @@ def run_planned(
     # 3) the study, the plan, and the trials
     study = prepare_study(spec, storage=url, warm_start=warm_start, checked=True)
     n_trials = records.study_info(study).n_trials or spec.n_trials
-    plan = plan_run(spec, n_left=max(0, n_trials - records.counts(study).done), **options)
+    plan = plan_run(spec, n_left=max(0, n_trials - queue.counts(study).done), **options)
     if on_plan is not None:
         on_plan(plan)
     tracker = open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
@@ -247,7 +247,7 @@ def run_slots(
     from hposvc.devices import slot_env
 
     n_trials = records.study_info(study).n_trials or 0
-    before = records.counts(study).done
+    before = queue.counts(study).done
     procs: list[Any] = []  # subprocess.Popen or _Forked: poll(), send_signal(), kill(), returncode
     stop_signal: list[int] = []
 
@@ -295,10 +295,10 @@ def run_slots(
     if stop_signal:
         raise Interrupted(stop_signal[0])
     failed = [p.returncode for p in procs if p.returncode != 0]
-    n_done = records.counts(study).done
+    n_done = queue.counts(study).done
     if failed and n_done < n_trials:
         raise HposvcError(f"{len(failed)} worker(s) exited with codes {failed}; the study has {n_done} of {n_trials} trials. Re-run to resume.")
-    return StudyRun.of(study, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, ran=n_done - before)
+    return StudyRun.of(study, storage=storage, tracking_uri=tracking_uri, n_trials=n_trials, n_done=n_done, ran=n_done - before)
 
 
 # -- slots forked from this process ------------------------------------------------------

@@ -34,7 +34,6 @@ Optuna's own ``failed_trial`` / ``retry_history``, as ``RetryFailedTrialCallback
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,13 +94,6 @@ class Counts:
     def done(self) -> int:
         """COMPLETE + PRUNED: what counts toward ``n_trials``."""
         return sum(self[s] for s in DONE_STATES)
-
-
-def counts(study: "optuna.Study") -> Counts:
-    """The study's trials counted by state (one light storage read: :func:`hposvc.queue.trial_states`)."""
-    from hposvc.queue import trial_states
-
-    return Counts(dict(Counter(state for _, _, state in trial_states(study))))
 
 
 def best_trial(study: "optuna.Study") -> "optuna.trial.FrozenTrial | None":
@@ -194,15 +186,15 @@ class StudyRun:
     best_trial: int | None
 
     @classmethod
-    def of(cls, study: "optuna.Study", *, storage: str, tracking_uri: str, n_trials: int, ran: int) -> "StudyRun":
-        """Summarise ``study`` as it is now in storage."""
+    def of(cls, study: "optuna.Study", *, storage: str, tracking_uri: str, n_trials: int, n_done: int, ran: int) -> "StudyRun":
+        """Summarise ``study`` as it is now in storage (``n_done``: :func:`hposvc.queue.counts`)."""
         best = best_trial(study)
         return cls(
             study_name=study.study_name,
             storage=storage,
             tracking_uri=tracking_uri,
             n_trials=n_trials,
-            n_done=counts(study).done,
+            n_done=n_done,
             ran=ran,
             best_value=None if best is None else best.value,
             best_trial=None if best is None else best.number,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from hposvc import records
+from hposvc import queue, records
 from hposvc.config import TrialConfig
 from hposvc.errors import InvalidInputError
 from hposvc.records import best_trial
@@ -129,7 +129,7 @@ def studies(*, storage: str | None = None) -> "pd.DataFrame":
     rows = []
     for s in optuna.get_all_study_summaries(rdb, include_best_trial=False):
         study = optuna.load_study(study_name=s.study_name, storage=rdb)
-        info, counts = records.study_info(study), records.counts(study)
+        info, counts = records.study_info(study), queue.counts(study)
         best = best_trial(study)
         rows.append(
             {

@@ -134,7 +134,7 @@ def run_worker(
         while (max_trials is None or ran < max_trials) and not drain.is_set():
             if timeout is not None and time.monotonic() - started >= timeout:
                 break
-            c = records.counts(study)
+            c = queue.counts(study)
             if c.done >= n_trials or queue.grid_exhausted(study):
                 break  # also when --n-trials was lowered on resume: extra queued trials stay
             interrupts.check()
@@ -152,7 +152,7 @@ def run_worker(
                 raise
             if not claimed:
                 watch.fail_stale(study, on_stale=tracker.close_stale_trial)
-                c = records.counts(study)
+                c = queue.counts(study)
                 if c["WAITING"] == 0 and c.done + c["RUNNING"] < n_trials:
                     continue  # room for more: the next turn tops the queue up
                 if c["WAITING"] == 0 and (c["RUNNING"] == 0 or c.done >= n_trials):
@@ -170,11 +170,11 @@ def run_worker(
     # MLflow holds this worker's trials when it returns (bounded: tracking.WAIT_SECONDS, cut
     # short when MLflow is unreachable); the study's summary and plots follow a moment later.
     sent_upto = tracker.journal.size
-    c = records.counts(study)
+    c = queue.counts(study)
     if c.done >= n_trials and c["RUNNING"] == 0:
         tracker.finish_study(url, plan=plan)
     tracker.wait(upto=sent_upto)
-    return StudyRun.of(study, storage=url, tracking_uri=uri, n_trials=n_trials, ran=ran)
+    return StudyRun.of(study, storage=url, tracking_uri=uri, n_trials=n_trials, n_done=c.done, ran=ran)
 
 
 def _failing_study(study: "optuna.Study", last: "optuna.Trial", n: int) -> str:
@@ -252,7 +252,7 @@ class Progress:
         if self._progress is None:
             return
         best = records.best_trial(self.study)
-        self._progress.update(self._task, completed=records.counts(self.study).done, best="-" if best is None else f"{best.value:.4g}")
+        self._progress.update(self._task, completed=queue.counts(self.study).done, best="-" if best is None else f"{best.value:.4g}")
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:

@@ -27,10 +27,10 @@ def test_top_up_and_claims_are_exact(storage_url: str) -> None:
     while (t := queue.claim(study)) is not None:
         claimed.append(t)
     assert sorted(t.number for t in claimed) == [0, 1, 2, 3, 4]
-    assert records.counts(study)["RUNNING"] == 5 and queue.claim(study) is None
+    assert queue.counts(study)["RUNNING"] == 5 and queue.claim(study) is None
     study.tell(claimed[0], 1.0)
     queue.tell_fail(study, claimed[1], "boom")
-    c = records.counts(study)
+    c = queue.counts(study)
     assert (c.done, c["FAIL"], c["RUNNING"]) == (1, 1, 3)
     assert study.trials[1].user_attrs[records.REASON] == "boom"
     assert queue.top_up(study, 5) == 1  # the failed trial is replaced, the running ones are not
@@ -55,7 +55,7 @@ def test_of_two_claims_of_the_last_trial_exactly_one_runs(sqlite_url: str) -> No
     a, b = queue.claim(study, 2), queue.claim(study, 2)
     assert a is not None and a.number == 1
     assert b is None  # trial 2 would be the third of two
-    assert records.counts(study)["WAITING"] == 1 and records.counts(study)["RUNNING"] == 1
+    assert queue.counts(study)["WAITING"] == 1 and queue.counts(study)["RUNNING"] == 1
 
 
 def test_adapter_agrees_with_the_public_api(storage_url: str) -> None:

@@ -264,7 +264,7 @@ def run_survey(
     >>> run.n_done == run.n_trials                            # doctest: +SKIP
     True
     """
-    from hposvc import records
+    from hposvc import queue
     from hposvc.config import check_population
     from hposvc.devices import plan_slots
     from hposvc.storage import resolve_storage_url, resolve_tracking_uri
@@ -294,7 +294,7 @@ def run_survey(
         if len(slots) > 1:
             # the MLflow experiment and parent run, once, before workers race to create them
             open_tracker(study, spec=one.spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
-        before += records.counts(study).done
+        before += queue.counts(study).done
         names.append(one.spec.name)
         if progress:
             _say(f"survey {sc.name}: prepared {i + 1}/{len(todo)} studies", end="\r")
@@ -306,7 +306,7 @@ def run_survey(
         run_share(names, storage=url, tracking_uri=uri, data_dir=data_dir, device=slots[0].device if slots else device, population=population, progress=progress)
     else:
         _run_slots(names, slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=population)
-    done = sum(records.counts(_load(url, n)).done for n in names)
+    done = sum(queue.counts(_load(url, n)).done for n in names)
     return SurveyRun(
         scale=sc.name,
         storage=url,
@@ -345,14 +345,14 @@ def run_share(
 ) -> int:
     """Run the studies ``names[offset::stride]``, then any other study that still has
     waiting trials (a share whose worker died); returns the trials this process ran."""
-    from hposvc import records
+    from hposvc import queue
     from hposvc.worker import run_worker
 
     ran = 0
     mine = list(names[offset::stride])
     rest = [n for n in names if n not in set(mine)]
     for i, name in enumerate([*mine, *rest]):
-        if i >= len(mine) and records.counts(_load(storage, name))["WAITING"] == 0:
+        if i >= len(mine) and queue.counts(_load(storage, name))["WAITING"] == 0:
             continue  # another worker's share, and nothing left to claim in it
         t = time.perf_counter()
         result = run_worker(name, storage=storage, tracking_uri=tracking_uri, data_dir=data_dir, device=device, population=population, worker_id=f"survey:{os.getpid()}")
