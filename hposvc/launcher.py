@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from hposvc.devices import Slot
     from hposvc.spec import StudySpec
 
-__all__ = ["Plan", "plan_run", "run_parallel", "run_planned", "run_slots", "worker_command"]
+__all__ = ["Plan", "plan_run", "run_planned", "run_slots", "worker_command"]
 
 # How often the coordinator refreshes the progress bar from the database (seconds).
 REFRESH_SECONDS = 1.0
@@ -197,32 +197,6 @@ def run_planned(
         return run_worker(study, spec=spec, storage=url, tracking_uri=uri, data_dir=data_dir, device=plan.device,
                           population=plan.population, progress=progress, tracker=tracker, plan=plan.describe())
     return run_slots(study, plan.slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=plan.population, drain=drain, progress=progress, plan=plan.describe())
-
-
-def run_parallel(
-    spec: "StudySpec",
-    *,
-    workers: int | str | None = "auto",
-    devices: str | None = "auto",
-    trials_per_device: int = 1,
-    storage: str | None = None,
-    tracking_uri: str | None = None,
-    data_dir: str | None = None,
-    warm_start: WarmStart | None = None,
-    drain: bool = False,
-    progress: bool = False,
-) -> StudyRun:
-    """Create or resume the study, run one worker process per slot, wait for them."""
-    from hposvc.devices import plan_slots
-
-    url = resolve_storage_url(storage, data_dir=data_dir)
-    uri = resolve_tracking_uri(tracking_uri, data_dir=data_dir)
-    slots = plan_slots(devices, trials_per_device=trials_per_device, workers=workers)
-    study = prepare_study(spec, storage=url, warm_start=warm_start)
-    # Start the tracking process now: it opens the experiment and parent run while the
-    # workers start.
-    open_tracker(study, spec=spec.to_dict(), tracking_uri=uri, data_dir=data_dir, storage=url)
-    return run_slots(study, slots, storage=url, tracking_uri=uri, data_dir=data_dir, population=spec.population, drain=drain, progress=progress)
 
 
 def run_slots(
