@@ -361,12 +361,25 @@ def _is_http(uri: str) -> bool:
 
 
 def mlflow_client(uri: str) -> "MlflowClient":
-    """An MlflowClient for ``uri``; an embedded SQLite store's folder is created first."""
+    """An MlflowClient for ``uri``.
+
+    An embedded SQLite store's folder is created first, and the client is made under a
+    lock beside the file: MLflow creates and migrates the store's tables when it opens it,
+    and two processes doing that at once (the tracking process and ``hposvc report`` on a
+    new data directory) both fail on each other's half-made schema.
+    """
     from mlflow import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(uri)
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return MlflowClient(uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{db}.init-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return MlflowClient(uri)
+    finally:
+        os.close(fd)  # (closing releases the lock)
 
 
 def experiment_artifact_location(uri: str, data_dir: str | os.PathLike[str] | None = None) -> str | None:

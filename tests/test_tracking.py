@@ -218,3 +218,16 @@ def test_worker_first_then_tracking_process(tmp_path: Path, mlflow_server) -> No
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path: Path) -> None:
+    # MLflow creates and migrates an SQLite store's tables when a client opens it; without
+    # hposvc's lock, processes doing that at once fail on each other's half-made schema
+    # (the tracking process and `hposvc report` on a new data directory, for instance).
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    code = "import sys; from hposvc.tracking import mlflow_client; print(len(mlflow_client(sys.argv[1]).search_experiments()))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert out.strip() == "1"  # MLflow's Default experiment, made once

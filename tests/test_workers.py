@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from hposvc.queue import LOOKAHEAD
 from hposvc.spec import load_spec
 from hposvc.study import prepare_study
-from hposvc.tracking import experiment_name
+from hposvc.tracking import experiment_name, mlflow_client
 
 pytestmark = pytest.mark.slow  # every test runs real studies, most in worker processes
 
@@ -103,7 +103,7 @@ def _n_done(storage: str) -> int:
 
 
 def _trial_runs(uri: str, name: str = "workers") -> list:
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)  # (under the lock the tracking process opens the store with)
     exp = client.get_experiment_by_name(experiment_name(name))
     return client.search_runs([exp.experiment_id], filter_string="tags.`hposvc.role` = 'trial'", max_results=1000)
 
