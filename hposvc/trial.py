@@ -111,7 +111,7 @@ class TrialJob:
             records.WORKER: self.worker_id,
         }
         for key, value in attrs.items():
-            self.writes.submit(lambda key=key, value=value: trial.set_user_attr(key, value), what="storing trial attributes")
+            self.writes.user_attr(trial, key, value)
         # A retry shares the folder of the trial it retries, so it finds that one's checkpoint.
         first = frozen.system_attrs.get("failed_trial", trial.number)
         self.ctx = TrialContext(
@@ -153,11 +153,11 @@ class TrialJob:
         value = metrics[self.spec.metric]
         self.run.log_epoch(metrics, step=epoch)
         if self.snapshot is not None or not self.prunes:
-            self.writes.submit(lambda: self.trial.report(value, epoch), what="reporting an epoch")
+            self.writes.intermediate(self.trial, epoch, value)
             interrupts.check()  # a signal some library caught and wrapped: stop here
             if not self.prunes:
                 return False
-            self.frozen.intermediate_values[epoch] = value
+            self.frozen.intermediate_values.setdefault(epoch, value)  # (a step reported twice keeps its first value, as in Optuna)
             return bool(self.study.pruner.prune(self.snapshot, self.frozen))
         with_retries(lambda: self.trial.report(value, epoch), what="reporting an epoch")
         interrupts.check()
@@ -175,7 +175,7 @@ class TrialJob:
         x = task.x_val[:PROBE_SAMPLES].to(self.device)
         self.init_std = [records.finite_or_none(v) for v in activation_std_per_layer(model, x)]
         # stored now, while the trial trains, rather than with the result
-        self.writes.submit(lambda: self.trial.set_user_attr(records.ACTIVATION_STD, self.init_std), what="storing probes")
+        self.writes.user_attr(self.trial, records.ACTIVATION_STD, self.init_std)
 
     def finish(self, outcome: "Outcome") -> str:
         """Tell Optuna and MLflow how training ended: COMPLETE, or PRUNED with the reason."""
@@ -187,7 +187,7 @@ class TrialJob:
             from hposvc.probes import unit_symmetry
 
             symmetry = records.finite_or_none(unit_symmetry(outcome.model))
-            self.writes.submit(lambda: self.trial.set_user_attr(records.UNIT_SYMMETRY, symmetry), what="storing probes")
+            self.writes.user_attr(self.trial, records.UNIT_SYMMETRY, symmetry)
         self.writes.flush()  # the intermediate values and attributes land before the result
         if outcome.completed:
             state, reason = "COMPLETE", None

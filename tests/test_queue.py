@@ -84,6 +84,36 @@ def test_adapter_agrees_with_the_public_api(storage_url: str) -> None:
     assert queue.trial_states(study) == public
 
 
+def test_batched_writes_store_what_optunas_own_calls_store(storage_url: str) -> None:
+    # WriteBehind stores a trial's attributes and epochs in one transaction (Optuna's rows,
+    # written by hposvc on SQLite and PostgreSQL); the result must read back as what
+    # Trial.set_user_attr and Trial.report store: JSON values, NaN and ±inf epochs, a step
+    # reported twice keeping its first value, an attribute set twice keeping its last.
+    study = _study(storage_url, "batch")
+    queue.top_up(study, 3)
+    mine, theirs, done = queue.claim(study), queue.claim(study), queue.claim(study)
+    study.tell(done, 0.5)
+    attrs = [("config", {"optimizer": "adam", "lr": 1e-3, "hidden": [64, 64]}), ("std", [0.5, None]), ("config", {"optimizer": "sgd"}), ("host", "h1")]
+    steps = [(1, 0.25), (2, float("nan")), (3, float("inf")), (4, float("-inf")), (1, 0.75), (0, 0.125)]
+    writes = queue.WriteBehind(interval=60)  # (nothing before flush: it stores them all at once)
+    for key, value in attrs:
+        writes.user_attr(mine, key, value)
+        theirs.set_user_attr(key, value)
+    with pytest.warns(UserWarning):  # Optuna says it ignores the repeated step; hposvc ignores it too
+        for step, value in steps:
+            writes.intermediate(mine, step, value)
+            theirs.report(value, step)
+    writes.user_attr(done, "late", 1)  # a finished trial refuses writes, as in Optuna
+    assert queue.counts(study)["RUNNING"] == 2 and study.trials[mine.number].intermediate_values == {}
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        writes.flush()
+    writes.close()
+    stored, expected = study.trials[mine.number], study.trials[theirs.number]
+    assert stored.user_attrs == expected.user_attrs == {"config": {"optimizer": "sgd"}, "std": [0.5, None], "host": "h1"}
+    assert repr(stored.intermediate_values) == repr(expected.intermediate_values)  # (repr: nan == nan)
+    assert stored.intermediate_values[1] == 0.25 and "late" not in study.trials[done.number].user_attrs
+
+
 def test_a_trial_another_process_queued_can_be_claimed_and_sampled(sqlite_url: str) -> None:
     # Another process's storage object (its own trial cache) queues; this one claims. The
     # claim reads states only, yet Optuna's cache must know a trial before it is sampled.

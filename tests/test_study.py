@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -309,9 +310,11 @@ def test_a_signal_a_library_wraps_still_stops_the_worker(tmp_path: Path) -> None
     reports = []
 
     def signal_inside_the_write(conn, cursor, statement, *args) -> None:
-        if statement.startswith("INSERT INTO trial_intermediate_values"):
+        # (the first trial's epochs, stored by its flush before its result is told: a signal
+        # is handled in the main thread)
+        if statement.startswith("INSERT INTO trial_intermediate_values") and threading.current_thread() is threading.main_thread():
             reports.append(statement)
-            if len(reports) == 3:
+            if len(reports) == 1:
                 try:
                     os.kill(os.getpid(), signal.SIGTERM)
                     time.sleep(5)  # the handler raises Interrupted here
@@ -328,7 +331,7 @@ def test_a_signal_a_library_wraps_still_stops_the_worker(tmp_path: Path) -> None
     started = [t for t in optuna.load_study(study_name="wrapped", storage=storage).trials if t.state.name != "WAITING"]
     assert [t.state.name for t in started] == ["FAIL"], "the worker went on after SIGTERM"
     assert started[0].user_attrs["hposvc.reason"].startswith("interrupted")
-    assert len(reports) == 3
+    assert len(reports) == 1
 
 
 def test_ui_serves_the_configured_store(tmp_path: Path) -> None:
