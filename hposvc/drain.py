@@ -13,8 +13,9 @@ Where things happen (what the study looks like in MLflow is :mod:`hposvc.dashboa
 
 - :meth:`Drain.open_study`: the experiment and the parent run exist; the experiment is
   set up to open on its training runs (:func:`hposvc.dashboard.setup_experiment`).
-- :meth:`Drain.trials_finished`: trials' runs were closed in MLflow in this pass: the
-  parent run's ``best_value`` at each of their numbers (the live optimisation history).
+- :meth:`Drain.trials_finished`: trials' runs were closed in MLflow: the parent run's
+  ``best_value`` at each of their numbers (the live optimisation history; every
+  :data:`BEST_VALUE_SECONDS` at most, and at the study's end).
 - :meth:`Drain.study_finished`: the study has all its trials: its summary and plots on
   the parent run (:func:`hposvc.dashboard.summarise_study`; plotly and matplotlib are
   imported here only, never in a training process).
@@ -28,6 +29,7 @@ import argparse
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -51,8 +53,15 @@ __all__ = ["Drain", "drain_once", "main"]
 log = logging.getLogger("hposvc.drain")
 
 # How often the tracking process looks for new records while nobody wakes it (seconds):
-# records of a second of training go out as one batch per run.
+# BUSY_POLL_SECONDS while records keep coming (it stays a few runs behind the workers at
+# most, so a study's last runs are in MLflow a moment after its last trial), POLL_SECONDS
+# once BUSY_SECONDS passed without any.
 POLL_SECONDS = 0.5
+BUSY_POLL_SECONDS = 0.1
+BUSY_SECONDS = 2.0
+# The parent run's best_value points are sent at most this often (seconds), and at a
+# study's end: each send reads the study and is one log_batch, too much for every pass.
+BEST_VALUE_SECONDS = 2.0
 # After a pass could not reach MLflow: the first pause, doubled up to the last (seconds).
 RETRY_SECONDS = (1.0, 30.0)
 # With nothing left to send and nothing new for this long, the process exits (seconds); a
@@ -153,7 +162,8 @@ class Drain:
         self._open_runs: dict[str, str] = {}  # run key -> study key, runs started and not ended
         self._ended: set[str] = set()  # runs ended in this pass: forgotten with the cursors past their end
         self._artifact_uris: dict[str, str] = {}  # run id -> artifact URI, of the open runs this process created
-        self._finished: dict[str, list[int]] = {}  # study key -> trials closed COMPLETE/PRUNED this pass
+        self._finished: dict[str, list[int]] = {}  # study key -> trials closed COMPLETE/PRUNED, best_value not sent yet
+        self._best_sent_at = -math.inf
         self._optuna: dict[str, Any] = {}  # study key -> its Optuna study, read for best values and summaries
 
     @property
@@ -209,9 +219,11 @@ class Drain:
             self.open_study(rec)
         for key in order:
             self.send_run(runs[key])
-        for key, numbers in self._finished.items():
-            self.trials_finished(key, numbers)
-        self._finished.clear()
+        self._send_best_values(now=bool(self._waiting_done))
+        if n == 0 and not self._waiting_done and self.state.online:
+            if self._drop_finished_journals():  # (nothing new: no cursor moved)
+                self._save(online=True)
+            return 0
         # A journal's cursor stops before a "done" whose study is not finished in MLflow
         # yet: a tracking process killed while drawing the plots draws them again.
         for name, end in ends.items():
@@ -223,12 +235,21 @@ class Drain:
         self._ended.clear()
         self._save(online=True)
         self._finish_studies()
+        moved = False
         for name, (_, keys) in done_at.items():
             if not keys & self._waiting_done.keys():
                 self.state.offsets[name] = ends[name]
-        self._drop_finished_journals()
-        self._save(online=True)
+                moved = True
+        if self._drop_finished_journals() or moved:
+            self._save(online=True)
         return n
+
+    def _send_best_values(self, *, now: bool = False) -> None:
+        if self._finished and (now or time.monotonic() - self._best_sent_at >= BEST_VALUE_SECONDS):
+            for key, numbers in self._finished.items():
+                self.trials_finished(key, numbers)
+            self._finished.clear()
+            self._best_sent_at = time.monotonic()
 
     def _finish_studies(self, *, now: bool = False) -> None:
         for key, (since, rec) in list(self._waiting_done.items()):
@@ -398,9 +419,11 @@ class Drain:
             self.uri, len(raw), raw[0].get("study") if raw else "?", _short(e), target,
         )
 
-    def _drop_finished_journals(self) -> None:
-        """Remove journals sent to their end whose writer closed them or is gone."""
+    def _drop_finished_journals(self) -> bool:
+        """Remove journals sent to their end whose writer closed them or is gone; True when
+        one was (its cursor went with it: save the state)."""
         host = socket.gethostname()
+        dropped = False
         for path in outbox.journals(self.folder.path):
             offset = self.state.offsets.get(path.name, 0)
             try:
@@ -419,6 +442,8 @@ class Drain:
                 path.unlink(missing_ok=True)
                 self.state.offsets.pop(path.name, None)
                 self._writers.pop(path.name, None)
+                dropped = True
+        return dropped
 
     def pending(self) -> int:
         return self.folder.pending()
@@ -441,6 +466,7 @@ def drain_once(folder: outbox.OutboxFolder) -> tuple[int, int]:
         sent += n
         if n == 0:
             break
+    drain._send_best_values(now=True)
     drain._finish_studies(now=True)
     drain._drop_finished_journals()
     drain._save(online=True)
@@ -488,8 +514,8 @@ def sync_folder(folder: outbox.OutboxFolder, *, timeout: float = 300.0) -> tuple
 
 
 def serve(folder: outbox.OutboxFolder, *, idle: float = IDLE_SECONDS) -> int:
-    """The tracking process's loop: a pass every :data:`POLL_SECONDS` (or when a writer
-    wakes it with SIGUSR1), a growing pause while MLflow is unreachable, exit when idle."""
+    """The tracking process's loop: a pass every :data:`POLL_SECONDS` (:data:`BUSY_POLL_SECONDS`
+    while records keep coming, or when a writer wakes it with SIGUSR1), a growing pause while MLflow is unreachable, exit when idle."""
     _mlflow_env(folder.uri)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     stop: list[int] = []
@@ -507,7 +533,7 @@ def serve(folder: outbox.OutboxFolder, *, idle: float = IDLE_SECONDS) -> int:
         try:
             if drain.run_pass():
                 last_work = time.monotonic()
-            wait = POLL_SECONDS
+            wait = BUSY_POLL_SECONDS if time.monotonic() - last_work < BUSY_SECONDS else POLL_SECONDS
             pause = RETRY_SECONDS[0]
         except Exception as e:  # noqa: BLE001 (whatever MLflow raises: retry later)
             log.warning("MLflow at %s unreachable (%s); retrying in %.0f s, records stay in %s", folder.uri, _short(e), pause, folder.path)

@@ -37,8 +37,10 @@ __all__ = ["Progress", "load_spec_of", "population_size", "run_worker"]
 # cause that fails every trial would otherwise run trials forever.
 MIN_FAILURES_TO_STOP = 3
 # How often an idle worker looks for re-queued trials while others still run (seconds):
-# also how late it notices that the study's last trial, run by another worker, ended.
+# first after FIRST_POLL_SECONDS, doubling up to POLL_SECONDS, so that it notices soon
+# that the study's last trial, run by another worker, ended.
 POLL_SECONDS = 0.2
+FIRST_POLL_SECONDS = 0.02
 # How long a worker stopping on a signal or an error waits for MLflow to hold what it
 # wrote (seconds); what is not there by then is sent by the tracking process anyway.
 STOP_WAIT_SECONDS = 5.0
@@ -124,6 +126,7 @@ def run_worker(
     ran = 0
     failed_in_a_row = 0
     watch = queue.StaleWatch()
+    idle = FIRST_POLL_SECONDS
     writes = queue.WriteBehind()
     env = TrialEnv(
         study, spec, task, tracker, resolve_device(device),
@@ -157,8 +160,12 @@ def run_worker(
                     continue  # room for more: the next turn tops the queue up
                 if c["WAITING"] == 0 and (c["RUNNING"] == 0 or c.done >= n_trials):
                     break
-                time.sleep(POLL_SECONDS)
+                # Another worker's last trials are running: look again soon (the study ends
+                # when they do, and this worker's exit is on the study's clock), then less often.
+                time.sleep(idle)
+                idle = min(2 * idle, POLL_SECONDS)
                 continue
+            idle = FIRST_POLL_SECONDS
             states = [run_trial(env, claimed[0])] if len(claimed) == 1 else run_population(env, claimed)
             ran += len(claimed)
             bar.update()
