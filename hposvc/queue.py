@@ -528,12 +528,13 @@ def write_trial_batch(batch: "Sequence[_TrialWrites]") -> None:
 
 def _write_rdb(rdb: "optuna.storages.RDBStorage", group: "Sequence[_TrialWrites]") -> list[int]:
     """:func:`write_trial_batch` on one RDB storage; the numbers of finished trials refused."""
+    import importlib
     import json
 
     import sqlalchemy as sa
     from optuna.storages._rdb import models  # noqa: PLC2701
 
-    insert = __import__(f"sqlalchemy.dialects.{rdb.engine.dialect.name}", fromlist=["insert"]).insert
+    insert = importlib.import_module(f"sqlalchemy.dialects.{rdb.engine.dialect.name}").insert  # (with ON CONFLICT)
     ids = {_trial_id(w.trial): w for w in group}
     attr_table, step_table = models.TrialUserAttributeModel.__table__, models.TrialIntermediateValueModel.__table__
     with rdb.engine.begin() as conn:
