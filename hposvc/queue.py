@@ -337,13 +337,13 @@ class WriteBehind:
         self._thread: threading.Thread | None = None  # started by the first write (never before a fork)
 
     def user_attr(self, trial: "optuna.Trial", key: str, value: Any) -> None:
-        self._add(trial).attrs[key] = value
+        self._add(trial, lambda w: w.attrs.__setitem__(key, value))
 
     def intermediate(self, trial: "optuna.Trial", step: int, value: float) -> None:
         step, value = int(step), float(value)
         if step < 0:
             raise ValueError(f"an epoch's step must be non-negative, got {step}")
-        self._add(trial).steps.setdefault(step, value)
+        self._add(trial, lambda w: w.steps.setdefault(step, value))
 
     def flush(self) -> None:
         """Store every write queued so far, here and now; raise the first error a write met."""
@@ -363,16 +363,17 @@ class WriteBehind:
         except Exception as e:  # noqa: BLE001 (closing after the trials ended: say it, go on)
             log.warning("storing a trial's last attributes failed: %s", e)
 
-    def _add(self, trial: "optuna.Trial") -> "_TrialWrites":
+    def _add(self, trial: "optuna.Trial", change: "Callable[[_TrialWrites], object]") -> None:
+        # (changed under the lock: a batch the thread has taken is never changed after)
         with self._lock:
             writes = self._pending.get(_trial_id(trial))
             if writes is None:
                 writes = self._pending[_trial_id(trial)] = _TrialWrites(trial)
+            change(writes)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="hposvc-storage", daemon=True)
             self._thread.start()
         self._queued.set()
-        return writes
 
     def _loop(self) -> None:
         while not self._closed.is_set():
